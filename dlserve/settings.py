@@ -1,0 +1,106 @@
+"""Every environment variable dlserve reads, in one validated object.
+
+Read once per process with `get_settings()`. A bad value fails at start with a message
+that names the variable, instead of surfacing later as an obscure error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+
+KNOWN_MODELS = ("digits",)
+
+# Official sources (see README "Data"). Each is a base URL or a file URL that the
+# matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value dlserve cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = field(default=Path("data"), metadata={"env": "DLSERVE_DATA_DIR"})
+    artifacts_dir: Path = field(
+        default=Path("artifacts"), metadata={"env": "DLSERVE_ARTIFACTS_DIR"}
+    )
+    models: tuple[str, ...] = field(default=KNOWN_MODELS, metadata={"env": "DLSERVE_MODELS"})
+    # Execution providers to try, in order ("tensorrt,cuda,cpu"); empty means all of them.
+    providers: tuple[str, ...] = field(default=(), metadata={"env": "DLSERVE_PROVIDERS"})
+    ort_threads: int = field(default=1, metadata={"env": "DLSERVE_ORT_THREADS"})
+    workers: int = field(default=1, metadata={"env": "DLSERVE_WORKERS"})
+    port: int = field(default=3000, metadata={"env": "DLSERVE_PORT"})
+    # Adaptive batching: a batch runs as soon as the model is free, with whatever is queued
+    # (up to max_batch_size items); batch_wait_ms optionally holds a lone request back a
+    # little so that others can join it.
+    batching: bool = field(default=True, metadata={"env": "DLSERVE_BATCHING"})
+    max_batch_size: int = field(default=64, metadata={"env": "DLSERVE_MAX_BATCH_SIZE"})
+    batch_wait_ms: float = field(default=0.0, metadata={"env": "DLSERVE_BATCH_WAIT_MS"})
+    max_queue_items: int = field(default=2048, metadata={"env": "DLSERVE_MAX_QUEUE_ITEMS"})
+    max_items_per_request: int = field(default=256, metadata={"env": "DLSERVE_MAX_ITEMS"})
+    max_image_pixels: int = field(
+        default=4096 * 4096, metadata={"env": "DLSERVE_MAX_IMAGE_PIXELS"}
+    )
+    mnist_url: str = field(default=MNIST_URL, metadata={"env": "DLSERVE_MNIST_URL"})
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.models if m not in KNOWN_MODELS]
+        if unknown or not self.models:
+            raise SettingsError(
+                f"DLSERVE_MODELS: unknown model(s) {unknown or '(none given)'}; "
+                f"choose from {', '.join(KNOWN_MODELS)}"
+            )
+        for name in ("ort_threads", "workers", "max_batch_size", "max_queue_items",
+                     "max_items_per_request", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"{_env_name(name)}: must be at least 1")
+        if self.batch_wait_ms < 0:
+            raise SettingsError("DLSERVE_BATCH_WAIT_MS: must be 0 or more")
+
+
+def _env_name(attr: str) -> str:
+    return next(f.metadata["env"] for f in fields(Settings) if f.name == attr)
+
+
+def _parse(raw: str, default: object, env: str) -> object:
+    raw = raw.strip()
+    try:
+        if isinstance(default, bool):
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if isinstance(default, int):
+            return int(raw)
+        if isinstance(default, float):
+            return float(raw)
+    except ValueError:
+        kind = "true/false" if isinstance(default, bool) else type(default).__name__
+        raise SettingsError(f"{env}: expected {kind}, got {raw!r}") from None
+    if isinstance(default, Path):
+        return Path(raw).expanduser()
+    if isinstance(default, tuple):
+        return tuple(p.strip().lower() for p in raw.split(",") if p.strip())
+    return raw
+
+
+def settings_from_env(environ: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Build Settings from environment variables; keyword overrides win (CLI flags)."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, object] = {}
+    for f in fields(Settings):
+        env = f.metadata["env"]
+        if env in environ and environ[env] != "":
+            values[f.name] = _parse(environ[env], f.default, env)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@cache
+def get_settings() -> Settings:
+    return settings_from_env()
