@@ -1,0 +1,94 @@
+"""What every training script shares: seeding, device choice, and the run's artefacts.
+
+A run directory holds `checkpoint.pt` (a state_dict: tensors only, loadable with
+`weights_only=True`), `config.json` (everything needed to rebuild the model and
+preprocess its inputs), `metrics.json` and `curve.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint.pt"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def curve(self) -> Path:
+        return self.root / "curve.png"
+
+
+def run_paths(artifacts_dir: Path, model: str) -> RunPaths:
+    return RunPaths(artifacts_dir / model)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("training on %s", device)
+    return device
+
+
+def save_run(paths: RunPaths, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
+             metrics: dict[str, Any], history: dict[str, list[float]], title: str) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, paths.checkpoint)
+    paths.config.write_text(json.dumps(config, indent=2) + "\n")
+    paths.metrics.write_text(json.dumps({**metrics, "history": history}, indent=2) + "\n")
+    plot_curve(history, paths.curve, title)
+
+
+def load_run(paths: RunPaths) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """Checkpoint, config and metrics of a finished run; never unpickles arbitrary objects."""
+    for p in (paths.checkpoint, paths.config, paths.metrics):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} is missing: train the model first (dlserve train)")
+    state = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
+    return state, json.loads(paths.config.read_text()), json.loads(paths.metrics.read_text())
+
+
+def plot_curve(history: dict[str, list[float]], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(history), figsize=(5 * len(history), 3.5), squeeze=False)
+    for ax, (name, values) in zip(axes[0], history.items(), strict=True):
+        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
