@@ -1,0 +1,36 @@
+"""Export the trained LeNet-5: logits out, dynamic batch axis, parity at batch 1, 7, 64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dlserve.manifest import TensorSpec
+from dlserve.store import StoredModel
+from export.onnx_export import ExportSpec, export_and_publish
+from training.common import load_run, run_paths
+from training.digits import build_model, example_inputs
+
+PARITY_BATCHES = (1, 7, 64)
+
+
+def export(artifacts_dir: Path) -> StoredModel:
+    state, config, metrics = load_run(run_paths(artifacts_dir, "digits"))
+    model = build_model(config)
+    model.load_state_dict(state)
+    model_cfg = config["model_config"]
+    spec = ExportSpec(
+        name="digits",
+        task="image-classification",
+        architecture=config["architecture"],
+        inputs=[TensorSpec("pixels", "float32", ["batch", 1, 28, 28])],
+        outputs=[TensorSpec("logits", "float32", ["batch", model_cfg["num_classes"]])],
+        preprocessing={"kind": "mnist", "mean": model_cfg["mean"], "std": model_cfg["std"],
+                       "size": [28, 28], "ink": "bright on dark", "pixel_range": [0, 255]},
+        labels=[str(d) for d in range(model_cfg["num_classes"])],
+        assets={},
+        metrics={k: v for k, v in metrics.items() if k != "history"},
+        training_data=config["data"],
+        example=example_inputs(2),
+        parity_cases=[example_inputs(b, seed=b) for b in PARITY_BATCHES],
+    )
+    return export_and_publish(model, spec)
