@@ -1,0 +1,138 @@
+"""`dlserve`: train, export, eval and serve the models (see README for each command).
+
+Heavy imports (torch, bentoml) happen inside the command that needs them, so that
+`dlserve eval` and `dlserve serve` never load PyTorch unless they must train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dlserve.data.download import DataError
+from dlserve.manifest import ModelIntegrityError
+from dlserve.settings import KNOWN_MODELS, Settings, SettingsError, settings_from_env
+
+log = logging.getLogger("dlserve")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _download_url(settings: Settings, model: str) -> str:
+    return {"digits": settings.mnist_url}[model]
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from training import digits
+
+    trainers = {"digits": digits.train}
+    metrics = trainers[args.model](
+        settings.data_dir, settings.artifacts_dir, epochs=args.epochs, seed=args.seed,
+        quick=args.quick, download_url=_download_url(settings, args.model))
+    print(json.dumps(metrics))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    from export import digits
+
+    exporters = {"digits": digits.export}
+    stored = exporters[args.model](settings.artifacts_dir)
+    log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
+             stored.path)
+    print(stored.tag)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
+    from dlserve.models import load_runner
+
+    runner = load_runner(args.model, settings)
+    metrics = runner.evaluate(settings.data_dir, download_url=_download_url(settings, args.model))
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>20}: {value}")
+    return 0
+
+
+def ensure_models(settings: Settings, *, quick: bool = False) -> None:
+    """Train and export every configured model that the model store does not hold yet."""
+    from dlserve import store
+    from training.common import run_paths
+
+    for name in settings.models:
+        if store.exists(name):
+            continue
+        ns = argparse.Namespace(model=name, epochs=None, seed=0, quick=quick, json=False)
+        if not run_paths(settings.artifacts_dir, name).checkpoint.is_file():
+            log.warning("model %r is not trained yet: training it now%s",
+                        name, " (--quick)" if quick else "")
+            cmd_train(ns, settings)
+        log.warning("model %r is not in the model store yet: exporting it now", name)
+        cmd_export(ns, settings)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    ensure_models(settings, quick=args.quick)
+    command = [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
+               "--working-dir", str(PROJECT_ROOT), "--port", str(settings.port)]
+    log.info("starting: %s", " ".join(command))
+    env = {**os.environ, "DLSERVE_MODELS": ",".join(settings.models),
+           "DLSERVE_PORT": str(settings.port), "DLSERVE_WORKERS": str(settings.workers)}
+    return subprocess.call(command, env=env)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dlserve", description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", type=Path, help="data directory (default: $DLSERVE_DATA_DIR "
+                   "or ./data); missing data sets are downloaded there")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model; writes a checkpoint, metrics and a curve")
+    t.add_argument("model", choices=KNOWN_MODELS)
+    t.add_argument("--epochs", type=int, help="number of epochs (default: the model's own)")
+    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    t.add_argument("--quick", action="store_true", help="a short run for tests and demos")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("export", help="export to ONNX, check, and add to the model store")
+    e.add_argument("model", choices=KNOWN_MODELS)
+    e.add_argument("--precision", choices=["fp32"], default="fp32",
+                   help="weights precision (default: fp32)")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")
+    v.add_argument("model", choices=KNOWN_MODELS)
+    v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    v.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("serve", help="serve every model over HTTP (trains/exports what is missing)")
+    s.add_argument("--port", type=int, help="HTTP port (default: $DLSERVE_PORT or 3000)")
+    s.add_argument("--workers", type=int, help="worker processes (default: $DLSERVE_WORKERS or 1)")
+    s.add_argument("--quick", action="store_true", help="train missing models with --quick")
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_env(
+            data_dir=args.data_dir, port=getattr(args, "port", None),
+            workers=getattr(args, "workers", None))
+        return args.func(args, settings)
+    except (DataError, ModelIntegrityError, SettingsError, FileNotFoundError, ValueError) as exc:
+        print(f"dlserve: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The digits runner: 28×28 pixel arrays or image files in, digit probabilities out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlserve.data.mnist import load_mnist
+from dlserve.errors import InputError, PayloadTooLarge
+from dlserve.models.base import Runner, softmax, split_rows
+from dlserve.preprocess.images import SIDE, decode_image, normalize, to_mnist
+
+FIELD = "images"
+
+
+def _find_bad_image(images: list[Any]) -> str:
+    """The message for the first image that is not a 28×28 array of numbers."""
+    expected = f"expected a {SIDE}×{SIDE} array of numbers 0-255"
+    for i, image in enumerate(images):
+        try:
+            shape = np.asarray(image, dtype=np.float32).shape
+        except (ValueError, TypeError):
+            return f"{FIELD}[{i}]: {expected}; it holds non-numbers or rows of unequal length"
+        if shape != (SIDE, SIDE):
+            return f"{FIELD}[{i}]: {expected}, got shape {shape}"
+    return f"{FIELD}: expected a list of {SIDE}×{SIDE} arrays"
+
+
+def parse_images(images: list[Any], *, max_items: int) -> np.ndarray:
+    """Validate a JSON list of images → float32 [N, 28, 28]; InputError names the culprit."""
+    if not isinstance(images, list) or not images:
+        raise InputError(f"{FIELD}: expected a non-empty list of {SIDE}×{SIDE} arrays")
+    if len(images) > max_items:
+        raise PayloadTooLarge(
+            f"{FIELD}: {len(images)} images is more than the limit of {max_items} per request")
+    try:
+        pixels = np.asarray(images, dtype=np.float32)
+    except (ValueError, TypeError):
+        pixels = None
+    if pixels is None or pixels.shape[1:] != (SIDE, SIDE):
+        raise InputError(_find_bad_image(images))
+    # One vectorised test for the common case; locate the culprit only when it fails.
+    finite = np.isfinite(pixels)
+    if not finite.all():
+        i, r, c = np.argwhere(~finite)[0]
+        raise InputError(f"{FIELD}[{i}][{r}][{c}]: {pixels[i, r, c]} is not a finite number")
+    if pixels.min() < 0 or pixels.max() > 255:
+        i, r, c = np.argwhere((pixels < 0) | (pixels > 255))[0]
+        raise InputError(
+            f"{FIELD}[{i}][{r}][{c}]: {float(pixels[i, r, c]):g} is outside the pixel range 0-255")
+    return pixels
+
+
+def image_file_to_pixels(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """One PNG/JPEG body → float32 [1, 28, 28], preprocessed the MNIST way."""
+    return to_mnist(decode_image(data, max_pixels=max_pixels))[None]
+
+
+class DigitsRunner(Runner):
+    name = "digits"
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """[N, 28, 28] pixels 0-255 → [N, 10] probabilities."""
+        prep = self.stored.manifest.preprocessing
+        x = normalize(pixels, prep["mean"], prep["std"])
+        (logits,) = self.session.run({self.session.input_names[0]: x})
+        return softmax(logits)
+
+    def run_batch(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return split_rows(self.predict(pixels), [len(p) for p in parts])
+
+    def warm_up(self) -> None:
+        for n in (1, 8, 64):
+            self.predict(np.zeros((n, SIDE, SIDE), dtype=np.float32))
+
+    def format(self, probs: np.ndarray) -> list[dict[str, Any]]:
+        digits = probs.argmax(axis=1)
+        rounded = np.round(probs.astype(np.float64), 6)
+        return [
+            {"digit": int(d), "confidence": float(row[d]), "probabilities": row.tolist()}
+            for d, row in zip(digits, rounded, strict=True)
+        ]
+
+    def evaluate(self, data_dir: Path, *, download_url: str | None = None) -> dict[str, Any]:
+        test = load_mnist(data_dir, "test", base_url=download_url)
+        probs = np.concatenate([
+            self.predict(test.images[i: i + 1000]) for i in range(0, len(test.images), 1000)])
+        predicted = probs.argmax(axis=1)
+        per_class = {
+            str(d): round(float((predicted[test.labels == d] == d).mean()), 4)
+            for d in range(10) if (test.labels == d).any()
+        }
+        return {
+            "model": self.tag,
+            "provider": self.provider,
+            "dataset": "MNIST",
+            "split": "test",
+            "examples": int(len(test.labels)),
+            "accuracy": round(float((predicted == test.labels).mean()), 4),
+            "per_class_accuracy": per_class,
+            "data_files": test.files,
+        }
