@@ -1,0 +1,160 @@
+"""The dlserve BentoML service: every configured model behind batched HTTP routes.
+
+Run it with `dlserve serve` (or `bentoml serve service.app:DLServe`). Each worker process
+loads the models from BentoML's model store, verifies them against their manifests,
+warms them up, and only then reports ready on /readyz. Predict routes parse and check
+their input, queue it on the model's adaptive batcher, and answer
+`{"model": "<tag>", "predictions": [...]}`; a client mistake gets a 4xx with
+`{"error": "..."}` that names the field. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import bentoml
+import numpy as np
+import orjson
+from bentoml.validators import ContentType
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dlserve.errors import InputError
+from dlserve.models import load_runner
+from dlserve.models.base import Runner
+from dlserve.models.digits import image_file_to_pixels, parse_images
+from dlserve.settings import get_settings
+from service.batching import AdaptiveBatcher, Overloaded
+from service.metrics import get_metrics
+from service.middleware import ClearValidationErrors
+
+log = logging.getLogger("dlserve.service")
+settings = get_settings()
+
+
+class DigitPrediction(BaseModel):
+    digit: int
+    confidence: float
+    probabilities: list[float]
+
+
+class DigitsResponse(BaseModel):
+    model: str = Field(description="model tag, digits:<version>")
+    predictions: list[DigitPrediction]
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
+                    headers=headers)
+
+
+async def list_models(_: Request) -> Response:
+    service = bentoml.get_current_service()
+    return json_response({"models": [r.describe() for r in service.runners.values()]})
+
+
+# GET /models, mounted after BentoML's own routes (APIs, /livez, /readyz, /metrics).
+extra_routes = Starlette(routes=[Route("/models", list_models, methods=["GET"])])
+
+
+def declare_models(cls: type) -> type:
+    """Declare each configured model the way BentoML expects (a BentoModel class attribute),
+    so that `bentoml build` packages them into the Bento with the service."""
+    for name in settings.models:
+        setattr(cls, f"{name}_model", bentoml.models.BentoModel(f"{name}:latest"))
+    return cls
+
+
+@bentoml.asgi_app(extra_routes, path="/")
+@bentoml.service(
+    name="dlserve",
+    workers=settings.workers,
+    traffic={"timeout": 30},
+    http={"port": settings.port},
+)
+@declare_models
+class DLServe:
+    def __init__(self) -> None:
+        self.metrics = get_metrics()
+        self.runners: dict[str, Runner] = {}
+        self.batchers: dict[str, AdaptiveBatcher] = {}
+        for name in settings.models:
+            runner = load_runner(name, settings)
+            runner.warm_up()
+            self.runners[name] = runner
+            self.batchers[name] = self._batcher(runner)
+            self.metrics.model_info.labels(
+                model=name, version=runner.stored.version,
+                sha256=runner.stored.manifest.onnx_sha256, provider=runner.provider).set(1)
+            log.info("loaded %s on %s", runner.tag, runner.provider)
+        self.ready = True
+
+    def _batcher(self, runner: Runner) -> AdaptiveBatcher:
+        inference = self.metrics.inference_seconds.labels(model=runner.name,
+                                                          provider=runner.provider)
+        batch_items = self.metrics.batch_items.labels(model=runner.name)
+        items_predicted = self.metrics.items_predicted.labels(model=runner.name)
+
+        def on_batch(items: int, seconds: float) -> None:
+            inference.observe(seconds)
+            batch_items.observe(items)
+            items_predicted.inc(items)
+
+        return AdaptiveBatcher(
+            runner.name, runner.run_batch,
+            max_batch_size=settings.max_batch_size if settings.batching else 1,
+            max_queue_items=settings.max_queue_items,
+            max_wait_s=settings.batch_wait_ms / 1000.0,
+            on_batch=on_batch,
+        )
+
+    def __is_ready__(self) -> bool:
+        return getattr(self, "ready", False)
+
+    async def _predict(self, model: str, prepare: Callable[[], np.ndarray]) -> Response:
+        """Prepare one request's items, run them through the batcher, format the answer."""
+        runner = self.runners.get(model)
+        if runner is None:
+            return json_response({"error": f"model {model!r} is not loaded on this server "
+                                  f"(DLSERVE_MODELS={','.join(self.runners)})"}, 404)
+        started = time.perf_counter()
+        try:
+            payload = prepare()
+        except InputError as exc:
+            self.metrics.errors.labels(model=model, reason=f"http_{exc.status}").inc()
+            return json_response({"error": str(exc)}, exc.status)
+        self.metrics.preprocess_seconds.labels(model=model).observe(
+            time.perf_counter() - started)
+        try:
+            result = await self.batchers[model].submit(payload, len(payload))
+        except Overloaded as exc:
+            self.metrics.errors.labels(model=model, reason="overloaded").inc()
+            return json_response({"error": str(exc)}, 503,
+                                 {"Retry-After": str(exc.retry_after_s)})
+        return json_response({"model": runner.tag, "predictions": runner.format(result)})
+
+    @bentoml.api(route="/digits/predict", output_spec=DigitsResponse)
+    async def digits_predict(
+        self,
+        images: Annotated[list[list[list[float]]], Field(
+            description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")],
+    ) -> Response:
+        return await self._predict(
+            "digits", lambda: parse_images(images, max_items=settings.max_items_per_request))
+
+    @bentoml.api(route="/digits/predict_image", output_spec=DigitsResponse)
+    async def digits_predict_image(
+        self, image: Annotated[bytes, ContentType("image/*")], /
+    ) -> Response:
+        """One PNG or JPEG file as the request body; any size, colour and polarity."""
+        return await self._predict(
+            "digits", lambda: image_file_to_pixels(image, max_pixels=settings.max_image_pixels))
+
+
+DLServe.add_asgi_middleware(ClearValidationErrors)

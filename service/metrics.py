@@ -1,0 +1,49 @@
+"""dlserve's own Prometheus metrics, beside BentoML's `bentoml_service_*` ones on /metrics.
+
+prometheus_client is imported only when the first worker builds these, because BentoML
+sets PROMETHEUS_MULTIPROC_DIR in each worker after importing the service module; imported
+earlier, the client would count in-process only and /metrics would miss other workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    inference_seconds: Any  # Histogram[model, provider]: one model run (one batch)
+    batch_items: Any  # Histogram[model]: items per model run
+    preprocess_seconds: Any  # Histogram[model]: request parsing and preprocessing
+    items_predicted: Any  # Counter[model]
+    errors: Any  # Counter[model, reason]
+    model_info: Any  # Gauge[model, version, sha256, provider] = 1
+
+
+@cache
+def get_metrics() -> Metrics:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    return Metrics(
+        inference_seconds=Histogram(
+            "dlserve_inference_seconds", "Time of one model run (one batch)",
+            ["model", "provider"], buckets=LATENCY_BUCKETS),
+        batch_items=Histogram(
+            "dlserve_batch_items", "Items per model run (server-side batch size)",
+            ["model"], buckets=BATCH_BUCKETS),
+        preprocess_seconds=Histogram(
+            "dlserve_preprocess_seconds", "Time to parse, validate and preprocess one request",
+            ["model"], buckets=LATENCY_BUCKETS),
+        items_predicted=Counter(
+            "dlserve_items_predicted", "Items predicted", ["model"]),
+        errors=Counter(
+            "dlserve_errors", "Requests refused or failed, by reason", ["model", "reason"]),
+        model_info=Gauge(
+            "dlserve_model_info", "Loaded model: version, ONNX SHA-256, execution provider",
+            ["model", "version", "sha256", "provider"], multiprocess_mode="livemax"),
+    )

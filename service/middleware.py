@@ -1,0 +1,79 @@
+"""ASGI middleware that gives BentoML's own input-validation errors a message naming the field.
+
+BentoML answers a request its pydantic models reject with 400 and
+`{"error": "1 validation error for Input", "detail": [...]}`: the useful part is buried
+in `detail`. This rewrites `error` to "images[0][3]: Input should be a valid number", and
+leaves every other response untouched (it only buffers 400 bodies). Those 400s are also
+counted in `dlserve_errors_total`, which the route handlers never see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+def describe_validation_errors(detail: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in detail[:5]:
+        loc = [p for p in err.get("loc", []) if p not in ("root", "body")]
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            msg = f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+        parts.append(f"{path}: {msg}" if path else msg)
+    more = f" (and {len(detail) - 5} more)" if len(detail) > 5 else ""
+    return "; ".join(parts) + more
+
+
+def _count_error(path: str) -> None:
+    from dlserve.settings import KNOWN_MODELS
+    from service.metrics import get_metrics
+
+    model = path.strip("/").split("/")[0]
+    if model in KNOWN_MODELS:
+        get_metrics().errors.labels(model=model, reason="http_400").inc()
+
+
+class ClearValidationErrors:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start: Message | None = None
+        chunks: list[bytes] = []
+
+        async def wrapped_send(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] == 400:
+                start = message
+                return
+            if start is None:
+                await send(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            try:
+                data = orjson.loads(body)
+                if isinstance(data, dict) and isinstance(data.get("detail"), list):
+                    _count_error(scope["path"])
+                    data = {"error": describe_validation_errors(data["detail"]),
+                            "detail": data["detail"]}
+                    body = orjson.dumps(data)
+            except orjson.JSONDecodeError:
+                pass
+            headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({**start, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, wrapped_send)
