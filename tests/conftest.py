@@ -1,0 +1,112 @@
+"""Shared fixtures: a temporary BentoML home, a model trained and exported through the real
+CLI, and a real BentoML server on a free port, stopped at the end of the session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Hermetic: nothing the tests do touches the user's ~/bentoml or ./artifacts. Set before any
+# test module imports bentoml, which reads BENTOML_HOME once.
+_SCRATCH = Path(tempfile.mkdtemp(prefix="dlserve-tests-"))
+os.environ["BENTOML_HOME"] = str(_SCRATCH / "bentoml")
+os.environ["DLSERVE_ARTIFACTS_DIR"] = str(_SCRATCH / "artifacts")
+os.environ.setdefault("DLSERVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+os.environ["DLSERVE_MODELS"] = "digits"
+os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ["DLSERVE_DATA_DIR"])
+    assert (path / "mnist").is_dir(), f"test data not found at {path}; set DLSERVE_DATA_DIR"
+    return path
+
+
+def dlserve(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the real `dlserve` console script, as a user would."""
+    cli = Path(sys.executable).with_name("dlserve")
+    result = subprocess.run([str(cli), *args], capture_output=True, text=True, env=os.environ,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"dlserve {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_model(data_dir: Path) -> str:
+    """Train (--quick) and export the digits model once; return its tag."""
+    dlserve("train", "digits", "--quick")
+    return dlserve("export", "digits").stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"server at {url} not ready after {timeout_s} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a server and all its worker processes."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(digits_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real BentoML server (2 workers, so metrics are checked across processes)."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
+    env = {**os.environ, "DLSERVE_WORKERS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
+         "--working-dir", str(ROOT), "--port", str(port), "--host", "127.0.0.1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def client(server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server, timeout=30) as c:
+        yield c

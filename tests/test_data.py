@@ -1,0 +1,104 @@
+"""MNIST reading and downloading, on the real IDX files and a real local HTTP server."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import shutil
+import threading
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlserve.data.download import DataError, RemoteFile, fetch
+from dlserve.data.mnist import load_mnist, read_idx
+
+
+def test_load_mnist_reads_the_shared_split(data_dir: Path) -> None:
+    train, test = load_mnist(data_dir, "train"), load_mnist(data_dir, "test")
+    assert train.images.shape == (8000, 28, 28) and train.images.dtype == np.uint8
+    assert test.images.shape == (2000, 28, 28) and len(test.labels) == 2000
+    assert set(np.unique(train.labels)) == set(range(10))
+    assert all(len(h) == 64 for h in test.files.values())
+
+
+def test_read_idx_accepts_plain_files(data_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "t10k-labels-idx1-ubyte"
+    plain.write_bytes(gzip.decompress((data_dir / "mnist/t10k-labels-idx1-ubyte.gz").read_bytes()))
+    assert np.array_equal(read_idx(plain), read_idx(data_dir / "mnist/t10k-labels-idx1-ubyte.gz"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", r"declares shape \(5,\)"),
+    (b"\x12\x34\x08\x01", "bad magic"),
+    (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00", "unsupported"),
+    (b"\x1f\x8b\x08\x00garbage", "corrupt gzip"),
+])
+def test_read_idx_rejects_malformed_files(tmp_path: Path, content: bytes, message: str) -> None:
+    bad = tmp_path / "bad-idx"
+    bad.write_bytes(content)
+    with pytest.raises(DataError, match=message):
+        read_idx(bad)
+
+
+def test_missing_file_without_download_names_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"not found in .*mnist"):
+        load_mnist(tmp_path, "test")
+
+
+@pytest.fixture
+def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving a folder; yields (base URL, folder)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def published_sha256(data_dir: Path) -> dict[str, str]:
+    lines = (data_dir / "SHA256SUMS").read_text().splitlines()
+    return {path.split("/")[-1]: digest for digest, path in (ln.split() for ln in lines if ln)}
+
+
+def test_fetch_verifies_and_keeps_a_good_file(http_mirror, data_dir: Path, tmp_path: Path) -> None:
+    url, root = http_mirror
+    name = "t10k-labels-idx1-ubyte.gz"
+    shutil.copy(data_dir / "mnist" / name, root / name)
+    checksum = "sha256:" + published_sha256(data_dir)[name]
+    path = fetch(RemoteFile(name, url + name, checksum), tmp_path / "got", progress=False)
+    assert path.read_bytes() == (data_dir / "mnist" / name).read_bytes()
+    assert read_idx(path).shape == (2000,)
+
+
+def test_mnist_download_insists_on_the_official_files(http_mirror, data_dir: Path,
+                                                      tmp_path: Path) -> None:
+    url, root = http_mirror
+    # The shared t10k files are a re-split, not the official files: their MD5 differs.
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(data_dir / "mnist" / name, root / name)
+    with pytest.raises(DataError, match="checksum mismatch .* expected md5 9fb629c4"):
+        load_mnist(tmp_path / "data", "test", base_url=url)
+
+
+def test_download_discards_a_tampered_file(http_mirror, data_dir: Path, tmp_path: Path) -> None:
+    url, root = http_mirror
+    (root / "t10k-images-idx3-ubyte.gz").write_bytes(b"not the real file")
+    target = tmp_path / "data"
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load_mnist(target, "test", base_url=url)
+    assert list((target / "mnist").iterdir()) == []  # nothing half-written is kept
+
+
+def test_download_offline_says_where_to_put_the_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"Put the file at .*t10k-images"):
+        load_mnist(tmp_path, "test", base_url="http://127.0.0.1:9/")
