@@ -51,8 +51,12 @@ def publish(manifest: Manifest, onnx_file: Path) -> StoredModel:
 
 def exists(name: str) -> bool:
     import bentoml
+    from bentoml.exceptions import NotFound
 
-    return any(m.tag.name == name for m in bentoml.models.list(name))
+    try:  # BentoML raises NotFound, rather than listing nothing, when no version exists
+        return any(m.tag.name == name for m in bentoml.models.list(name))
+    except NotFound:
+        return False
 
 
 def load(tag: str) -> StoredModel:
