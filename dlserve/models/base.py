@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any, Self
 
 import numpy as np
@@ -44,20 +43,11 @@ class Runner:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
+        """What GET /models shows: the manifest's summary plus where and how it runs."""
         m = self.stored.manifest
-        return {
-            "name": self.name,
-            "tag": self.tag,
-            "sha256": m.onnx_sha256,
-            "provider": self.provider,
-            "inputs": [asdict(t) for t in m.inputs],
-            "outputs": [asdict(t) for t in m.outputs],
-            "preprocessing": m.preprocessing,
-            "opset": m.opset,
-            "precision": m.precision,
-            "metrics": m.metrics,
-            "created_at": m.created_at,
-        }
+        return {"name": self.name, "tag": self.tag, "sha256": m.onnx_sha256,
+                "provider": self.provider, **m.summary(), "preprocessing": m.preprocessing,
+                "created_at": m.created_at}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
