@@ -7,11 +7,12 @@ the ONNX file, training metrics and the data the model was trained on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dlserve.hashing import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -70,14 +71,6 @@ class Manifest:
             "outputs": [asdict(t) for t in self.outputs],
             "metrics": self.metrics,
         }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_manifest(model_dir: Path) -> Manifest:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +24,8 @@ import onnx
 import onnxruntime
 import torch
 
-from dlserve.manifest import Manifest, TensorSpec, sha256_file
+from dlserve.hashing import sha256_file
+from dlserve.manifest import Manifest, TensorSpec
 from dlserve.runtime import create_session
 from dlserve.store import StoredModel, publish
 
@@ -54,8 +55,6 @@ class ExportSpec:
     example: tuple[np.ndarray, ...]  # traced at export; inputs in the order of `inputs`
     parity_cases: list[tuple[np.ndarray, ...]]  # checked after; other shapes than `example`
     tolerance: float = 1e-4
-    # Maps the model's raw outputs to what parity compares (e.g. logits → probabilities).
-    compare: Callable[[np.ndarray], np.ndarray] = lambda x: x
 
 
 def _dynamic_shapes(inputs: Sequence[TensorSpec]) -> tuple[dict[int, Any], ...]:
@@ -92,8 +91,8 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, spec: ExportSpec) -> f
     worst = 0.0
     for case in spec.parity_cases:
         with torch.no_grad():
-            expected = spec.compare(model(*(torch.from_numpy(a) for a in case)).numpy())
-        got = spec.compare(session.run(dict(zip(session.input_names, case, strict=True)))[0])
+            expected = model(*(torch.from_numpy(a) for a in case)).numpy()
+        got = session.run(dict(zip(session.input_names, case, strict=True)))[0]
         if got.shape != expected.shape:
             raise ParityError(f"{spec.name}: output shape {got.shape} != {expected.shape} "
                               f"for input shapes {[a.shape for a in case]}")

@@ -65,10 +65,6 @@ class AdaptiveBatcher:
         self._draining = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
 
-    @property
-    def queued_items(self) -> int:
-        return self._queued_items
-
     async def submit(self, payload: Any, items: int) -> Any:
         """Queue one request's prepared input (`items` rows) and await its result."""
         if self._queued_items + items > self.max_queue_items and self._queue:

@@ -34,14 +34,6 @@ class RemoteFile:
     checksum: str  # "md5:<hex>" or "sha256:<hex>", as the publisher lists it
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(remote: RemoteFile, dest_dir: Path, *, progress: bool = True) -> Path:
     """Download `remote` into `dest_dir` and verify it; return the file's path."""
     algorithm, _, expected = remote.checksum.partition(":")

@@ -13,7 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from dlserve.data.download import DataError, RemoteFile, fetch, file_digest
+from dlserve.data.download import DataError, RemoteFile, fetch
+from dlserve.hashing import sha256_file
 
 SUBDIR = "mnist"
 OFFICIAL_MD5 = {
@@ -86,5 +87,5 @@ def load_mnist(data_dir: Path, split: Split, *, base_url: str | None = None) -> 
         )
     if labels.max(initial=0) > 9:
         raise DataError(f"{labels_path}: labels must be digits 0-9")
-    files = {p.name: file_digest(p) for p in (images_path, labels_path)}
+    files = {p.name: sha256_file(p) for p in (images_path, labels_path)}
     return MnistSplit(images=images, labels=labels.astype(np.int64), files=files)
