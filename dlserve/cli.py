@@ -26,25 +26,34 @@ def _download_url(settings: Settings, model: str) -> str:
     return {"digits": settings.mnist_url}[model]
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+def train_model(name: str, settings: Settings, *, epochs: int | None = None, seed: int = 0,
+                quick: bool = False) -> dict:
     from training import digits
 
     trainers = {"digits": digits.train}
-    metrics = trainers[args.model](
-        settings.data_dir, settings.artifacts_dir, epochs=args.epochs, seed=args.seed,
-        quick=args.quick, download_url=_download_url(settings, args.model))
+    return trainers[name](settings.data_dir, settings.artifacts_dir, epochs=epochs, seed=seed,
+                          quick=quick, download_url=_download_url(settings, name))
+
+
+def export_model(name: str, settings: Settings) -> str:
+    from export import digits
+
+    exporters = {"digits": digits.export}
+    stored = exporters[name](settings.artifacts_dir)
+    log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
+             stored.path)
+    return stored.tag
+
+
+def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    metrics = train_model(args.model, settings, epochs=args.epochs, seed=args.seed,
+                          quick=args.quick)
     print(json.dumps(metrics))
     return 0
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    from export import digits
-
-    exporters = {"digits": digits.export}
-    stored = exporters[args.model](settings.artifacts_dir)
-    log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
-             stored.path)
-    print(stored.tag)
+    print(export_model(args.model, settings))
     return 0
 
 
@@ -69,13 +78,12 @@ def ensure_models(settings: Settings, *, quick: bool = False) -> None:
     for name in settings.models:
         if store.exists(name):
             continue
-        ns = argparse.Namespace(model=name, epochs=None, seed=0, quick=quick, json=False)
         if not run_paths(settings.artifacts_dir, name).checkpoint.is_file():
             log.warning("model %r is not trained yet: training it now%s",
                         name, " (--quick)" if quick else "")
-            cmd_train(ns, settings)
+            train_model(name, settings, quick=quick)
         log.warning("model %r is not in the model store yet: exporting it now", name)
-        cmd_export(ns, settings)
+        export_model(name, settings)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
