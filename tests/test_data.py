@@ -1,4 +1,4 @@
-"""MNIST reading and downloading, on the real IDX files and a real local HTTP server."""
+"""MNIST and SST-2 reading and downloading, on the real files and a real local HTTP server."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import gzip
 import http.server
 import shutil
 import threading
+import zipfile
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from dlserve.data.download import DataError, RemoteFile, fetch
 from dlserve.data.mnist import load_mnist, read_idx
+from dlserve.data.sst2 import load_sst2, read_tsv
 
 
 def test_load_mnist_reads_the_shared_split(data_dir: Path) -> None:
@@ -102,3 +104,55 @@ def test_download_discards_a_tampered_file(http_mirror, data_dir: Path, tmp_path
 def test_download_offline_says_where_to_put_the_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"Put the file at .*t10k-images"):
         load_mnist(tmp_path, "test", base_url="http://127.0.0.1:9/")
+
+
+def test_load_sst2_reads_the_shared_glue_files(data_dir: Path) -> None:
+    train, dev = load_sst2(data_dir, "train"), load_sst2(data_dir, "dev")
+    assert len(train.texts) == 67349 and len(dev.texts) == 872
+    assert int(dev.labels.sum()) == 444 and set(np.unique(train.labels)) == {0, 1}
+    assert dev.texts[0] == "one long string of cliches ." and dev.labels[0] == 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ("text\tlabel\nfine\t1\n", r":1: .*header 'sentence<TAB>label'"),
+    ("sentence\tlabel\ngood film\t1\nno label here\n", r":3: expected 2 tab-separated fields"),
+    ("sentence\tlabel\ngood film\t1\nbad film\tneg\n", r":3: label must be 0 or 1, got 'neg'"),
+    ("sentence\tlabel\n \t0\n", r":2: empty sentence"),
+    ("sentence\tlabel\n", r"no examples after the header"),
+])
+def test_read_sst2_tsv_names_the_malformed_line(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "train.tsv"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        read_tsv(path)
+
+
+def glue_archive(data_dir: Path, path: Path) -> Path:
+    """A zip laid out as GLUE's SST-2.zip, from the shared files."""
+    with zipfile.ZipFile(path, "w") as z:
+        for split in ("train", "dev"):
+            z.write(data_dir / "sst2" / f"{split}.tsv", f"SST-2/{split}.tsv")
+    return path
+
+
+def test_sst2_archive_in_the_folder_is_unpacked(data_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "sst2"
+    folder.mkdir(parents=True)
+    glue_archive(data_dir, folder / "SST-2.zip")
+    dev = load_sst2(tmp_path / "data", "dev", url="http://127.0.0.1:9/SST-2.zip")
+    assert len(dev.texts) == 872
+    assert (folder / "dev.tsv").read_bytes() == (data_dir / "sst2" / "dev.tsv").read_bytes()
+
+
+def test_sst2_download_insists_on_the_official_archive(http_mirror, data_dir: Path,
+                                                      tmp_path: Path) -> None:
+    url, root = http_mirror
+    glue_archive(data_dir, root / "SST-2.zip")  # same files, but not the official zip bytes
+    with pytest.raises(DataError, match="checksum mismatch .* expected md5 9f81648d"):
+        load_sst2(tmp_path / "data", "dev", url=url + "SST-2.zip")
+    assert list((tmp_path / "data" / "sst2").iterdir()) == []
+
+
+def test_sst2_offline_says_where_to_put_the_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"Put the file at .*sst2/SST-2.zip"):
+        load_sst2(tmp_path, "dev", url="http://127.0.0.1:9/SST-2.zip")
