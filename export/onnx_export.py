@@ -71,6 +71,8 @@ def _dynamic_shapes(inputs: Sequence[TensorSpec]) -> tuple[dict[int, Any], ...]:
 
 def export_onnx(model: torch.nn.Module, spec: ExportSpec, path: Path) -> None:
     example = tuple(torch.from_numpy(a) for a in spec.example)
+    # The exporter's graph passes log every step at INFO; only their warnings matter here.
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
         torch.onnx.export(
