@@ -23,22 +23,22 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _download_url(settings: Settings, model: str) -> str:
-    return {"digits": settings.mnist_url}[model]
+    return {"digits": settings.mnist_url, "sentiment": settings.sst2_url}[model]
 
 
 def train_model(name: str, settings: Settings, *, epochs: int | None = None, seed: int = 0,
                 quick: bool = False) -> dict:
-    from training import digits
+    from training import digits, sentiment
 
-    trainers = {"digits": digits.train}
+    trainers = {"digits": digits.train, "sentiment": sentiment.train}
     return trainers[name](settings.data_dir, settings.artifacts_dir, epochs=epochs, seed=seed,
                           quick=quick, download_url=_download_url(settings, name))
 
 
 def export_model(name: str, settings: Settings) -> str:
-    from export import digits
+    from export import digits, sentiment
 
-    exporters = {"digits": digits.export}
+    exporters = {"digits": digits.export, "sentiment": sentiment.export}
     stored = exporters[name](settings.artifacts_dir)
     log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
              stored.path)
@@ -96,6 +96,27 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     return subprocess.call(command, env=env)
 
 
+def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
+    from dlserve.bench import inprocess, report, workloads
+    from dlserve.models import load_runner
+
+    results: dict = {"machine": report.machine(), "ceiling": []}
+    for name in settings.models:
+        runner = load_runner(name, settings)
+        log.info("bench: %s in-process ceiling", name)
+        parts = workloads.part_maker(name, runner, settings.data_dir)
+        results["ceiling"].append(inprocess.ceiling(runner, parts))
+        if name == "sentiment":
+            log.info("bench: sentiment length bucketing")
+            results["bucketing"] = inprocess.bucketing(
+                runner, *workloads.sentiment_texts(runner, settings.data_dir))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "BENCHMARKS.md").write_text(report.render(results))
+    print(args.out / "BENCHMARKS.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlserve", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, help="data directory (default: $DLSERVE_DATA_DIR "
@@ -125,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, help="worker processes (default: $DLSERVE_WORKERS or 1)")
     s.add_argument("--quick", action="store_true", help="train missing models with --quick")
     s.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("bench", help="measure the models and write BENCHMARKS.md")
+    b.add_argument("--out", type=Path, default=PROJECT_ROOT,
+                   help="folder for BENCHMARKS.md and benchmarks.json (default: the project)")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-KNOWN_MODELS = ("digits",)
+KNOWN_MODELS = ("digits", "sentiment")
 
 # Official sources (see README "Data"). Each is a base URL or a file URL that the
 # matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 
 
 class SettingsError(ValueError):
@@ -45,7 +46,11 @@ class Settings:
     max_image_pixels: int = field(
         default=4096 * 4096, metadata={"env": "DLSERVE_MAX_IMAGE_PIXELS"}
     )
+    # Longest text accepted by /sentiment/predict, in characters (longer → 413). Only the
+    # first max_tokens tokens of a text are read, so this bounds tokenising work, not the model.
+    max_text_chars: int = field(default=100_000, metadata={"env": "DLSERVE_MAX_TEXT_CHARS"})
     mnist_url: str = field(default=MNIST_URL, metadata={"env": "DLSERVE_MNIST_URL"})
+    sst2_url: str = field(default=SST2_URL, metadata={"env": "DLSERVE_SST2_URL"})
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in KNOWN_MODELS]
@@ -55,7 +60,7 @@ class Settings:
                 f"choose from {', '.join(KNOWN_MODELS)}"
             )
         for name in ("ort_threads", "workers", "max_batch_size", "max_queue_items",
-                     "max_items_per_request", "max_image_pixels"):
+                     "max_items_per_request", "max_image_pixels", "max_text_chars"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env_name(name)}: must be at least 1")
         if self.batch_wait_ms < 0:

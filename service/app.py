@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from typing import Annotated, Any
 
 import bentoml
-import numpy as np
 import orjson
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field
@@ -47,6 +46,16 @@ class DigitPrediction(BaseModel):
 class DigitsResponse(BaseModel):
     model: str = Field(description="model tag, digits:<version>")
     predictions: list[DigitPrediction]
+
+
+class SentimentPrediction(BaseModel):
+    label: str = Field(description="positive or negative")
+    positive_probability: float
+
+
+class SentimentResponse(BaseModel):
+    model: str = Field(description="model tag, sentiment:<version>")
+    predictions: list[SentimentPrediction]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -117,7 +126,7 @@ class DLServe:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    async def _predict(self, model: str, prepare: Callable[[], np.ndarray]) -> Response:
+    async def _predict(self, model: str, prepare: Callable[[Any], Sized]) -> Response:
         """Prepare one request's items, run them through the batcher, format the answer."""
         runner = self.runners.get(model)
         if runner is None:
@@ -125,7 +134,7 @@ class DLServe:
                                   f"(DLSERVE_MODELS={','.join(self.runners)})"}, 404)
         started = time.perf_counter()
         try:
-            payload = prepare()
+            payload = prepare(runner)
         except InputError as exc:
             self.metrics.errors.labels(model=model, reason=f"http_{exc.status}").inc()
             return json_response({"error": str(exc)}, exc.status)
@@ -146,7 +155,7 @@ class DLServe:
             description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")],
     ) -> Response:
         return await self._predict(
-            "digits", lambda: parse_images(images, max_items=settings.max_items_per_request))
+            "digits", lambda _: parse_images(images, max_items=settings.max_items_per_request))
 
     @bentoml.api(route="/digits/predict_image", output_spec=DigitsResponse)
     async def digits_predict_image(
@@ -154,7 +163,18 @@ class DLServe:
     ) -> Response:
         """One PNG or JPEG file as the request body; any size, colour and polarity."""
         return await self._predict(
-            "digits", lambda: image_file_to_pixels(image, max_pixels=settings.max_image_pixels))
+            "digits", lambda _: image_file_to_pixels(image, max_pixels=settings.max_image_pixels))
+
+    @bentoml.api(route="/sentiment/predict", output_spec=SentimentResponse)
+    async def sentiment_predict(
+        self,
+        texts: Annotated[list[str], Field(
+            description="English texts, any length (only the first tokens are read; see "
+                        "DLSERVE_MAX_TEXT_CHARS for the longest accepted)")],
+    ) -> Response:
+        return await self._predict("sentiment", lambda runner: runner.parse_texts(
+            texts, max_items=settings.max_items_per_request,
+            max_chars=settings.max_text_chars))
 
 
 DLServe.add_asgi_middleware(ClearValidationErrors)

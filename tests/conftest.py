@@ -24,7 +24,7 @@ _SCRATCH = Path(tempfile.mkdtemp(prefix="dlserve-tests-"))
 os.environ["BENTOML_HOME"] = str(_SCRATCH / "bentoml")
 os.environ["DLSERVE_ARTIFACTS_DIR"] = str(_SCRATCH / "artifacts")
 os.environ.setdefault("DLSERVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-os.environ["DLSERVE_MODELS"] = "digits"
+os.environ["DLSERVE_MODELS"] = "digits,sentiment"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 
@@ -35,7 +35,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["DLSERVE_DATA_DIR"])
-    assert (path / "mnist").is_dir(), f"test data not found at {path}; set DLSERVE_DATA_DIR"
+    for name in ("mnist", "sst2"):
+        assert (path / name).is_dir(), f"test data not found at {path}; set DLSERVE_DATA_DIR"
     return path
 
 
@@ -88,7 +89,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
-def server(digits_model: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def sentiment_model(data_dir: Path) -> str:
+    """Train (--quick) and export the sentiment model once; return its tag."""
+    dlserve("train", "sentiment", "--quick")
+    return dlserve("export", "sentiment").stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def server(digits_model: str, sentiment_model: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real BentoML server (2 workers, so metrics are checked across processes)."""
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")

@@ -80,7 +80,7 @@ def test_eval_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     assert r.returncode == 2 and "dlserve export digits" in r.stderr
 
 
-def test_serving_code_imports_no_torch(digits_model: str) -> None:
+def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str) -> None:
     """The serving path (service module, model loading, a prediction) never loads torch."""
     code = (
         "import sys, numpy as np\n"
@@ -89,6 +89,8 @@ def test_serving_code_imports_no_torch(digits_model: str) -> None:
         "from dlserve.settings import get_settings\n"
         "r = load_runner('digits', get_settings())\n"
         "r.warm_up(); r.predict(np.zeros((3, 28, 28), np.float32))\n"
+        "s = load_runner('sentiment', get_settings())\n"
+        "s.warm_up(); s.predict(s.parse_texts(['Fine.'], max_items=1, max_chars=9))\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
         "print('ok')\n"

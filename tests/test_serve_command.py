@@ -16,7 +16,8 @@ from tests.conftest import free_port, stop, wait_ready
 def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path) -> None:
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"),
-           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts")}
+           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "DLSERVE_MODELS": "digits"}  # one model is enough to prove the command
     log_path = tmp_path / "serve.log"
     cli = Path(sys.executable).with_name("dlserve")
     with log_path.open("w") as log:

@@ -14,4 +14,8 @@ def load_runner(name: str, settings: Settings) -> Runner:
         from dlserve.models.digits import DigitsRunner
 
         return DigitsRunner.load(name, settings)
+    if name == "sentiment":
+        from dlserve.models.sentiment import SentimentRunner
+
+        return SentimentRunner.load(name, settings)
     raise KeyError(f"unknown model {name!r}")

@@ -1,0 +1,1 @@
+"""`dlserve bench`: measurements that write BENCHMARKS.md and a JSON file of the numbers."""

@@ -1,0 +1,42 @@
+"""Realistic inputs for each model, taken from its held-out data, as runner-ready items."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dlserve.data.mnist import load_mnist
+from dlserve.data.sst2 import load_sst2
+
+LONG_TOKENS = 200
+
+
+def digits_part(data_dir: Path) -> Callable[[int], np.ndarray]:
+    images = load_mnist(data_dir, "test").images.astype(np.float32)
+    return lambda n: np.resize(images, (n, *images.shape[1:]))
+
+
+def sentiment_texts(runner: Any, data_dir: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of SST-2 dev sentences (short), and of long texts made by joining dev
+    sentences until each reaches LONG_TOKENS tokens (a long review)."""
+    texts = load_sst2(data_dir, "dev").texts
+    short = runner.parse_texts(texts, max_items=len(texts), max_chars=10**6)
+    long, current = [], []
+    for seq in short:
+        current += seq
+        if len(current) >= LONG_TOKENS:
+            long.append(current[:LONG_TOKENS])
+            current = []
+    return short, long
+
+
+def part_maker(name: str, runner: Any, data_dir: Path) -> Callable[[int], Any]:
+    if name == "digits":
+        return digits_part(data_dir)
+    if name == "sentiment":
+        short, _ = sentiment_texts(runner, data_dir)
+        return lambda n: [short[i % len(short)] for i in range(n)]
+    raise KeyError(name)
