@@ -104,12 +104,14 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     for name in settings.models:
         runner = load_runner(name, settings)
         log.info("bench: %s in-process ceiling", name)
-        parts = workloads.part_maker(name, runner, settings.data_dir)
-        results["ceiling"].append(inprocess.ceiling(runner, parts))
         if name == "sentiment":
+            short, long = workloads.sentiment_texts(runner, settings.data_dir)
+            results["ceiling"].append(inprocess.ceiling(runner, workloads.cycle(short)))
             log.info("bench: sentiment length bucketing")
-            results["bucketing"] = inprocess.bucketing(
-                runner, *workloads.sentiment_texts(runner, settings.data_dir))
+            results["bucketing"] = inprocess.bucketing(runner, short, long)
+        else:
+            parts = workloads.digits_part(settings.data_dir)
+            results["ceiling"].append(inprocess.ceiling(runner, parts))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "BENCHMARKS.md").write_text(report.render(results))

@@ -18,7 +18,6 @@ from dlserve.preprocess.text import Vocabulary
 from dlserve.settings import get_settings
 from tests.conftest import dlserve
 from training.common import load_run, run_paths
-from training.sentiment import encode_all
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def test_training_and_serving_turn_text_into_the_same_ids(runner, data_dir: Path
     texts = load_sst2(data_dir, "dev").texts + [
         "It's a charming, often affecting journey!", "Don't see it -- awful...", "😀 ok"]
     served = runner.parse_texts(texts, max_items=len(texts), max_chars=10_000)
-    assert served == encode_all(trained, texts)
+    assert served == trained.encode_corpus(texts)
 
 
 def test_onnx_prediction_ignores_padding(runner) -> None:

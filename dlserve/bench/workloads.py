@@ -33,10 +33,6 @@ def sentiment_texts(runner: Any, data_dir: Path) -> tuple[list[list[int]], list[
     return short, long
 
 
-def part_maker(name: str, runner: Any, data_dir: Path) -> Callable[[int], Any]:
-    if name == "digits":
-        return digits_part(data_dir)
-    if name == "sentiment":
-        short, _ = sentiment_texts(runner, data_dir)
-        return lambda n: [short[i % len(short)] for i in range(n)]
-    raise KeyError(name)
+def cycle(items: list[Any]) -> Callable[[int], list[Any]]:
+    """n items, repeating `items` as often as needed."""
+    return lambda n: [items[i % len(items)] for i in range(n)]

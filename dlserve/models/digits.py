@@ -9,7 +9,7 @@ import numpy as np
 
 from dlserve.data.mnist import load_mnist
 from dlserve.errors import InputError, PayloadTooLarge
-from dlserve.models.base import Runner, softmax, split_rows
+from dlserve.models.base import Runner, accuracy_report, softmax, split_rows
 from dlserve.preprocess.images import SIDE, decode_image, normalize, to_mnist
 
 FIELD = "images"
@@ -89,17 +89,12 @@ class DigitsRunner(Runner):
         probs = np.concatenate([
             self.predict(test.images[i: i + 1000]) for i in range(0, len(test.images), 1000)])
         predicted = probs.argmax(axis=1)
-        per_class = {
-            str(d): round(float((predicted[test.labels == d] == d).mean()), 4)
-            for d in range(10) if (test.labels == d).any()
-        }
         return {
             "model": self.tag,
             "provider": self.provider,
             "dataset": "MNIST",
             "split": "test",
             "examples": int(len(test.labels)),
-            "accuracy": round(float((predicted == test.labels).mean()), 4),
-            "per_class_accuracy": per_class,
+            **accuracy_report(predicted, test.labels, self.stored.manifest.labels),
             "data_files": test.files,
         }

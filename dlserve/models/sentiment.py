@@ -16,7 +16,7 @@ import numpy as np
 
 from dlserve.data.sst2 import load_sst2
 from dlserve.errors import InputError, PayloadTooLarge
-from dlserve.models.base import Runner, softmax
+from dlserve.models.base import Runner, accuracy_report, softmax, split_rows
 from dlserve.preprocess.text import UNK_ID, Vocabulary, pad_batch
 from dlserve.settings import Settings
 
@@ -91,7 +91,7 @@ class SentimentRunner(Runner):
 
     def run_batch(self, parts: list[list[list[int]]]) -> list[np.ndarray]:
         probs = self.predict([seq for part in parts for seq in part])
-        return np.split(probs, np.cumsum([len(p) for p in parts])[:-1])
+        return split_rows(probs, [len(p) for p in parts])
 
     def warm_up(self) -> None:
         for n, length in ((1, 4), (8, 16), (64, 64)):
@@ -104,17 +104,13 @@ class SentimentRunner(Runner):
 
     def evaluate(self, data_dir: Path, *, download_url: str | None = None) -> dict[str, Any]:
         dev = load_sst2(data_dir, "dev", url=download_url)
-        probs = self.predict([self.vocab.encode(t) or [UNK_ID] for t in dev.texts])
-        predicted = probs.argmax(axis=1)
-        per_class = {label: round(float((predicted[dev.labels == i] == i).mean()), 4)
-                     for i, label in enumerate(self.labels)}
+        predicted = self.predict(self.vocab.encode_corpus(dev.texts)).argmax(axis=1)
         return {
             "model": self.tag,
             "provider": self.provider,
             "dataset": "SST-2 (GLUE)",
             "split": "dev",
             "examples": len(dev.texts),
-            "accuracy": round(float((predicted == dev.labels).mean()), 4),
-            "per_class_accuracy": per_class,
+            **accuracy_report(predicted, dev.labels, self.labels),
             "data_files": dev.files,
         }

@@ -85,6 +85,11 @@ class Vocabulary:
         [] when it holds no token."""
         return list(islice(self._ids(token_stream(text)), self.max_tokens))
 
+    def encode_corpus(self, texts: Iterable[str]) -> list[list[int]]:
+        """Ids of every text of a data set (training, evaluation); a text without a token
+        (SST-2 has none) becomes one <unk>, so that every text has a length."""
+        return [self.encode(t) or [UNK_ID] for t in texts]
+
     def _ids(self, tokens: Iterable[str]) -> Iterator[int]:
         ids = self.ids
         for token in tokens:
