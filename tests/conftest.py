@@ -3,6 +3,7 @@ CLI, and a real BentoML server on a free port, stopped at the end of the session
 
 from __future__ import annotations
 
+import http.server
 import os
 import shutil
 import signal
@@ -10,8 +11,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -24,7 +27,7 @@ _SCRATCH = Path(tempfile.mkdtemp(prefix="dlserve-tests-"))
 os.environ["BENTOML_HOME"] = str(_SCRATCH / "bentoml")
 os.environ["DLSERVE_ARTIFACTS_DIR"] = str(_SCRATCH / "artifacts")
 os.environ.setdefault("DLSERVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-os.environ["DLSERVE_MODELS"] = "digits,sentiment"
+os.environ["DLSERVE_MODELS"] = "digits,sentiment,recommender"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 
@@ -35,9 +38,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     path = Path(os.environ["DLSERVE_DATA_DIR"])
-    for name in ("mnist", "sst2"):
+    for name in ("mnist", "sst2", "ml-100k"):
         assert (path / name).is_dir(), f"test data not found at {path}; set DLSERVE_DATA_DIR"
     return path
+
+
+@pytest.fixture
+def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A real HTTP server on 127.0.0.1 serving a folder; yields (base URL, folder)."""
+    root = tmp_path / "mirror"
+    root.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def dlserve(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -96,7 +115,14 @@ def sentiment_model(data_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(digits_model: str, sentiment_model: str,
+def recommender_model(data_dir: Path) -> str:
+    """Train (--quick) and export the recommender on MovieLens 100K once; return its tag."""
+    dlserve("train", "recommender", "--quick")
+    return dlserve("export", "recommender").stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def server(digits_model: str, sentiment_model: str, recommender_model: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real BentoML server (2 workers, so metrics are checked across processes)."""
     port = free_port()

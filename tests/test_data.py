@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import http.server
 import shutil
-import threading
 import zipfile
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,22 +45,6 @@ def test_read_idx_rejects_malformed_files(tmp_path: Path, content: bytes, messag
 def test_missing_file_without_download_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"not found in .*mnist"):
         load_mnist(tmp_path, "test")
-
-
-@pytest.fixture
-def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real HTTP server on 127.0.0.1 serving a folder; yields (base URL, folder)."""
-    root = tmp_path / "mirror"
-    root.mkdir()
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/", root
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def published_sha256(data_dir: Path) -> dict[str, str]:
