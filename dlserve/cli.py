@@ -22,23 +22,32 @@ log = logging.getLogger("dlserve")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _download_url(settings: Settings, model: str) -> str:
-    return {"digits": settings.mnist_url, "sentiment": settings.sst2_url}[model]
+def _data_source(settings: Settings, model: str) -> tuple[Path, str | None]:
+    """Where a model's data set is read from, and the URL that fills in missing files."""
+    if model == "recommender":
+        folder = settings.data_dir / settings.movielens
+        # Only MovieLens 100K is downloaded; a newer release is a folder the user provides.
+        return folder, settings.movielens_url if folder.name == "ml-100k" else None
+    return settings.data_dir, {"digits": settings.mnist_url,
+                               "sentiment": settings.sst2_url}[model]
 
 
 def train_model(name: str, settings: Settings, *, epochs: int | None = None, seed: int = 0,
                 quick: bool = False) -> dict:
-    from training import digits, sentiment
+    from training import digits, recommender, sentiment
 
-    trainers = {"digits": digits.train, "sentiment": sentiment.train}
-    return trainers[name](settings.data_dir, settings.artifacts_dir, epochs=epochs, seed=seed,
-                          quick=quick, download_url=_download_url(settings, name))
+    trainers = {"digits": digits.train, "sentiment": sentiment.train,
+                "recommender": recommender.train}
+    data_dir, url = _data_source(settings, name)
+    return trainers[name](data_dir, settings.artifacts_dir, epochs=epochs, seed=seed,
+                          quick=quick, download_url=url)
 
 
 def export_model(name: str, settings: Settings) -> str:
-    from export import digits, sentiment
+    from export import digits, recommender, sentiment
 
-    exporters = {"digits": digits.export, "sentiment": sentiment.export}
+    exporters = {"digits": digits.export, "sentiment": sentiment.export,
+                 "recommender": recommender.export}
     stored = exporters[name](settings.artifacts_dir)
     log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
              stored.path)
@@ -61,7 +70,8 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     from dlserve.models import load_runner
 
     runner = load_runner(args.model, settings)
-    metrics = runner.evaluate(settings.data_dir, download_url=_download_url(settings, args.model))
+    data_dir, url = _data_source(settings, args.model)
+    metrics = runner.evaluate(data_dir, download_url=url)
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -109,6 +119,9 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
             results["ceiling"].append(inprocess.ceiling(runner, workloads.cycle(short)))
             log.info("bench: sentiment length bucketing")
             results["bucketing"] = inprocess.bucketing(runner, short, long)
+        elif name == "recommender":
+            queries = workloads.recommender_queries(runner, _data_source(settings, name)[0])
+            results["ceiling"].append(inprocess.ceiling(runner, workloads.cycle(queries)))
         else:
             parts = workloads.digits_part(settings.data_dir)
             results["ceiling"].append(inprocess.ceiling(runner, parts))

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-KNOWN_MODELS = ("digits", "sentiment")
+KNOWN_MODELS = ("digits", "sentiment", "recommender")
 
 # Official sources (see README "Data"). Each is a base URL or a file URL that the
 # matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
+MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 
 
 class SettingsError(ValueError):
@@ -49,8 +50,15 @@ class Settings:
     # Longest text accepted by /sentiment/predict, in characters (longer → 413). Only the
     # first max_tokens tokens of a text are read, so this bounds tokenising work, not the model.
     max_text_chars: int = field(default=100_000, metadata={"env": "DLSERVE_MAX_TEXT_CHARS"})
+    # Most ratings one /recommender request may carry (more → 413); a user rates each movie
+    # at most once, so this only needs to exceed the catalogue for the largest users.
+    max_ratings: int = field(default=10_000, metadata={"env": "DLSERVE_MAX_RATINGS"})
+    # The MovieLens folder inside the data directory (or an absolute path): the 100K layout
+    # (u.data, u.item, u1.base, u1.test) or a newer release's ratings.csv and movies.csv.
+    movielens: str = field(default="ml-100k", metadata={"env": "DLSERVE_MOVIELENS"})
     mnist_url: str = field(default=MNIST_URL, metadata={"env": "DLSERVE_MNIST_URL"})
     sst2_url: str = field(default=SST2_URL, metadata={"env": "DLSERVE_SST2_URL"})
+    movielens_url: str = field(default=MOVIELENS_URL, metadata={"env": "DLSERVE_MOVIELENS_URL"})
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in KNOWN_MODELS]
@@ -60,7 +68,7 @@ class Settings:
                 f"choose from {', '.join(KNOWN_MODELS)}"
             )
         for name in ("ort_threads", "workers", "max_batch_size", "max_queue_items",
-                     "max_items_per_request", "max_image_pixels", "max_text_chars"):
+                     "max_items_per_request", "max_image_pixels", "max_text_chars", "max_ratings"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env_name(name)}: must be at least 1")
         if self.batch_wait_ms < 0:

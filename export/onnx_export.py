@@ -93,18 +93,22 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, spec: ExportSpec) -> f
     worst = 0.0
     for case in spec.parity_cases:
         with torch.no_grad():
-            expected = model(*(torch.from_numpy(a) for a in case)).numpy()
-        got = session.run(dict(zip(session.input_names, case, strict=True)))[0]
-        if got.shape != expected.shape:
-            raise ParityError(f"{spec.name}: output shape {got.shape} != {expected.shape} "
-                              f"for input shapes {[a.shape for a in case]}")
-        diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
-        log.info("parity %s inputs %s: max |diff| %.2e", spec.name, [a.shape for a in case], diff)
-        if not diff <= spec.tolerance:
-            raise ParityError(
-                f"{spec.name}: ONNX Runtime differs from PyTorch by {diff:.3e} (> tolerance "
-                f"{spec.tolerance:.0e}) for input shapes {[a.shape for a in case]}")
-        worst = max(worst, diff)
+            expected = model(*(torch.from_numpy(a) for a in case))
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        outputs = session.run(dict(zip(session.input_names, case, strict=True)))
+        shapes = [a.shape for a in case]
+        for name, got, want in zip(session.output_names, outputs, expected, strict=True):
+            want = want.numpy()
+            if got.shape != want.shape:
+                raise ParityError(f"{spec.name}: output {name} has shape {got.shape}, PyTorch "
+                                  f"{want.shape}, for input shapes {shapes}")
+            diff = float(np.max(np.abs(got - want))) if got.size else 0.0
+            log.info("parity %s %s inputs %s: max |diff| %.2e", spec.name, name, shapes, diff)
+            if not diff <= spec.tolerance:
+                raise ParityError(
+                    f"{spec.name}: output {name} of ONNX Runtime differs from PyTorch by "
+                    f"{diff:.3e} (> tolerance {spec.tolerance:.0e}) for input shapes {shapes}")
+            worst = max(worst, diff)
     return worst
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import bentoml
 import orjson
 from bentoml.validators import ContentType
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictFloat, StrictInt
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -56,6 +56,35 @@ class SentimentPrediction(BaseModel):
 class SentimentResponse(BaseModel):
     model: str = Field(description="model tag, sentiment:<version>")
     predictions: list[SentimentPrediction]
+
+
+class RatingIn(BaseModel):
+    movie_id: StrictInt = Field(description="a movie id from the catalogue (GET /models)")
+    rating: StrictFloat = Field(description="1 to 5 stars; half stars are rounded up")
+
+
+class Recommendation(BaseModel):
+    movie_id: int
+    title: str
+    predicted_rating: float = Field(description="expected rating, 1-5")
+
+
+class RecommendResponse(BaseModel):
+    model: str = Field(description="model tag, recommender:<version>")
+    cold_start: bool = Field(description="true when no ratings were given")
+    ranking: str = Field(description="'relevance', or 'popularity (no ratings given)'")
+    recommendations: list[Recommendation]
+
+
+class PredictedRating(BaseModel):
+    movie_id: int
+    predicted_rating: float
+
+
+class PredictRatingsResponse(BaseModel):
+    model: str = Field(description="model tag, recommender:<version>")
+    cold_start: bool = Field(description="true when no ratings were given")
+    predicted_ratings: list[PredictedRating]
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -126,8 +155,10 @@ class DLServe:
     def __is_ready__(self) -> bool:
         return getattr(self, "ready", False)
 
-    async def _predict(self, model: str, prepare: Callable[[Any], Sized]) -> Response:
-        """Prepare one request's items, run them through the batcher, format the answer."""
+    async def _predict(self, model: str, prepare: Callable[[Any], Sized],
+                       respond: Callable[[Any, Any], dict[str, Any]] | None = None) -> Response:
+        """Prepare one request's items, run them through the batcher, format the answer:
+        `respond(payload, result)` gives the body, by default {"predictions": [...]}."""
         runner = self.runners.get(model)
         if runner is None:
             return json_response({"error": f"model {model!r} is not loaded on this server "
@@ -146,7 +177,8 @@ class DLServe:
             self.metrics.errors.labels(model=model, reason="overloaded").inc()
             return json_response({"error": str(exc)}, 503,
                                  {"Retry-After": str(exc.retry_after_s)})
-        return json_response({"model": runner.tag, "predictions": runner.format(result)})
+        body = respond(payload, result) if respond else {"predictions": runner.format(result)}
+        return json_response({"model": runner.tag, **body})
 
     @bentoml.api(route="/digits/predict", output_spec=DigitsResponse)
     async def digits_predict(
@@ -175,6 +207,32 @@ class DLServe:
         return await self._predict("sentiment", lambda runner: runner.parse_texts(
             texts, max_items=settings.max_items_per_request,
             max_chars=settings.max_text_chars))
+
+    @bentoml.api(route="/recommender/recommend", output_spec=RecommendResponse)
+    async def recommender_recommend(
+        self,
+        ratings: Annotated[list[RatingIn], Field(
+            description="the user's ratings; empty for a new user (cold start)")],
+        k: Annotated[StrictInt, Field(description="how many movies to recommend")] = 10,
+    ) -> Response:
+        """The k movies the user has not rated that they are likeliest to watch and rate 4-5."""
+        return await self._recommender(ratings, k=k)
+
+    @bentoml.api(route="/recommender/predict", output_spec=PredictRatingsResponse)
+    async def recommender_predict(
+        self,
+        ratings: Annotated[list[RatingIn], Field(description="the user's ratings")],
+        movie_ids: Annotated[list[StrictInt], Field(description="movies to predict")],
+    ) -> Response:
+        """The user's expected rating of each movie asked about."""
+        return await self._recommender(ratings, movie_ids=movie_ids)
+
+    async def _recommender(self, ratings: list[RatingIn], **query: Any) -> Response:
+        pairs = [(r.movie_id, r.rating) for r in ratings]
+        return await self._predict(
+            "recommender",
+            lambda runner: runner.parse_query(pairs, max_ratings=settings.max_ratings, **query),
+            lambda payload, rows: self.runners["recommender"].answer(payload[0], rows[0]))
 
 
 DLServe.add_asgi_middleware(ClearValidationErrors)

@@ -106,7 +106,7 @@ def test_metrics_count_items_runs_and_errors_across_workers(client, test_digits)
 
 def test_models_lists_tag_sha_provider_and_inputs(client, digits_model) -> None:
     models = {m["name"]: m for m in client.get("/models").json()["models"]}
-    assert set(models) == {"digits", "sentiment"}
+    assert set(models) == {"digits", "sentiment", "recommender"}
     model = models["digits"]
     assert model["tag"] == digits_model and model["provider"] == "CPUExecutionProvider"
     assert model["sha256"] == store.load("digits").manifest.onnx_sha256

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from dlserve.data.mnist import load_mnist
+from dlserve.data.movielens import load_movielens
 from dlserve.data.sst2 import load_sst2
 
 LONG_TOKENS = 200
@@ -36,3 +37,12 @@ def sentiment_texts(runner: Any, data_dir: Path) -> tuple[list[list[int]], list[
 def cycle(items: list[Any]) -> Callable[[int], list[Any]]:
     """n items, repeating `items` as often as needed."""
     return lambda n: [items[i % len(items)] for i in range(n)]
+
+
+def recommender_queries(runner: Any, folder: Path) -> list[Any]:
+    """One recommend query (k = 10) per training user, with all of that user's ratings."""
+    from dlserve.models.recommender import Query
+    from dlserve.preprocess.ratings import by_user
+
+    users = by_user(load_movielens(folder).train, runner.catalogue)
+    return [Query(user, k=10) for user in users.values()]

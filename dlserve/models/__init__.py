@@ -18,4 +18,8 @@ def load_runner(name: str, settings: Settings) -> Runner:
         from dlserve.models.sentiment import SentimentRunner
 
         return SentimentRunner.load(name, settings)
+    if name == "recommender":
+        from dlserve.models.recommender import RecommenderRunner
+
+        return RecommenderRunner.load(name, settings)
     raise KeyError(f"unknown model {name!r}")

@@ -1,0 +1,47 @@
+"""Export the trained RBM's inference pass: one-hot ratings in; expected ratings, and the
+relevance score that ranks recommendations, out.
+
+The input is [users, movies, 5] with a dynamic user axis; a movie the user did not rate
+is all zeros. Parity with PyTorch is checked for 1, 7 and 64 users, one of whom rated
+nothing (the cold-start case). The movie table (ids, titles, training counts for the
+popularity fallback) travels in the manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dlserve.data.movielens import LEVELS
+from dlserve.manifest import TensorSpec
+from dlserve.store import StoredModel
+from export.onnx_export import ExportSpec, export_and_publish
+from training.common import load_run, run_paths
+from training.recommender import build_model, example_inputs
+
+PARITY_USERS = (1, 7, 64)
+
+
+def export(artifacts_dir: Path) -> StoredModel:
+    state, config, metrics = load_run(run_paths(artifacts_dir, "recommender"))
+    model = build_model(config)
+    model.load_state_dict(state)
+    n_movies = config["model_config"]["n_movies"]
+    spec = ExportSpec(
+        name="recommender",
+        task="rating-prediction",
+        architecture=config["architecture"],
+        inputs=[TensorSpec("ratings", "float32", ["users", n_movies, LEVELS])],
+        outputs=[TensorSpec("expected_ratings", "float32", ["users", n_movies]),
+                 TensorSpec("relevance", "float32", ["users", n_movies])],
+        preprocessing={"kind": "one-hot ratings", "module": "dlserve.preprocess.ratings",
+                       "levels": list(range(1, LEVELS + 1)),
+                       "unrated": "all-zero row (takes no part)",
+                       "half_stars": "rounded up (4.5 → 5)"},
+        labels=[],
+        assets={"catalogue": config["catalogue"]},
+        metrics={k: v for k, v in metrics.items() if k != "history"},
+        training_data=config["data"],
+        example=example_inputs(2, n_movies),
+        parity_cases=[example_inputs(n, n_movies, seed=n) for n in PARITY_USERS],
+    )
+    return export_and_publish(model, spec)

@@ -1,0 +1,92 @@
+"""The recommender through the real CLI: train → export → eval on MovieLens 100K, and the
+same commands on a ratings.csv/movies.csv folder."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlserve import store
+from dlserve.models import load_runner
+from dlserve.settings import get_settings
+from tests.conftest import dlserve
+from tests.movielens_files import write_csv_release
+from training.common import load_run, run_paths
+
+
+@pytest.fixture(scope="module")
+def runner(recommender_model: str):
+    return load_runner("recommender", get_settings())
+
+
+def test_training_writes_checkpoint_catalogue_metrics_and_curve(recommender_model) -> None:
+    paths = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender")
+    state, config, metrics = load_run(paths)  # weights_only=True inside
+    hidden = config["model_config"]["hidden"]
+    assert state["weight"].shape == (1682, 5, hidden) and state["visible_bias"].shape == (1682, 5)
+    assert config["catalogue"]["titles"][49] == "Star Wars (1977)"
+    assert sum(config["catalogue"]["popularity"]) == 80_000
+    assert len(metrics["history"]["held-out RMSE"]) == metrics["epochs_run"]
+    assert metrics["held_out_rmse_torch"] < 1.1
+    assert paths.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_manifest_carries_the_movie_table(recommender_model) -> None:
+    m = store.load("recommender").manifest
+    assert m.inputs[0].shape == ["users", 1682, 5]
+    assert [o.name for o in m.outputs] == ["expected_ratings", "relevance"]
+    assert m.metrics["parity_max_abs_diff"] <= 1e-4
+    assert len(m.assets["catalogue"]["movie_ids"]) == 1682
+    assert set(m.training_data["files"]) == {"u.item", "u1.base", "u1.test"}
+
+
+def test_onnx_outputs_ratings_and_relevance_independent_of_the_batch(runner) -> None:
+    (query,) = runner.parse_query([(50, 5), (172, 4.5), (181, 1)], k=5, max_ratings=10)
+    other = runner.parse_query([(1, 2), (2, 3)], k=5, max_ratings=10)[0]
+    expected, relevance = runner.predict([query.user, other.user, query.user])
+    assert expected.shape == relevance.shape == (3, 1682)
+    assert np.all((expected >= 1) & (expected <= 5)) and np.all((relevance >= 0) & (relevance <= 1))
+    alone = runner.predict([query.user])
+    assert np.allclose(expected[2], alone[0][0], atol=1e-5)
+    assert np.allclose(expected[0], expected[2])
+    # Relevance is the chance of a 4 or 5 times the share of users who rated the movie.
+    share = runner.catalogue.popularity / 943
+    assert np.all(relevance[0] <= share + 1e-6)
+
+
+def test_eval_json_reports_rmse_and_ranking_beside_baselines(recommender_model) -> None:
+    metrics = json.loads(dlserve("eval", "recommender", "--json").stdout)
+    assert metrics["model"] == recommender_model and metrics["test_ratings"] == 20_000
+    assert 0.8 < metrics["rmse"] < 1.1
+    base = metrics["baselines"]
+    assert base["global_mean"]["rmse"] == pytest.approx(1.154, abs=1e-3)
+    assert base["user_item_bias"]["rmse"] == pytest.approx(0.97, abs=0.01)
+    for key in ("precision@10", "recall@10", "ndcg@10"):
+        assert 0 <= metrics[key] <= 1 and 0 < base["popularity"][key] <= 1
+        assert 0 <= metrics["ranked_by_expected_rating"][key] <= 1
+
+
+def test_same_commands_train_and_evaluate_a_ratings_csv_folder(tmp_path: Path) -> None:
+    """A newer-release folder: each user loves one genre; the model should learn that."""
+    genre_of = write_csv_release(tmp_path / "data" / "ml-small")
+    env = {"DLSERVE_DATA_DIR": str(tmp_path / "data"), "DLSERVE_MOVIELENS": "ml-small",
+           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+           "BENTOML_HOME": str(tmp_path / "bentoml")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        dlserve("train", "recommender", "--epochs", "200")
+        dlserve("export", "recommender")
+        metrics = json.loads(dlserve("eval", "recommender", "--json").stdout)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    assert "ratings.csv" in metrics["dataset"] and metrics["test_users"] == 120
+    # Ratings follow the genre a user loves: far better than the user+item bias baseline.
+    assert metrics["rmse"] < 0.8 * metrics["baselines"]["user_item_bias"]["rmse"]
+    assert metrics["ndcg@10"] > metrics["baselines"]["popularity"]["ndcg@10"] + 0.2
+    assert len(genre_of) == 60
