@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+C = TypeVar("C")  # a model's TrainConfig dataclass
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ class RunPaths:
 
 def run_paths(artifacts_dir: Path, model: str) -> RunPaths:
     return RunPaths(artifacts_dir / model)
+
+
+def resolve_config(default: C, quick_cfg: C, *, quick: bool, seed: int,
+                   epochs: int | None) -> C:
+    """The run's training config: the default (or the --quick one) with the CLI's seed and,
+    when given, its epoch count."""
+    base = quick_cfg if quick else default
+    return replace(base, seed=seed, **({"epochs": epochs} if epochs else {}))
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -25,7 +25,13 @@ from tqdm import tqdm
 
 from dlserve.data.mnist import load_mnist
 from dlserve.preprocess.images import MNIST_MEAN, MNIST_STD, normalize
-from training.common import pick_device, run_paths, save_run, seed_everything
+from training.common import (
+    pick_device,
+    resolve_config,
+    run_paths,
+    save_run,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
           quick: bool = False, download_url: str | None = None) -> dict[str, float]:
-    cfg = QUICK if quick else TrainConfig()
-    cfg = TrainConfig(**{**asdict(cfg), "seed": seed, **({"epochs": epochs} if epochs else {})})
+    cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     device = pick_device()
     train_split = load_mnist(data_dir, "train", base_url=download_url)

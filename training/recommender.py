@@ -44,7 +44,13 @@ from tqdm import tqdm
 from dlserve.data.movielens import LEVELS, MovieLens, load_movielens
 from dlserve.models.recsys_metrics import RELEVANT_LEVEL, rmse
 from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
-from training.common import pick_device, run_paths, save_run, seed_everything
+from training.common import (
+    pick_device,
+    resolve_config,
+    run_paths,
+    save_run,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,16 +166,16 @@ def held_out_rmse(model: RBM, train: dict[int, UserRatings], test: dict[int, Use
 
 
 def catalogue_of(data: MovieLens) -> Catalogue:
-    popularity = np.zeros(len(data.movie_ids), dtype=np.int64)
-    base = Catalogue(data.movie_ids, data.titles, popularity)
-    np.add.at(popularity, base.positions(data.train.movies), 1)
+    """The data set's movies, with how many training ratings each has."""
+    unranked = Catalogue(data.movie_ids, data.titles, np.zeros(len(data.movie_ids)))
+    popularity = np.bincount(unranked.positions(data.train.movies),
+                             minlength=len(data.movie_ids))
     return Catalogue(data.movie_ids, data.titles, popularity)
 
 
 def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
           quick: bool = False, download_url: str | None = None) -> dict[str, float]:
-    cfg = QUICK if quick else TrainConfig()
-    cfg = TrainConfig(**{**asdict(cfg), "seed": seed, **({"epochs": epochs} if epochs else {})})
+    cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device()

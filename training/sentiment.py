@@ -38,7 +38,13 @@ from tqdm import tqdm
 
 from dlserve.data.sst2 import LABELS, load_sst2
 from dlserve.preprocess.text import PAD_ID, UNK_ID, Vocabulary, pad_batch
-from training.common import pick_device, run_paths, save_run, seed_everything
+from training.common import (
+    pick_device,
+    resolve_config,
+    run_paths,
+    save_run,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +147,7 @@ def predict_probs(model: nn.Module, seqs: list[list[int]], device: torch.device,
 
 def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
           quick: bool = False, download_url: str | None = None) -> dict[str, float]:
-    cfg = QUICK if quick else TrainConfig()
-    cfg = TrainConfig(**{**asdict(cfg), "seed": seed, **({"epochs": epochs} if epochs else {})})
+    cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     device = pick_device()
