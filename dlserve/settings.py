@@ -34,15 +34,23 @@ class Settings:
     # Execution providers to try, in order ("tensorrt,cuda,cpu"); empty means all of them.
     providers: tuple[str, ...] = field(default=(), metadata={"env": "DLSERVE_PROVIDERS"})
     ort_threads: int = field(default=1, metadata={"env": "DLSERVE_ORT_THREADS"})
-    workers: int = field(default=1, metadata={"env": "DLSERVE_WORKERS"})
+    # Worker processes, each with its own copy of the models and its own batcher. One per
+    # core served best on the benchmark machine (BENCHMARKS.md, "Worker processes").
+    workers: int = field(default=len(os.sched_getaffinity(0)), metadata={"env": "DLSERVE_WORKERS"})
     port: int = field(default=3000, metadata={"env": "DLSERVE_PORT"})
+    # BentoML's per-request access log and OpenTelemetry spans; both cost more per request
+    # than the models do (see BENCHMARKS.md), so they are off unless turned on.
+    access_log: bool = field(default=False, metadata={"env": "DLSERVE_ACCESS_LOG"})
+    tracing: bool = field(default=False, metadata={"env": "DLSERVE_TRACING"})
     # Adaptive batching: a batch runs as soon as the model is free, with whatever is queued
     # (up to max_batch_size items); batch_wait_ms optionally holds a lone request back a
     # little so that others can join it.
     batching: bool = field(default=True, metadata={"env": "DLSERVE_BATCHING"})
     max_batch_size: int = field(default=64, metadata={"env": "DLSERVE_MAX_BATCH_SIZE"})
     batch_wait_ms: float = field(default=0.0, metadata={"env": "DLSERVE_BATCH_WAIT_MS"})
-    max_queue_items: int = field(default=2048, metadata={"env": "DLSERVE_MAX_QUEUE_ITEMS"})
+    # Items queued per worker and model before new requests get 503 + Retry-After: a bound
+    # on memory and on waiting (4,096 digits are ~0.1 s of work, 4,096 texts ~3 s).
+    max_queue_items: int = field(default=4096, metadata={"env": "DLSERVE_MAX_QUEUE_ITEMS"})
     max_items_per_request: int = field(default=256, metadata={"env": "DLSERVE_MAX_ITEMS"})
     max_image_pixels: int = field(
         default=4096 * 4096, metadata={"env": "DLSERVE_MAX_IMAGE_PIXELS"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -50,6 +51,16 @@ def test_predict_arrays_is_accurate_on_real_test_images(client, test_digits, dig
             assert p["confidence"] == max(p["probabilities"])
         predicted += [p["digit"] for p in body["predictions"]]
     assert np.mean(np.array(predicted) == labels) >= 0.97
+
+
+def test_base64_pixels_give_the_same_predictions_as_arrays(client, test_digits) -> None:
+    images = test_digits[0][:40]
+    arrays = client.post("/digits/predict", json={"images": images.tolist()})
+    compact = client.post("/digits/predict", json={
+        "images_base64": [base64.b64encode(img.astype(np.uint8).tobytes()).decode()
+                          for img in images]})
+    assert arrays.status_code == compact.status_code == 200, compact.text
+    assert compact.json()["predictions"] == arrays.json()["predictions"]
 
 
 def test_predict_image_is_accurate_on_real_png_and_jpeg_files(client, test_digits) -> None:
@@ -127,6 +138,7 @@ def png(size: tuple[int, int], fill: int = 0) -> bytes:
 
 
 GOOD = [[0] * 28] * 28
+B64_GOOD = base64.b64encode(bytes(784)).decode()
 BAD_ARRAYS = [
     ({"images": [[[0] * 28] * 27]}, 400, r"images\[0\]: expected a 28×28 .* got shape \(27, 28\)"),
     ({"images": [GOOD, [[0] * 27] * 28]}, 400, r"images\[1\]: .*got shape \(28, 27\)"),
@@ -137,7 +149,14 @@ BAD_ARRAYS = [
     ({"images": [[[None] * 28] * 28]}, 400, r"images\[0\]\[0\]\[0\]: .*valid number"),
     ({"images": []}, 400, r"images: expected a non-empty list"),
     ({"images": "abc"}, 400, r"images: Input should be a valid (list|array)"),
-    ({"pictures": [GOOD]}, 400, r"images: Field required"),
+    ({"pictures": [GOOD]}, 400, r"send exactly one of `images` .* and `images_base64`"),
+    ({"images": [GOOD], "images_base64": [B64_GOOD]}, 400, r"send exactly one of"),
+    ({"images_base64": [B64_GOOD, "not base64!"]}, 400, r"images_base64\[1\]: not a base64"),
+    ({"images_base64": [base64.b64encode(bytes(783)).decode()]}, 400,
+     r"images_base64\[0\]: 783 bytes once decoded; expected 784"),
+    ({"images_base64": [3]}, 400, r"images_base64\[0\]: Input should be a valid string"),
+    ({"images_base64": []}, 400, r"images_base64: expected a non-empty list"),
+    ({"images_base64": [B64_GOOD] * 257}, 413, r"257 images is more than the limit of 256"),
     ({"images": [GOOD] * 257}, 413, r"257 images is more than the limit of 256"),
 ]
 
