@@ -125,6 +125,12 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
         else:
             parts = workloads.digits_part(settings.data_dir)
             results["ceiling"].append(inprocess.ceiling(runner, parts))
+    if not args.no_http:
+        from dlserve.bench import compare
+
+        results["http"] = compare.run(
+            list(settings.models), settings.data_dir, _data_source(settings, "recommender")[0],
+            workers=settings.workers, hold_s=args.hold_s, short_s=args.short_s)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "BENCHMARKS.md").write_text(report.render(results))
@@ -158,13 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve every model over HTTP (trains/exports what is missing)")
     s.add_argument("--port", type=int, help="HTTP port (default: $DLSERVE_PORT or 3000)")
-    s.add_argument("--workers", type=int, help="worker processes (default: $DLSERVE_WORKERS or 1)")
+    s.add_argument("--workers", type=int,
+                   help="worker processes (default: $DLSERVE_WORKERS or one per CPU core)")
     s.add_argument("--quick", action="store_true", help="train missing models with --quick")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="measure the models and write BENCHMARKS.md")
     b.add_argument("--out", type=Path, default=PROJECT_ROOT,
                    help="folder for BENCHMARKS.md and benchmarks.json (default: the project)")
+    b.add_argument("--hold-s", type=float, default=60.0,
+                   help="seconds of each single-item run at 64 clients (default: 60)")
+    b.add_argument("--short-s", type=float, default=10.0,
+                   help="seconds of every other HTTP run (default: 10)")
+    b.add_argument("--no-http", action="store_true",
+                   help="only the in-process measurements (no servers, no wrk)")
     b.set_defaults(func=cmd_bench)
     return p
 

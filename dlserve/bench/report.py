@@ -47,8 +47,9 @@ def render(results: dict[str, Any]) -> str:
         "# Benchmarks",
         "",
         "Written by `dlserve bench` (do not edit by hand); the raw numbers are in "
-        "`benchmarks.json`. Every figure is a median over repeats, measured side by side "
-        "in one run on the machine below.",
+        "`benchmarks.json`. Measured side by side in one run on the machine below: "
+        "in-process figures are medians over repeats; each HTTP figure is one wrk run, the "
+        "servers taking turns cell by cell.",
         "",
         f"**Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: "
         f"{m['gpu']}; {m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']}, "
@@ -83,4 +84,136 @@ def render(results: dict[str, Any]) -> str:
                    [[b["batch"], b["ms_padded"], b["ms_bucketed"], f"{b['speedup']}×"]]),
             "",
         ]
+    if h := results.get("http"):
+        out += render_http(h, results["ceiling"])
     return "\n".join(out)
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _run_rows(runs: list[dict[str, Any]], naive: dict[tuple, float]) -> list[list[Any]]:
+    rows = []
+    for r in runs:
+        key = (r["model"], r["items"], r["clients"], r["encoding"])
+        ratio = r["requests_per_s"] / naive[key] if naive.get(key) else None
+        rows.append([
+            r["model"], f"{r['items']}" + (" (base64)" if r["encoding"] == "base64" else ""),
+            r["clients"], r["server"], f"{r['requests_per_s']:,.0f}", f"{r['items_per_s']:,.0f}",
+            _ms(r["p50"]), _ms(r["p95"]), _ms(r["p99"]), r["non_2xx"] + r["socket_errors"],
+            r["mean_batch"] if r["mean_batch"] is not None else "—",
+            f"{ratio:.2f}×" if ratio is not None and r["server"] != "naive" else "",
+        ])
+    return rows
+
+
+def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]:
+    """Issue 5's acceptance figures, each with the measurement and whether it is met."""
+    def find(model: str, items: int, clients: int, server: str,
+             encoding: str = "json") -> dict[str, Any] | None:
+        return next((r for r in h["runs"] if (r["model"], r["items"], r["clients"],
+                     r["server"], r["encoding"]) == (model, items, clients, server, encoding)),
+                    None)
+
+    out = []
+    held = [r for r in h["runs"] if r["clients"] == max(r2["clients"] for r2 in h["runs"])
+            and r["items"] == 1 and r["server"] == "dlserve"]
+    failed = sum(r["non_2xx"] + r["socket_errors"] for r in held)
+    out.append(["0 non-2xx at 64 clients, single items, every model and mixed",
+                f"{failed} of {sum(r['requests'] for r in held):,}", failed == 0])
+    for model in ("digits", "sentiment", "recommender"):
+        ours, base = find(model, 1, 64, "dlserve"), find(model, 1, 64, "naive")
+        if ours and base:
+            ratio = ours["requests_per_s"] / base["requests_per_s"]
+            out.append([f"{model}: ≥ 1.5× naive throughput, p99 ≤ naive's (1 item, 64 clients)",
+                        f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(base['p99'])} ms",
+                        ratio >= 1.5 and ours["p99"] <= base["p99"]])
+    best = next((c["best"]["items_per_s"] for c in ceiling if c["model"] == "digits"), None)
+    for encoding in ("json", "base64"):
+        r = find("digits", 32, 64, "dlserve", encoding)
+        if r and best:
+            share = r["items_per_s"] / best
+            out.append([f"digits: 32-image requests ({encoding}) ≥ 25 % of the in-process "
+                        "ceiling", f"{share:.0%} ({r['items_per_s']:,.0f} of {best:,} images/s)",
+                        share >= 0.25])
+    for model, limit in (("digits", 5), ("sentiment", 5), ("recommender", 10)):
+        if r := find(model, 1, 1, "dlserve"):
+            out.append([f"{model}: p50 ≤ {limit} ms at 1 client", f"{_ms(r['p50'])} ms",
+                        r["p50"] <= limit])
+    return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
+
+
+def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
+    naive = {(r["model"], r["items"], r["clients"], r["encoding"]): r["requests_per_s"]
+             for r in h["runs"] if r["server"] == "naive"}
+    header = ["model", "items/request", "clients", "server", "requests/s", "items/s",
+              "p50 ms", "p95 ms", "p99 ms", "non-2xx", "mean batch", "vs naive"]
+    out = [
+        "## Over HTTP: dlserve against a naive FastAPI server",
+        "",
+        f"Load generator: {h['load_generator']}, one thread, one keep-alive connection per "
+        "client; each client sends its next request as soon as the last is answered "
+        "(`dlserve/bench/wrk_requests.lua` replays 256 prepared requests per payload). "
+        "Latency percentiles are wrk's, over every request of the run. wrk shares the "
+        "machine's cores with the server under test, alike for every server.",
+        "",
+        f"Servers, each with {h['workers']} worker process(es) and the same models, runners "
+        "and ONNX Runtime settings: **naive**, a plain FastAPI + uvicorn app with one ONNX "
+        "Runtime run per request (`dlserve/bench/naive_server.py`); **dlserve-unbatched**, "
+        "the service with `DLSERVE_BATCHING=false`; **dlserve**, the service with its "
+        "defaults. They take turns cell by cell, in rotating order. Payloads: MNIST test "
+        "images as JSON arrays of 0-255 integers (or `images_base64`), SST-2 dev sentences, "
+        "one u1.base user's ratings per recommend request (85 on average, k = 10). "
+        "\"mean batch\" is items per model run, read from `/metrics` (`dlserve_batch_items`).",
+        "",
+        "### Targets",
+        "",
+        _table(["target", "measured", ""], targets(h, ceiling)),
+        "",
+        "### Every run",
+        "",
+        _table(header, _run_rows(h["runs"], naive)),
+        "",
+    ]
+    if rows := h.get("worker_runs"):
+        out += ["### Worker processes",
+                "",
+                "Digits, one image per request, 64 clients: the default (one worker per core) "
+                "against one worker, for both servers.",
+                "",
+                _table(["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
+                       [[r["workers"], r["server"], f"{r['requests_per_s']:,.0f}",
+                         _ms(r["p50"]), _ms(r["p99"]), r["non_2xx"] + r["socket_errors"]]
+                        for r in rows]),
+                ""]
+    if rows := h.get("overload"):
+        out += ["### Beyond capacity",
+                "",
+                "Sentiment, 32 texts per request from 512 clients: 16,384 texts in flight, "
+                "several seconds of model work, against each worker's queue, bounded at "
+                "`DLSERVE_MAX_QUEUE_ITEMS` (4,096 items). Requests that do not fit are refused "
+                "at once with 503 and `Retry-After: 1` (wrk does not wait before retrying, so "
+                "it keeps knocking). Accepted requests wait at most about a full queue's "
+                "worth of work (4,096 texts are several seconds of LSTM), well inside the "
+                "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
+                "a shorter wait.",
+                "",
+                _table(header, _run_rows(rows, {})),
+                ""]
+    out += ["### Where the time goes",
+            "",
+            "A py-spy profile of one dlserve worker under 64 clients sending single images "
+            "(before tuning) showed the HTTP tier, not the model, as the cost: BentoML's "
+            "middleware stack (OpenTelemetry span, access log, metrics, timeout, context) and "
+            "Starlette routing took most of each request, ONNX Runtime under 10 %. Excluding "
+            "routes from tracing took digits from ~650 to ~1,030 requests/s on one worker; "
+            "freezing the start-up heap and raising the gen-0 GC threshold took two workers "
+            "from ~2,000 to ~2,900 and p99 from ~150 to ~35 ms in a side-by-side A/B. "
+            "Sentiment is different: its LSTM costs 0.55-0.85 ms of CPU per text at any "
+            "batch size (the in-process table above), so under load the two workers' "
+            "inference threads and their event loops share the same two cores, and batching "
+            "saves little (mean batch ~3). That is why its speed-up over the naive server is "
+            "the smallest.",
+            ""]
+    return out

@@ -1,0 +1,136 @@
+"""The side-by-side HTTP benchmark: the naive FastAPI peer, dlserve without adaptive
+batching, and dlserve as configured, on the same payloads, interleaved cell by cell.
+
+All three servers run at once (idle ones cost nothing) and take turns under load, in a
+rotating order, so that slow drifts of a shared machine hit every server alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dlserve.bench import http, workloads
+from dlserve.bench.workloads import Request
+
+log = logging.getLogger("dlserve.bench")
+CLIENTS = (1, 16, 64)
+ITEMS = (1, 32)
+POOL = 256  # distinct requests per payload kind, replayed in a cycle
+WARM_UP_S = 1.0
+OVERLOAD_CLIENTS = 512
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One load pattern: `clients` connections sending `items`-item requests to `model`."""
+
+    model: str  # a model name, or "mixed" (all models, requests interleaved)
+    items: int
+    clients: int
+    duration_s: float
+    encoding: str = "json"  # "base64": digits' compact images_base64 field
+
+
+def plan(models: list[str], *, hold_s: float, short_s: float) -> list[Cell]:
+    """Every model at 1/16/64 clients with 1- and 32-item requests (a recommender request
+    is one user by design, so it has no 32-item form), 32 base64 images for digits, and a
+    mixed run; single-item runs at 64 clients are held for `hold_s`, the rest `short_s`."""
+    cells = []
+    for model in models:
+        for items in ITEMS if model != "recommender" else (1,):
+            encodings = ("json", "base64") if model == "digits" and items > 1 else ("json",)
+            for encoding in encodings:
+                for clients in CLIENTS:
+                    held = clients == max(CLIENTS) and items == 1
+                    cells.append(Cell(model, items, clients, hold_s if held else short_s,
+                                      encoding))
+    if len(models) > 1:
+        cells.append(Cell("mixed", 1, max(CLIENTS), hold_s))
+    return cells
+
+
+def requests_for(model: str, items: int, encoding: str, data_dir: Path,
+                 movielens: Path, models: list[str]) -> list[Request]:
+    if model == "mixed":
+        parts = [requests_for(m, 1, "json", data_dir, movielens, models) for m in models]
+        return [r for group in zip(*parts, strict=True) for r in group]
+    if model == "digits":
+        return workloads.digits_requests(data_dir, items, POOL,
+                                         base64_pixels=encoding == "base64")
+    if model == "sentiment":
+        return workloads.sentiment_requests(data_dir, items, POOL)
+    return workloads.recommender_requests(movielens, POOL)
+
+
+def measure(server: http.Server, requests: list[Request], clients: int,
+            duration_s: float) -> dict[str, Any]:
+    """One wrk run after a short warm-up; dlserve's mean batch size from its /metrics."""
+    http.run_wrk(server.url, requests, clients=clients, duration_s=WARM_UP_S)
+    scrape = server.name != "naive"
+    before = http.batch_stats(server.metrics_text()) if scrape else {}
+    result = http.run_wrk(server.url, requests, clients=clients, duration_s=duration_s)
+    result["mean_batch"] = (http.mean_batch(before, http.batch_stats(server.metrics_text()))
+                            if scrape else None)
+    return result
+
+
+def run_cells(servers: list[http.Server], cells: list[Cell], data_dir: Path,
+              movielens: Path, models: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for n, cell in enumerate(cells):
+        requests = requests_for(cell.model, cell.items, cell.encoding, data_dir, movielens,
+                                models)
+        shift = n % len(servers)
+        for server in servers[shift:] + servers[:shift]:
+            log.info("bench: %s %s × %d items, %d clients, %g s", server.name, cell.model,
+                     cell.items, cell.clients, cell.duration_s)
+            result = measure(server, requests, cell.clients, cell.duration_s)
+            result["items_per_s"] = round(result["requests_per_s"] * cell.items, 1)
+            rows.append({**asdict(cell), "server": server.name, **result})
+    return rows
+
+
+def with_servers(servers: list[http.Server], body: Any) -> Any:
+    """Start every server, run body(), and stop them all whatever happens."""
+    try:
+        for server in servers:
+            log.info("bench: starting %s", server.name)
+            server.start()
+        return body()
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
+        hold_s: float, short_s: float) -> dict[str, Any]:
+    """The whole HTTP comparison, plus two single-purpose runs: the worker count (digits,
+    one image per request, 64 clients, 1 worker against `workers`) and overload (sentiment,
+    32 texts per request at 256 clients, far past what the model can run)."""
+    servers = [http.naive_server(models, workers),
+               http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
+                                   DLSERVE_WORKERS=str(workers)),
+               http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers))]
+    cells = plan(models, hold_s=hold_s, short_s=short_s)
+
+    def main_runs() -> dict[str, Any]:
+        out = {"runs": run_cells(servers, cells, data_dir, movielens, models)}
+        if "sentiment" in models:
+            overload = Cell("sentiment", 32, OVERLOAD_CLIENTS, short_s)
+            out["overload"] = run_cells(servers[2:], [overload], data_dir, movielens, models)
+        return out
+
+    results = with_servers(servers, main_runs)
+    if "digits" in models and workers != 1:
+        one = [http.naive_server(models, 1),
+               http.dlserve_server("dlserve", models, DLSERVE_WORKERS="1")]
+        cell = Cell("digits", 1, max(CLIENTS), short_s)
+        rows = with_servers(one, lambda: run_cells(one, [cell], data_dir, movielens, models))
+        same = [r for r in results["runs"] if r["model"] == "digits" and r["items"] == 1
+                and r["clients"] == max(CLIENTS) and r["server"] != "dlserve-unbatched"]
+        results["worker_runs"] = [{**r, "workers": 1} for r in rows] + \
+                                 [{**r, "workers": workers} for r in same]
+    return {"load_generator": http.wrk_version(), "workers": workers, **results}

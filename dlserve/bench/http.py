@@ -1,0 +1,185 @@
+"""HTTP measurements: real servers on free ports, loaded by wrk, side by side.
+
+The load generator is wrk (C, one event loop per thread): it costs far less CPU per
+request than any Python client, which matters on a 2-core machine where it shares the
+cores with the server under test. `wrk_requests.lua` replays prepared request bodies and
+prints a JSON summary (wrk's own HdrHistogram latency percentiles). Each server under test
+is a real process: `bentoml serve` for dlserve, uvicorn for the naive FastAPI peer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from dlserve.bench.workloads import Request
+
+LUA_SCRIPT = Path(__file__).with_name("wrk_requests.lua")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_wrk() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise FileNotFoundError(
+            "wrk (the HTTP load generator) is not installed: run `make bench-tools` "
+            "(apt-get install wrk) or put wrk on PATH")
+    return wrk
+
+
+def wrk_version() -> str:
+    out = subprocess.run([find_wrk(), "--version"], capture_output=True, text=True).stdout
+    return out.split(" Copyright")[0].strip() or "wrk"
+
+
+@dataclass
+class Server:
+    """One server under test, started with `start()` and stopped with `stop()`."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    ready_path: str
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        fd, log = tempfile.mkstemp(prefix=f"dlserve-bench-{self.name}-", suffix=".log")
+        self.log_path = Path(log)
+        command = [c.replace("{port}", str(self.port)) for c in self.command]
+        self.process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, stdout=fd,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        os.close(fd)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited at start-up; see {self.log_path}:\n"
+                                   + self.log_path.read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"{self.name} was not ready within {timeout_s:.0f} s; "
+                           f"see {self.log_path}")
+
+    def stop(self) -> None:
+        try:
+            self._stop()
+        finally:
+            home = self.env.get("BENTOML_HOME", "")
+            if Path(home).name.startswith("dlserve-bench-"):  # a private_bentoml_home()
+                shutil.rmtree(home, ignore_errors=True)  # the models link, not the models
+
+    def _stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        # The whole process group: bentoml serve runs its workers as child processes.
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+            return r.read().decode()
+
+
+def private_bentoml_home(name: str) -> str:
+    """A BENTOML_HOME of its own that shares the model store: BentoML keeps its Prometheus
+    multiprocess files under BENTOML_HOME and wipes them when a server starts, so two
+    servers on one home would spoil each other's /metrics."""
+    shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    home = Path(tempfile.mkdtemp(prefix=f"dlserve-bench-{name}-home-"))
+    (home / "models").symlink_to(shared / "models", target_is_directory=True)
+    return str(home)
+
+
+def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
+    """The dlserve service, as `dlserve serve` starts it; settings are DLSERVE_* overrides."""
+    env = {"DLSERVE_MODELS": ",".join(models), "BENTOML_HOME": private_bentoml_home(name),
+           **settings}
+    return Server(name, [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
+                         "--port", "{port}"], env, "/readyz")
+
+
+def naive_server(models: list[str], workers: int = 1) -> Server:
+    """The naive FastAPI + uvicorn peer, with as many worker processes as dlserve."""
+    return Server("naive", [sys.executable, "-m", "uvicorn", "dlserve.bench.naive_server:app",
+                            "--port", "{port}", "--workers", str(workers), "--no-access-log",
+                            "--log-level", "warning"],
+                  {"DLSERVE_MODELS": ",".join(models)}, "/docs")
+
+
+def batch_stats(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """Per model, (sum, count) of the dlserve_batch_items histogram on /metrics."""
+    out: dict[str, list[float]] = {}
+    pattern = r'^dlserve_batch_items_(sum|count)\{[^}]*model="([^"]+)"[^}]*\} (\S+)$'
+    for kind, model, value in re.findall(pattern, metrics_text, flags=re.M):
+        pair = out.setdefault(model, [0.0, 0.0])
+        pair[0 if kind == "sum" else 1] += float(value)
+    return {m: (s, c) for m, (s, c) in out.items()}
+
+
+def mean_batch(before: dict[str, tuple[float, float]],
+               after: dict[str, tuple[float, float]]) -> float | None:
+    """Mean items per model run between two scrapes, over all models."""
+    items = sum(after[m][0] - before.get(m, (0, 0))[0] for m in after)
+    runs = sum(after[m][1] - before.get(m, (0, 0))[1] for m in after)
+    return round(items / runs, 2) if runs else None
+
+
+def run_wrk(url: str, requests: list[Request], *, clients: int, duration_s: float,
+            threads: int = 1) -> dict[str, Any]:
+    """Hold `clients` connections, each sending its next request as soon as the last is
+    answered, for `duration_s`; wrk's summary with throughput and latency in ms."""
+    with tempfile.NamedTemporaryFile("wb", suffix=".tsv", delete=False) as f:
+        for path, body in requests:
+            f.write(path.encode() + b"\t" + body + b"\n")
+    try:
+        out = subprocess.run(
+            [find_wrk(), f"-t{min(threads, clients)}", f"-c{clients}", f"-d{duration_s:g}s",
+             "--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", f.name],
+            capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    line = next(x for x in out.splitlines() if x.startswith("DLSERVE_RESULT "))
+    raw = orjson.loads(line.removeprefix("DLSERVE_RESULT "))
+    seconds = raw["duration_us"] / 1e6
+    return {
+        "requests": raw["requests"],
+        "requests_per_s": round(raw["requests"] / seconds, 1),
+        "non_2xx": raw["non_2xx"],
+        "socket_errors": raw["socket_errors"] + raw["timeouts"],
+        **{k: round(raw[f"{k}_us"] / 1e3, 2) for k in ("p50", "p95", "p99", "mean", "max")},
+    }

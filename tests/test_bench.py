@@ -1,0 +1,87 @@
+"""`dlserve bench` end to end on the digits model: real servers (the naive FastAPI peer and
+dlserve), real wrk load, a BENCHMARKS.md and a JSON file; and the naive peer's answers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from dlserve.bench import http, workloads
+from tests.conftest import dlserve
+
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
+                               reason="wrk is not installed (make test installs it with apt-get)")
+
+
+def test_naive_peer_answers_like_the_service(digits_model: str, client: httpx.Client,
+                                             data_dir: Path) -> None:
+    naive = http.naive_server(["digits"])
+    try:
+        naive.start()
+        for path, body in workloads.digits_requests(data_dir, 3, 2) + \
+                workloads.digits_requests(data_dir, 3, 2, base64_pixels=True):
+            ours = client.post(path, content=body, headers={"Content-Type": "application/json"})
+            theirs = httpx.post(naive.url + path, content=body,
+                                headers={"Content-Type": "application/json"}, timeout=30)
+            assert ours.status_code == theirs.status_code == 200
+            a, b = ours.json()["predictions"], theirs.json()["predictions"]
+            assert [p["digit"] for p in a] == [p["digit"] for p in b]
+            np.testing.assert_allclose([p["probabilities"] for p in a],
+                                       [p["probabilities"] for p in b], atol=1e-6)
+    finally:
+        naive.stop()
+    assert naive.process is not None and naive.process.poll() is not None
+
+
+def test_batch_stats_reads_the_batch_histogram_of_every_worker() -> None:
+    text = """# HELP dlserve_batch_items Items per model run
+dlserve_batch_items_sum{model="digits"} 120.0
+dlserve_batch_items_count{model="digits"} 10.0
+dlserve_batch_items_sum{model="sentiment"} 64.0
+dlserve_batch_items_count{model="sentiment"} 2.0
+dlserve_batch_items_bucket{le="1.0",model="digits"} 3.0
+"""
+    before = http.batch_stats(text)
+    assert before == {"digits": (120.0, 10.0), "sentiment": (64.0, 2.0)}
+    after = {"digits": (220.0, 15.0), "sentiment": (64.0, 2.0)}
+    assert http.mean_batch(before, after) == 20.0
+    assert http.mean_batch(before, before) is None
+
+
+@needs_wrk
+def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DLSERVE_MODELS", "digits")
+    monkeypatch.setenv("DLSERVE_WORKERS", "2")
+    out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "1")
+    assert out.stdout.strip().endswith("BENCHMARKS.md")
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    runs = results["http"]["runs"]
+    # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients)
+    assert len(runs) == 27
+    assert {r["server"] for r in runs} == {"naive", "dlserve-unbatched", "dlserve"}
+    for r in runs:
+        assert r["requests"] > 0, r
+        assert r["non_2xx"] == 0 and r["socket_errors"] == 0, r
+        assert 0 < r["p50"] <= r["p95"] <= r["p99"], r
+        assert r["items_per_s"] == pytest.approx(r["requests_per_s"] * r["items"], rel=1e-3)
+    batched = [r["mean_batch"] for r in runs if r["server"] == "dlserve"]
+    assert all(b >= 1 for b in batched)
+    # 32-image requests run at least 32 images per model call: batches are whole requests.
+    assert all(r["mean_batch"] >= 32 for r in runs if r["server"] == "dlserve"
+               and r["items"] == 32)
+    assert all(r["mean_batch"] is None for r in runs if r["server"] != "dlserve")
+    assert {r["workers"] for r in results["http"]["worker_runs"]} == {1, 2}
+    md = (tmp_path / "BENCHMARKS.md").read_text()
+    for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every run",
+                    "### Worker processes"):
+        assert heading in md
+    # Every server the bench started is gone.
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert "dlserve.bench.naive_server" not in ps
