@@ -76,7 +76,9 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     # 32-image requests run at least 32 images per model call: batches are whole requests.
     assert all(r["mean_batch"] >= 32 for r in runs if r["server"] == "dlserve"
                and r["items"] == 32)
-    assert all(r["mean_batch"] is None for r in runs if r["server"] != "dlserve")
+    # Unbatched, every model run is exactly one request; the naive peer has no /metrics.
+    assert all(r["mean_batch"] == r["items"] for r in runs if r["server"] == "dlserve-unbatched")
+    assert all(r["mean_batch"] is None for r in runs if r["server"] == "naive")
     assert {r["workers"] for r in results["http"]["worker_runs"]} == {1, 2}
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every run",
