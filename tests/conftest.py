@@ -6,8 +6,6 @@ from __future__ import annotations
 import http.server
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from dlserve.bench.http import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: nothing the tests do touches the user's ~/bentoml or ./artifacts. Set before any
@@ -76,12 +76,6 @@ def digits_model(data_dir: Path) -> str:
     return dlserve("export", "digits").stdout.strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -94,17 +88,6 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None
             pass
         time.sleep(0.5)
     raise AssertionError(f"server at {url} not ready after {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a server and all its worker processes."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +120,7 @@ def server(digits_model: str, sentiment_model: str, recommender_model: str,
         wait_ready(url, proc)
         yield url
     finally:
-        stop(proc)
+        stop_process_group(proc)
         log.close()
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port, stop, wait_ready
+from dlserve.bench.http import free_port, stop_process_group
+from tests.conftest import wait_ready
 
 
 def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path) -> None:
@@ -27,7 +28,7 @@ def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path
             wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=240)
             (model,) = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]
         finally:
-            stop(proc)
+            stop_process_group(proc)
     output = log_path.read_text()
     assert "model 'digits' is not trained yet: training it now (--quick)" in output
     assert "model 'digits' is not in the model store yet: exporting it now" in output

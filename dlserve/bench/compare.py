@@ -80,9 +80,12 @@ def measure(server: http.Server, requests: list[Request], clients: int,
 def run_cells(servers: list[http.Server], cells: list[Cell], data_dir: Path,
               movielens: Path, models: list[str]) -> list[dict[str, Any]]:
     rows = []
+    pools: dict[tuple[str, int, str], list[Request]] = {}  # one per payload, not per cell
     for n, cell in enumerate(cells):
-        requests = requests_for(cell.model, cell.items, cell.encoding, data_dir, movielens,
-                                models)
+        payload = (cell.model, cell.items, cell.encoding)
+        if payload not in pools:
+            pools[payload] = requests_for(*payload, data_dir, movielens, models)
+        requests = pools[payload]
         shift = n % len(servers)
         for server in servers[shift:] + servers[:shift]:
             log.info("bench: %s %s × %d items, %d clients, %g s", server.name, cell.model,
@@ -109,7 +112,7 @@ def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
         hold_s: float, short_s: float) -> dict[str, Any]:
     """The whole HTTP comparison, plus two single-purpose runs: the worker count (digits,
     one image per request, 64 clients, 1 worker against `workers`) and overload (sentiment,
-    32 texts per request at 256 clients, far past what the model can run)."""
+    32 texts per request from OVERLOAD_CLIENTS clients, far past what the model can run)."""
     servers = [http.naive_server(models, workers),
                http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
                                    DLSERVE_WORKERS=str(workers)),

@@ -37,6 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM a server started with start_new_session=True and every process it spawned
+    (bentoml serve runs its workers as child processes); SIGKILL after 20 s."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 def find_wrk() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -62,6 +75,7 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    private_home: Path | None = None  # a private_bentoml_home(), removed by stop()
 
     @property
     def url(self) -> str:
@@ -93,44 +107,33 @@ class Server:
 
     def stop(self) -> None:
         try:
-            self._stop()
+            if self.process is not None:
+                stop_process_group(self.process)
         finally:
-            home = self.env.get("BENTOML_HOME", "")
-            if Path(home).name.startswith("dlserve-bench-"):  # a private_bentoml_home()
-                shutil.rmtree(home, ignore_errors=True)  # the models link, not the models
-
-    def _stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        # The whole process group: bentoml serve runs its workers as child processes.
-        os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            if self.private_home is not None:
+                shutil.rmtree(self.private_home, ignore_errors=True)  # the link, not the models
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
             return r.read().decode()
 
 
-def private_bentoml_home(name: str) -> str:
+def private_bentoml_home(name: str) -> Path:
     """A BENTOML_HOME of its own that shares the model store: BentoML keeps its Prometheus
     multiprocess files under BENTOML_HOME and wipes them when a server starts, so two
     servers on one home would spoil each other's /metrics."""
     shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
     home = Path(tempfile.mkdtemp(prefix=f"dlserve-bench-{name}-home-"))
     (home / "models").symlink_to(shared / "models", target_is_directory=True)
-    return str(home)
+    return home
 
 
 def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
     """The dlserve service, as `dlserve serve` starts it; settings are DLSERVE_* overrides."""
-    env = {"DLSERVE_MODELS": ",".join(models), "BENTOML_HOME": private_bentoml_home(name),
-           **settings}
+    home = private_bentoml_home(name)
+    env = {"DLSERVE_MODELS": ",".join(models), "BENTOML_HOME": str(home), **settings}
     return Server(name, [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-                         "--port", "{port}"], env, "/readyz")
+                         "--port", "{port}"], env, "/readyz", private_home=home)
 
 
 def naive_server(models: list[str], workers: int = 1) -> Server:
