@@ -8,6 +8,7 @@ the ONNX file, training metrics and the data the model was trained on.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,4 +98,41 @@ def verify_onnx(model_dir: Path, manifest: Manifest) -> Path:
             "the file is truncated or was altered. Re-export the model (dlserve export) "
             "or restore the original file."
         )
+    check_external_data(path)
     return path
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor in an ONNX graph that can hold weights, subgraphs (If, Loop) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from [attr.t, *attr.tensors]
+            for sub in [attr.g, *attr.graphs]:
+                yield from _tensors(sub)
+
+
+def check_external_data(onnx_path: Path) -> None:
+    """Refuse an ONNX file whose weights live in files outside its own folder.
+
+    A tensor can name an external file to read its data from; ONNX Runtime would open
+    whatever path it names ("../../etc/shadow", "/proc/self/environ"), so only plain file
+    names inside the model's folder are allowed. dlserve's own exports keep every weight
+    inside model.onnx, where the manifest's SHA-256 covers it.
+    """
+    import onnx
+
+    folder = onnx_path.parent.resolve()
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for tensor in _tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(folder):
+            raise ModelIntegrityError(
+                f"{onnx_path}: tensor {tensor.name!r} reads its data from {location!r}, "
+                f"outside the model's folder; refusing to load it. Re-export the model "
+                "(dlserve export) with its weights inside the ONNX file.")

@@ -61,6 +61,23 @@ class Settings:
     # Most ratings one /recommender request may carry (more → 413); a user rates each movie
     # at most once, so this only needs to exceed the catalogue for the largest users.
     max_ratings: int = field(default=10_000, metadata={"env": "DLSERVE_MAX_RATINGS"})
+    # Hardening (SECURITY.md). The largest request body, refused with 413 before it is read
+    # (from Content-Length, or while a chunked body streams in).
+    max_body_bytes: int = field(default=8 * 1024 * 1024, metadata={"env": "DLSERVE_MAX_BODY_BYTES"})
+    # Requests each worker handles at once; more get 429 + Retry-After at once. Together with
+    # max_body_bytes this bounds the memory that request bodies can take.
+    max_concurrency: int = field(default=256, metadata={"env": "DLSERVE_MAX_CONCURRENCY"})
+    # A request not answered within this many seconds gets 504 (its queued work is dropped).
+    request_timeout_s: float = field(default=30.0, metadata={"env": "DLSERVE_REQUEST_TIMEOUT_S"})
+    # When set, every route except open_paths needs `Authorization: Bearer <key>` (else 401).
+    api_key: str = field(default="", repr=False, metadata={"env": "DLSERVE_API_KEY"})
+    open_paths: tuple[str, ...] = field(
+        default=("/livez", "/readyz", "/metrics"), metadata={"env": "DLSERVE_OPEN_PATHS"})
+    # On SIGTERM a worker first reports not-ready for drain_delay_s while still serving (so
+    # load balancers stop sending it traffic), then stops accepting and finishes in-flight
+    # requests; it exits at the latest drain_timeout_s after the signal.
+    drain_delay_s: float = field(default=5.0, metadata={"env": "DLSERVE_DRAIN_DELAY_S"})
+    drain_timeout_s: float = field(default=25.0, metadata={"env": "DLSERVE_DRAIN_TIMEOUT_S"})
     # The MovieLens folder inside the data directory (or an absolute path): the 100K layout
     # (u.data, u.item, u1.base, u1.test) or a newer release's ratings.csv and movies.csv.
     movielens: str = field(default="ml-100k", metadata={"env": "DLSERVE_MOVIELENS"})
@@ -76,11 +93,17 @@ class Settings:
                 f"choose from {', '.join(KNOWN_MODELS)}"
             )
         for name in ("ort_threads", "workers", "max_batch_size", "max_queue_items",
-                     "max_items_per_request", "max_image_pixels", "max_text_chars", "max_ratings"):
+                     "max_items_per_request", "max_image_pixels", "max_text_chars", "max_ratings",
+                     "max_body_bytes", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env_name(name)}: must be at least 1")
         if self.batch_wait_ms < 0:
             raise SettingsError("DLSERVE_BATCH_WAIT_MS: must be 0 or more")
+        if self.request_timeout_s <= 0:
+            raise SettingsError("DLSERVE_REQUEST_TIMEOUT_S: must be more than 0")
+        if not 0 <= self.drain_delay_s < self.drain_timeout_s:
+            raise SettingsError("DLSERVE_DRAIN_DELAY_S: must be 0 or more and less than "
+                                "DLSERVE_DRAIN_TIMEOUT_S")
 
 
 def _env_name(attr: str) -> str:

@@ -1,17 +1,20 @@
 """The dlserve BentoML service: every configured model behind batched HTTP routes.
 
-Run it with `dlserve serve` (or `bentoml serve service.app:DLServe`). Each worker process
-loads the models from BentoML's model store, verifies them against their manifests,
-warms them up, and only then reports ready on /readyz. Predict routes parse and check
-their input, queue it on the model's adaptive batcher, and answer
-`{"model": "<tag>", "predictions": [...]}`; a client mistake gets a 4xx with
-`{"error": "..."}` that names the field. This module imports no torch.
+Run it with `dlserve serve` (or `bentoml serve service.app:DLServe`). The server refuses
+to start if a model does not match its manifest (service/lifecycle.py). Each worker then
+loads the models from BentoML's model store, warms them up, and only then reports ready
+on /readyz. Every request passes the guard (service/guard.py: API key, body type and
+size, concurrency cap); predict routes parse and check their input, queue it on the
+model's adaptive batcher, and answer `{"model": "<tag>", "predictions": [...]}`; a client
+mistake gets a 4xx with `{"error": "..."}` that names the field. Imports no torch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
+import threading
 import time
 from collections.abc import Callable, Sized
 from typing import Annotated, Any
@@ -31,11 +34,16 @@ from dlserve.models.base import Runner
 from dlserve.models.digits import image_file_to_pixels, parse_digits_request
 from dlserve.settings import get_settings
 from service.batching import AdaptiveBatcher, Overloaded
+from service.guard import RequestGuard
+from service.lifecycle import install_drain, verify_models
 from service.metrics import get_metrics
 from service.middleware import ClearValidationErrors
 
 log = logging.getLogger("dlserve.service")
 GC_GEN0_THRESHOLD = 20_000
+# Requests bigger than this (characters of text, bytes of image file) take 10 ms or more to
+# prepare, so they are prepared off the event loop.
+HEAVY_BYTES = 100_000
 settings = get_settings()
 
 
@@ -130,7 +138,7 @@ def declare_models(cls: type) -> type:
 @bentoml.service(
     name="dlserve",
     workers=settings.workers,
-    traffic={"timeout": 30},
+    traffic={"timeout": settings.request_timeout_s},
     http={"port": settings.port},
     # One log line per request costs more than a digits prediction; off unless asked for.
     logging={"access": {"enabled": settings.access_log}},
@@ -144,17 +152,33 @@ class DLServe:
         self.metrics = get_metrics()
         self.runners: dict[str, Runner] = {}
         self.batchers: dict[str, AdaptiveBatcher] = {}
-        for name in settings.models:
-            runner = load_runner(name, settings)
-            runner.warm_up()
-            self.runners[name] = runner
-            self.batchers[name] = self._batcher(runner)
-            self.metrics.model_info.labels(
-                model=name, version=runner.stored.version,
-                sha256=runner.stored.manifest.onnx_sha256, provider=runner.provider).set(1)
-            log.info("loaded %s on %s", runner.tag, runner.provider)
+        self.ready = self.draining = False
+        self.load_error: str | None = None
+        install_drain(self.begin_drain, settings.drain_delay_s, settings.drain_timeout_s)
+        # Loading off the event loop lets /livez answer while models load (/readyz: 503).
+        threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
+
+    def _load_models(self) -> None:
+        try:
+            for name in settings.models:
+                runner = load_runner(name, settings)
+                runner.warm_up()
+                self.batchers[name] = self._batcher(runner)
+                self.runners[name] = runner
+                self.metrics.model_info.labels(
+                    model=name, version=runner.stored.version,
+                    sha256=runner.stored.manifest.onnx_sha256, provider=runner.provider).set(1)
+                log.info("loaded %s on %s", runner.tag, runner.provider)
+        except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("could not load the models: this worker stays not ready and "
+                          "reports not alive on /livez")
+            return
         tune_gc()
         self.ready = True
+
+    def begin_drain(self) -> None:
+        self.draining = True
 
     def _batcher(self, runner: Runner) -> AdaptiveBatcher:
         inference = self.metrics.inference_seconds.labels(model=runner.name,
@@ -175,20 +199,29 @@ class DLServe:
             on_batch=on_batch,
         )
 
-    def __is_ready__(self) -> bool:
-        return getattr(self, "ready", False)
+    async def __is_ready__(self) -> bool:
+        return self.ready and not self.draining
+
+    async def __is_alive__(self) -> bool:
+        return self.load_error is None
 
     async def _predict(self, model: str, prepare: Callable[[Any], Sized],
-                       respond: Callable[[Any, Any], dict[str, Any]] | None = None) -> Response:
+                       respond: Callable[[Any, Any], dict[str, Any]] | None = None,
+                       *, heavy: bool = False) -> Response:
         """Prepare one request's items, run them through the batcher, format the answer:
-        `respond(payload, result)` gives the body, by default {"predictions": [...]}."""
-        runner = self.runners.get(model)
-        if runner is None:
-            return json_response({"error": f"model {model!r} is not loaded on this server "
-                                  f"(DLSERVE_MODELS={','.join(self.runners)})"}, 404)
+        `respond(payload, result)` gives the body, by default {"predictions": [...]}.
+        A `heavy` request is prepared on a thread, so that tokenising megabytes of text or
+        decoding a large image does not stall every other request and health check."""
+        if model not in settings.models:
+            return json_response({"error": f"model {model!r} is not served here "
+                                  f"(DLSERVE_MODELS={','.join(settings.models)})"}, 404)
+        if not self.ready:
+            return json_response({"error": "the models are still loading; retry shortly"},
+                                 503, {"Retry-After": "1"})
+        runner = self.runners[model]
         started = time.perf_counter()
         try:
-            payload = prepare(runner)
+            payload = await asyncio.to_thread(prepare, runner) if heavy else prepare(runner)
         except InputError as exc:
             self.metrics.errors.labels(model=model, reason=f"http_{exc.status}").inc()
             return json_response({"error": str(exc)}, exc.status)
@@ -206,7 +239,7 @@ class DLServe:
     @bentoml.api(route="/digits/predict", output_spec=DigitsResponse)
     async def digits_predict(
         self,
-        images: Annotated[list[list[list[float]]] | None, Field(
+        images: Annotated[list[list[list[StrictFloat]]] | None, Field(
             description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")
         ] = None,
         images_base64: Annotated[list[str] | None, Field(
@@ -222,7 +255,8 @@ class DLServe:
     ) -> Response:
         """One PNG or JPEG file as the request body; any size, colour and polarity."""
         return await self._predict(
-            "digits", lambda _: image_file_to_pixels(image, max_pixels=settings.max_image_pixels))
+            "digits", lambda _: image_file_to_pixels(image, max_pixels=settings.max_image_pixels),
+            heavy=len(image) > HEAVY_BYTES)
 
     @bentoml.api(route="/sentiment/predict", output_spec=SentimentResponse)
     async def sentiment_predict(
@@ -233,7 +267,7 @@ class DLServe:
     ) -> Response:
         return await self._predict("sentiment", lambda runner: runner.parse_texts(
             texts, max_items=settings.max_items_per_request,
-            max_chars=settings.max_text_chars))
+            max_chars=settings.max_text_chars), heavy=sum(map(len, texts)) > HEAVY_BYTES)
 
     @bentoml.api(route="/recommender/recommend", output_spec=RecommendResponse)
     async def recommender_recommend(
@@ -262,4 +296,8 @@ class DLServe:
             lambda payload, rows: self.runners["recommender"].answer(payload[0], rows[0]))
 
 
+# Refuse a server whose models do not match their manifests before any worker starts.
+verify_models(settings.models)
+# The guard first: it refuses what it must before anything reads the body.
+DLServe.add_asgi_middleware(RequestGuard)
 DLServe.add_asgi_middleware(ClearValidationErrors)

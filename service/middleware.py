@@ -30,13 +30,14 @@ def describe_validation_errors(detail: list[dict[str, Any]]) -> str:
     return "; ".join(parts) + more
 
 
-def _count_error(path: str) -> None:
+def count_error(path: str, reason: str) -> None:
+    """Count a refusal the route handlers never see in dlserve_errors_total, by model."""
     from dlserve.settings import KNOWN_MODELS
     from service.metrics import get_metrics
 
     model = path.strip("/").split("/")[0]
     if model in KNOWN_MODELS:
-        get_metrics().errors.labels(model=model, reason="http_400").inc()
+        get_metrics().errors.labels(model=model, reason=reason).inc()
 
 
 class ClearValidationErrors:
@@ -65,7 +66,7 @@ class ClearValidationErrors:
             try:
                 data = orjson.loads(body)
                 if isinstance(data, dict) and isinstance(data.get("detail"), list):
-                    _count_error(scope["path"])
+                    count_error(scope["path"], "http_400")
                     data = {"error": describe_validation_errors(data["detail"]),
                             "detail": data["detail"]}
                     body = orjson.dumps(data)

@@ -80,7 +80,8 @@ def test_eval_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     assert r.returncode == 2 and "dlserve export digits" in r.stderr
 
 
-def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str) -> None:
+def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str,
+                                       recommender_model: str) -> None:
     """The serving path (service module, model loading, a prediction) never loads torch."""
     code = (
         "import sys, numpy as np\n"

@@ -38,11 +38,12 @@ def free_port() -> int:
 
 
 def stop_process_group(process: subprocess.Popen[Any]) -> None:
-    """SIGTERM a server started with start_new_session=True and every process it spawned
-    (bentoml serve runs its workers as child processes); SIGKILL after 20 s."""
+    """Stop a server started with start_new_session=True and every process it spawned
+    (bentoml serve runs its workers as child processes), as Ctrl-C would: SIGINT skips the
+    drain delay a SIGTERM gets (DLSERVE_DRAIN_DELAY_S); SIGKILL after 20 s."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGINT)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
@@ -123,7 +124,7 @@ def private_bentoml_home(name: str) -> Path:
     multiprocess files under BENTOML_HOME and wipes them when a server starts, so two
     servers on one home would spoil each other's /metrics."""
     shared = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-    home = Path(tempfile.mkdtemp(prefix=f"dlserve-bench-{name}-home-"))
+    home = Path(tempfile.mkdtemp(prefix=f"dlserve-{name}-home-"))
     (home / "models").symlink_to(shared / "models", target_is_directory=True)
     return home
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ def parse_images(images: list[Any], *, max_items: int) -> np.ndarray:
     finite = np.isfinite(pixels)
     if not finite.all():
         i, r, c = np.argwhere(~finite)[0]
+        sent = images[i][r][c]
+        if isinstance(sent, int | float) and math.isfinite(sent):  # beyond float32, e.g. 1e308
+            raise InputError(f"{FIELD}[{i}][{r}][{c}]: {sent:g} is outside the pixel range 0-255")
         raise InputError(f"{FIELD}[{i}][{r}][{c}]: {pixels[i, r, c]} is not a finite number")
     if pixels.min() < 0 or pixels.max() > 255:
         i, r, c = np.argwhere((pixels < 0) | (pixels > 255))[0]

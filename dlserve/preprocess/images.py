@@ -46,7 +46,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"image: too many pixels ({exc})") from exc
+        raise PayloadTooLarge(f"image: more than the limit of {max_pixels} pixels "
+                              f"(DLSERVE_MAX_IMAGE_PIXELS): {exc}") from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError("body: not a PNG or JPEG image (could not identify the format)") from exc
     if img.format not in ACCEPTED_FORMATS:
@@ -54,8 +55,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     width, height = img.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
-            f"image: {width}×{height} pixels is more than the limit of {max_pixels} pixels"
-        )
+            f"image: {width}×{height} pixels is more than the limit of {max_pixels} pixels "
+            "(DLSERVE_MAX_IMAGE_PIXELS)")
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InputError(
             f"image: {width}×{height} pixels is too small; at least "

@@ -1,0 +1,77 @@
+"""How the server starts and stops: no half-loaded server, and a drain on SIGTERM.
+
+- `verify_models` runs when the service module is imported, which `bentoml serve` does in
+  its main process before it starts any worker. A missing, truncated or altered model
+  stops the server there, naming the file and the fix. (Checked only in the workers, the
+  failure would make each worker crash at start-up and be restarted, forever.)
+- Workers load and warm their models on a background thread (service/app.py), so that
+  /livez answers 200 at once and /readyz 503 until every model is ready.
+- `install_drain`: on SIGTERM a worker reports not-ready at once but keeps serving for the
+  drain delay, the time a load balancer or Kubernetes needs to see that and stop sending
+  it traffic; then it stops accepting, finishes its in-flight requests, and exits. A
+  watchdog ends it at the drain timeout whatever is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterable
+from types import FrameType
+
+from dlserve import store
+from dlserve.manifest import ModelIntegrityError
+
+log = logging.getLogger("dlserve.service")
+
+
+def verify_models(names: Iterable[str]) -> None:
+    """Check every model against its manifest (SHA-256, external data); exit if one fails."""
+    for name in names:
+        try:
+            store.load(name)
+        except ModelIntegrityError as exc:
+            log.error("cannot start: %s", exc)
+            raise SystemExit(f"dlserve: cannot start: {exc}") from None
+
+
+def _exit_now(timeout_s: float) -> None:
+    log.warning("requests still running %.0f s after SIGTERM (DLSERVE_DRAIN_TIMEOUT_S): exiting",
+                timeout_s)
+    logging.shutdown()
+    os._exit(1)
+
+
+def install_drain(begin_drain: Callable[[], None], delay_s: float, timeout_s: float) -> None:
+    """Put a drain in front of uvicorn's SIGTERM handler.
+
+    Must be called in the worker's main thread with its event loop running (the service's
+    __init__ is): uvicorn has installed its handler by then, which stops accepting
+    connections and waits for in-flight requests. Ours calls it `delay_s` later.
+    """
+    uvicorn_exit = signal.getsignal(signal.SIGTERM)
+    if not callable(uvicorn_exit) or threading.current_thread() is not threading.main_thread():
+        log.warning("SIGTERM drain not installed: not running inside a uvicorn worker")
+        return
+    loop = asyncio.get_running_loop()
+    started = threading.Event()
+
+    def on_sigterm(sig: int, frame: FrameType | None) -> None:
+        if started.is_set():  # a second SIGTERM: stop waiting for the delay
+            loop.call_soon_threadsafe(uvicorn_exit, sig, frame)
+            return
+        started.set()
+        begin_drain()
+        log.info("SIGTERM: not ready; serving %.1f s more, then finishing in-flight requests "
+                 "(at most %.0f s in all)", delay_s, timeout_s)
+        watchdog = threading.Timer(timeout_s, _exit_now, args=(timeout_s,))
+        watchdog.daemon = True
+        watchdog.start()
+        # Signal handlers run between bytecodes of the main thread; call_soon_threadsafe
+        # also wakes the event loop if it is asleep in select().
+        loop.call_soon_threadsafe(loop.call_later, delay_s, uvicorn_exit, sig, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
