@@ -3,6 +3,7 @@ CLI, and a real BentoML server on a free port, stopped at the end of the session
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import shutil
@@ -12,13 +13,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from dlserve.bench.http import free_port, stop_process_group
+from dlserve.bench.http import free_port, private_bentoml_home, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: nothing the tests do touches the user's ~/bentoml or ./artifacts. Set before any
@@ -59,11 +61,12 @@ def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         httpd.server_close()
 
 
-def dlserve(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the real `dlserve` console script, as a user would."""
+def dlserve(*args: str, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `dlserve` console script, as a user would (`env`: extra variables)."""
     cli = Path(sys.executable).with_name("dlserve")
-    result = subprocess.run([str(cli), *args], capture_output=True, text=True, env=os.environ,
-                            timeout=600)
+    result = subprocess.run([str(cli), *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"dlserve {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result
@@ -104,24 +107,55 @@ def recommender_model(data_dir: Path) -> str:
     return dlserve("export", "recommender").stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def server(digits_model: str, sentiment_model: str, recommender_model: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real BentoML server (2 workers, so metrics are checked across processes)."""
+@dataclass
+class RunningServer:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def start_server(log_dir: Path, *, ready: bool = True, **env: str) -> Iterator[RunningServer]:
+    """A real `bentoml serve` of the service on a free port, in its own process group,
+    with extra DLSERVE_* settings from `env`; stopped (whole group) on exit. Unless `env`
+    names a BENTOML_HOME, the server gets a private one sharing the test model store, so
+    that servers do not wipe each other's Prometheus files."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
-    env = {**os.environ, "DLSERVE_WORKERS": "2"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-         "--working-dir", str(ROOT), "--port", str(port), "--host", "127.0.0.1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    log = log_dir / f"server-{port}.log"
+    home = None if "BENTOML_HOME" in env else private_bentoml_home(f"test-{port}")
+    if home is not None:
+        env["BENTOML_HOME"] = str(home)
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
+             "--working-dir", str(ROOT), "--port", str(port), "--host", "127.0.0.1"],
+            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
     try:
-        wait_ready(url, proc)
-        yield url
+        if ready:
+            wait_ready(server.url, proc)
+        yield server
     finally:
         stop_process_group(proc)
-        log.close()
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)  # the link, not the models
+
+
+@pytest.fixture(scope="session")
+def running_server(digits_model: str, sentiment_model: str, recommender_model: str,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A real BentoML server (2 workers, so metrics are checked across processes)."""
+    with start_server(tmp_path_factory.mktemp("server"), DLSERVE_WORKERS="2") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server(running_server: RunningServer) -> str:
+    return running_server.url
 
 
 @pytest.fixture
