@@ -214,7 +214,9 @@ def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
             "Sentiment is different: its LSTM costs 0.55-0.85 ms of CPU per text at any "
             "batch size (the in-process table above), so under load the two workers' "
             "inference threads and their event loops share the same two cores, and batching "
-            "saves little (mean batch ~3). That is why its speed-up over the naive server is "
-            "the smallest.",
+            "saves little (in-process, its best batch is well under 2× batch 1). That "
+            "is why its speed-up over the naive server is the smallest, and the one that "
+            "moves most from run to run on a shared machine: each figure here is a single "
+            "run, so compare ratios across runs with care.",
             ""]
     return out
