@@ -11,16 +11,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from dlserve.bench.http import free_port, private_bentoml_home, stop_process_group
+from dlserve.bench.http import Server, dlserve_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: nothing the tests do touches the user's ~/bentoml or ./artifacts. Set before any
@@ -79,20 +77,6 @@ def digits_model(data_dir: Path) -> str:
     return dlserve("export", "digits").stdout.strip()
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode} before it was ready")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"server at {url} not ready after {timeout_s} s")
-
-
 @pytest.fixture(scope="session")
 def sentiment_model(data_dir: Path) -> str:
     """Train (--quick) and export the sentiment model once; return its tag."""
@@ -107,54 +91,29 @@ def recommender_model(data_dir: Path) -> str:
     return dlserve("export", "recommender").stdout.strip()
 
 
-@dataclass
-class RunningServer:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
 @contextlib.contextmanager
-def start_server(log_dir: Path, *, ready: bool = True, **env: str) -> Iterator[RunningServer]:
-    """A real `bentoml serve` of the service on a free port, in its own process group,
-    with extra DLSERVE_* settings from `env`; stopped (whole group) on exit. Unless `env`
-    names a BENTOML_HOME, the server gets a private one sharing the test model store, so
-    that servers do not wipe each other's Prometheus files."""
-    port = free_port()
-    log = log_dir / f"server-{port}.log"
-    home = None if "BENTOML_HOME" in env else private_bentoml_home(f"test-{port}")
-    if home is not None:
-        env["BENTOML_HOME"] = str(home)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-             "--working-dir", str(ROOT), "--port", str(port), "--host", "127.0.0.1"],
-            env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True)
-    server = RunningServer(f"http://127.0.0.1:{port}", proc, log)
+def start_server(log_dir: Path, *, ready: bool = True, **env: str) -> Iterator[Server]:
+    """A real `bentoml serve` of the service (dlserve bench's Server) on a free port, with
+    extra settings from `env`, its log in `log_dir`; stopped, whole process group, on exit."""
+    server = dlserve_server("test", os.environ["DLSERVE_MODELS"].split(","), **env)
+    server.log_dir = log_dir
     try:
-        if ready:
-            wait_ready(server.url, proc)
+        server.start(wait=ready)
         yield server
     finally:
-        stop_process_group(proc)
-        if home is not None:
-            shutil.rmtree(home, ignore_errors=True)  # the link, not the models
+        server.stop()
 
 
 @pytest.fixture(scope="session")
 def running_server(digits_model: str, sentiment_model: str, recommender_model: str,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A real BentoML server (2 workers, so metrics are checked across processes)."""
     with start_server(tmp_path_factory.mktemp("server"), DLSERVE_WORKERS="2") as running:
         yield running
 
 
 @pytest.fixture(scope="session")
-def server(running_server: RunningServer) -> str:
+def server(running_server: Server) -> str:
     return running_server.url
 
 

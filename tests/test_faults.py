@@ -19,9 +19,10 @@ import httpx
 import psutil
 import pytest
 
+from dlserve.bench.http import Server
 from dlserve.hashing import sha256_file
 from dlserve.manifest import MANIFEST_FILE, ONNX_FILE
-from tests.conftest import RunningServer, start_server
+from tests.conftest import start_server
 from tests.test_no_pickle import onnx_with_external_weight
 
 DIGIT = {"images": [[[0] * 28] * 28]}
@@ -70,11 +71,11 @@ def test_a_bad_model_stops_start_up_naming_the_file_and_the_fix(
     with start_server(tmp_path, ready=False, BENTOML_HOME=str(home)) as running:
         answered = []
         deadline = time.monotonic() + 90
-        while running.proc.poll() is None and time.monotonic() < deadline:
+        while running.process.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(httpx.HTTPError):
                 answered.append(httpx.get(running.url + "/readyz", timeout=1).status_code)
             time.sleep(0.2)
-        assert running.proc.poll() not in (None, 0), "the server did not stop"
+        assert running.process.poll() not in (None, 0), "the server did not stop"
         output = running.output()
     assert 200 not in answered, "a half-loaded server answered ready"
     assert re.search(message, output), output[-3000:]
@@ -85,7 +86,7 @@ def test_a_bad_model_stops_start_up_naming_the_file_and_the_fix(
 
 @dataclass
 class Lifecycle:
-    server: RunningServer
+    server: Server
     probes: list[tuple[int, int]] = field(default_factory=list)  # (livez, readyz) at start-up
     early_predict: httpx.Response | None = None
 
@@ -129,9 +130,9 @@ def test_readyz_is_503_until_the_models_are_loaded_while_livez_is_200(
     assert lifecycle.probes[-1] == (200, 200)
 
 
-def workers(server: RunningServer) -> list[psutil.Process]:
+def workers(server: Server) -> list[psutil.Process]:
     found = []
-    for proc in psutil.Process(server.proc.pid).children(recursive=True):
+    for proc in psutil.Process(server.process.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):  # a killed worker may be gone, or a zombie
             if proc.status() != psutil.STATUS_ZOMBIE and \
                     "_bentoml_impl.worker.service" in " ".join(proc.cmdline()):
@@ -197,14 +198,14 @@ def test_sigterm_drains_in_flight_requests_and_exits_in_time(lifecycle: Lifecycl
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(post, i) for i in range(4)]
         time.sleep(0.3)
-        os.kill(server.proc.pid, signal.SIGTERM)
+        os.kill(server.process.pid, signal.SIGTERM)
         signalled.set()
         sent_at = time.monotonic()
         seen = [probe(server.url) for _ in range(5)]
         assert (200, 503) in seen, f"readiness did not turn 503: {seen}"
         for f in futures:
             f.result()
-    server.proc.wait(timeout=15 + 5)
+    server.process.wait(timeout=15 + 5)
     exited_after = time.monotonic() - sent_at
     assert [status for status, _ in finished] == [200] * 4, finished
     assert any(after for _, after in finished), "no request was still in flight at the SIGTERM"

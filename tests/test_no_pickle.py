@@ -15,8 +15,9 @@ import httpx
 import psutil
 import pytest
 
+from dlserve.bench.http import Server
 from dlserve.manifest import ModelIntegrityError, check_external_data
-from tests.conftest import RunningServer, dlserve
+from tests.conftest import dlserve
 
 PICKLE_TYPES = ("application/vnd.bentoml+pickle", "application/python-pickle",
                 "application/x-pickle")
@@ -55,11 +56,11 @@ def listening_ports(pid: int) -> set[tuple[str, int]]:
     return found
 
 
-def test_a_crafted_pickle_never_runs_on_any_port(running_server: RunningServer,
+def test_a_crafted_pickle_never_runs_on_any_port(running_server: Server,
                                                  marker: Path) -> None:
     payload = pickle.dumps(Exploit(marker))
     http_port = int(running_server.url.rsplit(":", 1)[1])
-    ports = listening_ports(running_server.proc.pid)
+    ports = listening_ports(running_server.process.pid)
     assert any(port == http_port for _, port in ports), ports
     for host, port in ports:
         if port == http_port:

@@ -51,6 +51,24 @@ def stop_process_group(process: subprocess.Popen[Any]) -> None:
         process.wait()
 
 
+def wait_ready(url: str, process: subprocess.Popen[Any], timeout_s: float = 180.0,
+               path: str = "/readyz") -> None:
+    """Poll `url + path` until it answers 200; fail at once if the process exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with {process.returncode} "
+                               "before it was ready")
+        try:
+            with urllib.request.urlopen(url + path, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} was not ready within {timeout_s:.0f} s")
+
+
 def find_wrk() -> str:
     wrk = shutil.which("wrk")
     if wrk is None:
@@ -75,6 +93,7 @@ class Server:
     ready_path: str
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    log_dir: Path | None = None  # where its log goes; a temporary file when None
     log_path: Path | None = None
     private_home: Path | None = None  # a private_bentoml_home(), removed by stop()
 
@@ -82,29 +101,28 @@ class Server:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> None:
-        fd, log = tempfile.mkstemp(prefix=f"dlserve-bench-{self.name}-", suffix=".log")
+    def start(self, timeout_s: float = 180.0, *, wait: bool = True) -> None:
+        """Start the process and, if `wait`, return once it answers ready."""
+        fd, log = tempfile.mkstemp(prefix=f"dlserve-{self.name}-{self.port}-", suffix=".log",
+                                   dir=self.log_dir)
         self.log_path = Path(log)
         command = [c.replace("{port}", str(self.port)) for c in self.command]
         self.process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, stdout=fd,
             stderr=subprocess.STDOUT, start_new_session=True)
         os.close(fd)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start-up; see {self.log_path}:\n"
-                                   + self.log_path.read_text()[-2000:])
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"{self.name} was not ready within {timeout_s:.0f} s; "
-                           f"see {self.log_path}")
+        if not wait:
+            return
+        try:
+            wait_ready(self.url, self.process, timeout_s, self.ready_path)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise type(exc)(f"{self.name}: {exc}; see {self.log_path}:\n"
+                            + self.output()[-2000:]) from None
+
+    def output(self) -> str:
+        """What the server has printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self) -> None:
         try:
@@ -130,11 +148,15 @@ def private_bentoml_home(name: str) -> Path:
 
 
 def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
-    """The dlserve service, as `dlserve serve` starts it; settings are DLSERVE_* overrides."""
-    home = private_bentoml_home(name)
-    env = {"DLSERVE_MODELS": ",".join(models), "BENTOML_HOME": str(home), **settings}
+    """The dlserve service, as `dlserve serve` starts it, on 127.0.0.1; settings are
+    environment overrides (DLSERVE_*). Unless they name a BENTOML_HOME, it gets a private
+    one sharing the model store."""
+    home = None if "BENTOML_HOME" in settings else private_bentoml_home(name)
+    env = {"DLSERVE_MODELS": ",".join(models),
+           **({"BENTOML_HOME": str(home)} if home else {}), **settings}
     return Server(name, [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-                         "--port", "{port}"], env, "/readyz", private_home=home)
+                         "--host", "127.0.0.1", "--port", "{port}"], env, "/readyz",
+                  private_home=home)
 
 
 def naive_server(models: list[str], workers: int = 1) -> Server:
