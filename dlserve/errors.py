@@ -23,3 +23,13 @@ class UnsupportedMediaType(InputError):
     """A body in a format this route does not take (HTTP 415)."""
 
     status = 415
+
+
+def check_item_list(items: object, field: str, *, expected: str, noun: str,
+                    max_items: int) -> None:
+    """A request's list of items: a non-empty list (400) of at most `max_items` (413)."""
+    if not isinstance(items, list) or not items:
+        raise InputError(f"{field}: expected a non-empty list of {expected}")
+    if len(items) > max_items:
+        raise PayloadTooLarge(
+            f"{field}: {len(items)} {noun} is more than the limit of {max_items} per request")

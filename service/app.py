@@ -20,7 +20,6 @@ from collections.abc import Callable, Sized
 from typing import Annotated, Any
 
 import bentoml
-import orjson
 from bentoml.validators import ContentType
 from pydantic import BaseModel, Field, StrictFloat, StrictInt
 from starlette.applications import Starlette
@@ -37,7 +36,7 @@ from service.batching import AdaptiveBatcher, Overloaded
 from service.guard import RequestGuard
 from service.lifecycle import install_drain, verify_models
 from service.metrics import get_metrics
-from service.middleware import ClearValidationErrors
+from service.middleware import ClearValidationErrors, json_response
 
 log = logging.getLogger("dlserve.service")
 GC_GEN0_THRESHOLD = 20_000
@@ -95,11 +94,6 @@ class PredictRatingsResponse(BaseModel):
     model: str = Field(description="model tag, recommender:<version>")
     cold_start: bool = Field(description="true when no ratings were given")
     predicted_ratings: list[PredictedRating]
-
-
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json",
-                    headers=headers)
 
 
 async def list_models(_: Request) -> Response:

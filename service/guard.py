@@ -19,10 +19,8 @@ import hmac
 from collections import deque
 from typing import Any
 
-import orjson
-
 from dlserve.settings import Settings, get_settings
-from service.middleware import count_error
+from service.middleware import count_error, json_response
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -33,15 +31,6 @@ FILE_ROUTES = {"/digits/predict_image": ("image/", "application/octet-stream")}
 JSON_TYPES = ("application/json",)
 # Health and metrics are cheap and must answer even when the predict routes are saturated.
 UNCAPPED_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/healthz"})
-
-
-async def send_error(send: Any, status: int, message: str,
-                     headers: dict[str, str] | None = None) -> None:
-    body = orjson.dumps({"error": message})
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
 
 
 def media_type(headers: dict[bytes, bytes]) -> str:
@@ -73,8 +62,7 @@ class RequestGuard:
         refusal = (self.check_key(scope["path"], headers) or self.check_type(scope, headers)
                    or self.check_length(headers) or self.check_concurrency(scope["path"]))
         if refusal is not None:
-            count_error(scope["path"], f"http_{refusal[0]}")
-            await send_error(send, *refusal)
+            await self.refuse(refusal, scope, receive, send)
             return
         self.in_flight += 1
         try:
@@ -82,14 +70,20 @@ class RequestGuard:
                     b"transfer-encoding", b"").lower():
                 body = await self.read_chunked(receive)
                 if body is None:
-                    count_error(scope["path"], "http_413")
-                    await send_error(send, 413, f"request body is more than the limit of "
-                                     f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)")
+                    await self.refuse((413, f"request body is more than the limit of "
+                                       f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
+                                      scope, receive, send)
                     return
                 receive = _replay(body, receive)
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    @staticmethod
+    async def refuse(refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:
+        status, message, extra_headers = refusal
+        count_error(scope["path"], f"http_{status}")
+        await json_response({"error": message}, status, extra_headers)(scope, receive, send)
 
     def check_concurrency(self, path: str) -> Refusal | None:
         if path in UNCAPPED_PATHS or self.in_flight < self.max_concurrency:

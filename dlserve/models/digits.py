@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dlserve.data.mnist import load_mnist
-from dlserve.errors import InputError, PayloadTooLarge
+from dlserve.errors import InputError, check_item_list
 from dlserve.models.base import Runner, accuracy_report, softmax, split_rows
 from dlserve.preprocess.images import SIDE, decode_image, normalize, to_mnist
 
@@ -34,11 +34,8 @@ def _find_bad_image(images: list[Any]) -> str:
 
 def parse_images(images: list[Any], *, max_items: int) -> np.ndarray:
     """Validate a JSON list of images → float32 [N, 28, 28]; InputError names the culprit."""
-    if not isinstance(images, list) or not images:
-        raise InputError(f"{FIELD}: expected a non-empty list of {SIDE}×{SIDE} arrays")
-    if len(images) > max_items:
-        raise PayloadTooLarge(
-            f"{FIELD}: {len(images)} images is more than the limit of {max_items} per request")
+    check_item_list(images, FIELD, expected=f"{SIDE}×{SIDE} arrays", noun="images",
+                    max_items=max_items)
     try:
         pixels = np.asarray(images, dtype=np.float32)
     except (ValueError, TypeError):
@@ -65,11 +62,8 @@ def parse_images_base64(images: list[Any], *, max_items: int) -> np.ndarray:
 
     A 28×28 image is 1,048 base64 characters instead of ~2,500 of JSON numbers, and it
     decodes without parsing or checking a number per pixel (uint8 is always in range)."""
-    if not isinstance(images, list) or not images:
-        raise InputError(f"{FIELD_B64}: expected a non-empty list of base64 strings")
-    if len(images) > max_items:
-        raise PayloadTooLarge(
-            f"{FIELD_B64}: {len(images)} images is more than the limit of {max_items} per request")
+    check_item_list(images, FIELD_B64, expected="base64 strings", noun="images",
+                    max_items=max_items)
     size = SIDE * SIDE
     raw = bytearray()
     for i, text in enumerate(images):

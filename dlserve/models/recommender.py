@@ -18,7 +18,7 @@ import numpy as np
 
 from dlserve.data.movielens import load_movielens, rating_level
 from dlserve.errors import InputError, PayloadTooLarge
-from dlserve.models.base import Runner
+from dlserve.models.base import Runner, split_rows
 from dlserve.models.recsys_metrics import HeldOut, bias_baseline, ranking_report, rmse, top_k
 from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
 from dlserve.settings import Settings
@@ -126,9 +126,9 @@ class RecommenderRunner(Runner):
     def run_batch(self, parts: list[list[Query]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per request, per query: that user's (expected ratings, relevance) rows."""
         expected, relevance = self.predict([q.user for part in parts for q in part])
-        rows = list(zip(expected, relevance, strict=True))
-        starts = np.cumsum([0] + [len(p) for p in parts])
-        return [rows[a:b] for a, b in zip(starts[:-1], starts[1:], strict=True)]
+        counts = [len(p) for p in parts]
+        return [list(zip(e, r, strict=True)) for e, r in
+                zip(split_rows(expected, counts), split_rows(relevance, counts), strict=True)]
 
     def warm_up(self) -> None:
         empty = UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))

@@ -15,7 +15,7 @@ from typing import Any, Self
 import numpy as np
 
 from dlserve.data.sst2 import load_sst2
-from dlserve.errors import InputError, PayloadTooLarge
+from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.models.base import Runner, accuracy_report, softmax, split_rows
 from dlserve.preprocess.text import UNK_ID, Vocabulary, pad_batch
 from dlserve.settings import Settings
@@ -58,11 +58,7 @@ class SentimentRunner(Runner):
 
     def parse_texts(self, texts: list[Any], *, max_items: int, max_chars: int) -> list[list[int]]:
         """Validate a JSON list of texts → token ids per text; InputError names the culprit."""
-        if not isinstance(texts, list) or not texts:
-            raise InputError(f"{FIELD}: expected a non-empty list of strings")
-        if len(texts) > max_items:
-            raise PayloadTooLarge(
-                f"{FIELD}: {len(texts)} texts is more than the limit of {max_items} per request")
+        check_item_list(texts, FIELD, expected="strings", noun="texts", max_items=max_items)
         out = []
         for i, text in enumerate(texts):
             if not isinstance(text, str):
