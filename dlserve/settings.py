@@ -51,6 +51,10 @@ class Settings:
     # Items queued per worker and model before new requests get 503 + Retry-After: a bound
     # on memory and on waiting (4,096 digits are ~0.1 s of work, 4,096 texts ~3 s).
     max_queue_items: int = field(default=4096, metadata={"env": "DLSERVE_MAX_QUEUE_ITEMS"})
+    # Each response closes its keep-alive connection with probability 1/keepalive_requests
+    # (0: never), so that connections spread evenly over the workers (see
+    # service/middleware.py, RecycleConnections, and BENCHMARKS.md).
+    keepalive_requests: int = field(default=100, metadata={"env": "DLSERVE_KEEPALIVE_REQUESTS"})
     max_items_per_request: int = field(default=256, metadata={"env": "DLSERVE_MAX_ITEMS"})
     max_image_pixels: int = field(
         default=4096 * 4096, metadata={"env": "DLSERVE_MAX_IMAGE_PIXELS"}
@@ -97,6 +101,8 @@ class Settings:
                      "max_body_bytes", "max_concurrency"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{_env_name(name)}: must be at least 1")
+        if self.keepalive_requests < 0:
+            raise SettingsError("DLSERVE_KEEPALIVE_REQUESTS: must be 0 (never close) or more")
         if self.batch_wait_ms < 0:
             raise SettingsError("DLSERVE_BATCH_WAIT_MS: must be 0 or more")
         if self.request_timeout_s <= 0:

@@ -36,7 +36,7 @@ from service.batching import AdaptiveBatcher, Overloaded
 from service.guard import RequestGuard
 from service.lifecycle import install_drain, verify_models
 from service.metrics import get_metrics
-from service.middleware import ClearValidationErrors, json_response
+from service.middleware import ClearValidationErrors, RecycleConnections, json_response
 
 log = logging.getLogger("dlserve.service")
 GC_GEN0_THRESHOLD = 20_000
@@ -295,3 +295,4 @@ verify_models(settings.models)
 # The guard first: it refuses what it must before anything reads the body.
 DLServe.add_asgi_middleware(RequestGuard)
 DLServe.add_asgi_middleware(ClearValidationErrors)
+DLServe.add_asgi_middleware(RecycleConnections, every=settings.keepalive_requests)

@@ -9,6 +9,7 @@ counted in `dlserve_errors_total`, which the route handlers never see.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import orjson
@@ -85,3 +86,32 @@ class ClearValidationErrors:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, wrapped_send)
+
+
+class RecycleConnections:
+    """Close about one keep-alive connection in `every` responses (`Connection: close`).
+
+    Workers share one listening socket, and whichever is first to call accept() takes a
+    new connection; a burst of connections can all land on one worker (all 64 of wrk's,
+    in one run of ten here) and leave the other idle for as long as the clients keep
+    their connections open. A client told to close reconnects at once and lands on
+    whichever worker is free to accept, so the split evens out within seconds. Closing at
+    random rather than every Nth request keeps connections that opened together from all
+    reconnecting together. nginx's `keepalive_requests` is the same idea.
+    """
+
+    def __init__(self, app: Any, every: int) -> None:
+        self.app = app
+        self.every = every
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or self.every == 0 or random.randrange(self.every):
+            await self.app(scope, receive, send)
+            return
+
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, closing_send)

@@ -92,7 +92,8 @@ def strict(digits_model: str, sentiment_model: str, recommender_model: str,
            tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with start_server(tmp_path_factory.mktemp("strict"), DLSERVE_WORKERS="1",
                       DLSERVE_API_KEY=KEY, DLSERVE_MAX_CONCURRENCY="2",
-                      DLSERVE_REQUEST_TIMEOUT_S="0.3") as running:
+                      DLSERVE_REQUEST_TIMEOUT_S="0.3",
+                      DLSERVE_KEEPALIVE_REQUESTS="1") as running:
         yield running.url
 
 
@@ -167,6 +168,24 @@ def test_refusals_are_counted_in_metrics(strict: str) -> None:
     text = r.text
     for reason in ("http_401", "http_429"):
         assert f'reason="{reason}"' in text, reason
+
+
+def test_about_one_response_in_keepalive_requests_closes_its_connection(
+        client: httpx.Client) -> None:
+    # The default, DLSERVE_KEEPALIVE_REQUESTS=100: about 10 closes in 1,000 responses (fewer
+    # than 1 or more than 30 would happen by chance less than once in 10,000 runs).
+    answers = [client.get("/livez") for _ in range(1000)]
+    assert all(r.status_code == 200 for r in answers)  # the client reconnects by itself
+    closes = sum(r.headers.get("connection") == "close" for r in answers)
+    assert 1 <= closes <= 30, closes
+
+
+def test_keepalive_requests_1_closes_every_connection(strict: str) -> None:
+    with httpx.Client(base_url=strict, headers=AUTH) as c:
+        answers = [c.get("/models"), c.get("/livez"),
+                   c.post("/sentiment/predict", json=TEXT)]
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(r.headers["connection"] == "close" for r in answers)
 
 
 def test_settings_are_documented() -> None:
