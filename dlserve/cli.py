@@ -110,6 +110,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from dlserve.bench import inprocess, report, workloads
     from dlserve.models import load_runner
 
+    if args.rounds < 1:
+        raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
     results: dict = {"machine": report.machine(), "ceiling": []}
     for name in settings.models:
         runner = load_runner(name, settings)
@@ -130,7 +132,8 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
         results["http"] = compare.run(
             list(settings.models), settings.data_dir, _data_source(settings, "recommender")[0],
-            workers=settings.workers, hold_s=args.hold_s, short_s=args.short_s)
+            workers=settings.workers, hold_s=args.hold_s, short_s=args.short_s,
+            rounds=args.rounds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "BENCHMARKS.md").write_text(report.render(results))
@@ -174,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for BENCHMARKS.md and benchmarks.json (default: the project)")
     b.add_argument("--hold-s", type=float, default=60.0,
                    help="seconds of each single-item run at 64 clients (default: 60)")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="runs of each 64-client single-item cell per server; the report "
+                        "takes medians (default: 3)")
     b.add_argument("--short-s", type=float, default=10.0,
                    help="seconds of every other HTTP run (default: 10)")
     b.add_argument("--no-http", action="store_true",

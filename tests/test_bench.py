@@ -59,12 +59,19 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLSERVE_MODELS", "digits")
     monkeypatch.setenv("DLSERVE_WORKERS", "2")
-    out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "1")
+    out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "1",
+                  "--rounds", "2")
     assert out.stdout.strip().endswith("BENCHMARKS.md")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     runs = results["http"]["runs"]
-    # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients)
-    assert len(runs) == 27
+    # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients), and
+    # a second round of the held cell (1 item, 64 clients)
+    assert len(runs) == 27 + 3
+    held = [r for r in runs if r["items"] == 1 and r["clients"] == 64]
+    assert sorted((r["server"], r["round"]) for r in held) == sorted(
+        (s, n) for s in ("naive", "dlserve-unbatched", "dlserve") for n in (1, 2))
+    # Half-way through each run, the server's processes held all 64 connections between them.
+    assert all(sum(r["connections"]) in range(60, 65) for r in held), held
     assert {r["server"] for r in runs} == {"naive", "dlserve-unbatched", "dlserve"}
     for r in runs:
         assert r["requests"] > 0, r
@@ -81,8 +88,8 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     assert all(r["mean_batch"] is None for r in runs if r["server"] == "naive")
     assert {r["workers"] for r in results["http"]["worker_runs"]} == {1, 2}
     md = (tmp_path / "BENCHMARKS.md").read_text()
-    for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every run",
-                    "### Worker processes"):
+    for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every cell",
+                    "### Round by round", "### Worker processes"):
         assert heading in md
     # Every server the bench started is gone.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -2,12 +2,16 @@
 batching, and dlserve as configured, on the same payloads, interleaved cell by cell.
 
 All three servers run at once (idle ones cost nothing) and take turns under load, in a
-rotating order, so that slow drifts of a shared machine hit every server alike.
+rotating order, so that slow drifts of a shared machine hit every server alike. The cells
+the targets are judged on (64 clients, single items, and mixed) run several rounds, and
+the report takes medians: one run can be off by 2× when a burst of new connections all
+lands on one worker of a server (BENCHMARKS.md, "Connection balance").
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +36,14 @@ class Cell:
     clients: int
     duration_s: float
     encoding: str = "json"  # "base64": digits' compact images_base64 field
+    rounds: int = 1  # runs per server, each `duration_s` long
 
 
-def plan(models: list[str], *, hold_s: float, short_s: float) -> list[Cell]:
+def plan(models: list[str], *, hold_s: float, short_s: float, rounds: int = 1) -> list[Cell]:
     """Every model at 1/16/64 clients with 1- and 32-item requests (a recommender request
     is one user by design, so it has no 32-item form), 32 base64 images for digits, and a
-    mixed run; single-item runs at 64 clients are held for `hold_s`, the rest `short_s`."""
+    mixed run; single-item runs at 64 clients are held for `hold_s`, `rounds` times per
+    server; the rest run once for `short_s`."""
     cells = []
     for model in models:
         for items in ITEMS if model != "recommender" else (1,):
@@ -46,9 +52,9 @@ def plan(models: list[str], *, hold_s: float, short_s: float) -> list[Cell]:
                 for clients in CLIENTS:
                     held = clients == max(CLIENTS) and items == 1
                     cells.append(Cell(model, items, clients, hold_s if held else short_s,
-                                      encoding))
+                                      encoding, rounds if held else 1))
     if len(models) > 1:
-        cells.append(Cell("mixed", 1, max(CLIENTS), hold_s))
+        cells.append(Cell("mixed", 1, max(CLIENTS), hold_s, rounds=rounds))
     return cells
 
 
@@ -67,13 +73,22 @@ def requests_for(model: str, items: int, encoding: str, data_dir: Path,
 
 def measure(server: http.Server, requests: list[Request], clients: int,
             duration_s: float) -> dict[str, Any]:
-    """One wrk run after a short warm-up; dlserve's mean batch size from its /metrics."""
+    """One wrk run after a short warm-up; dlserve's mean batch size from its /metrics, and
+    how the clients' connections were split over the server's processes half-way through."""
     http.run_wrk(server.url, requests, clients=clients, duration_s=WARM_UP_S)
     scrape = server.name != "naive"
     before = http.batch_stats(server.metrics_text()) if scrape else {}
-    result = http.run_wrk(server.url, requests, clients=clients, duration_s=duration_s)
+    split: list[int] = []
+    sampler = threading.Timer(duration_s / 2, lambda: split.extend(server.connection_split()))
+    sampler.start()
+    try:
+        result = http.run_wrk(server.url, requests, clients=clients, duration_s=duration_s)
+    finally:
+        sampler.cancel()
+        sampler.join()
     result["mean_batch"] = (http.mean_batch(before, http.batch_stats(server.metrics_text()))
                             if scrape else None)
+    result["connections"] = split
     return result
 
 
@@ -81,18 +96,22 @@ def run_cells(servers: list[http.Server], cells: list[Cell], data_dir: Path,
               movielens: Path, models: list[str]) -> list[dict[str, Any]]:
     rows = []
     pools: dict[tuple[str, int, str], list[Request]] = {}  # one per payload, not per cell
-    for n, cell in enumerate(cells):
+    turn = 0
+    for cell in cells:
         payload = (cell.model, cell.items, cell.encoding)
         if payload not in pools:
             pools[payload] = requests_for(*payload, data_dir, movielens, models)
         requests = pools[payload]
-        shift = n % len(servers)
-        for server in servers[shift:] + servers[:shift]:
-            log.info("bench: %s %s × %d items, %d clients, %g s", server.name, cell.model,
-                     cell.items, cell.clients, cell.duration_s)
-            result = measure(server, requests, cell.clients, cell.duration_s)
-            result["items_per_s"] = round(result["requests_per_s"] * cell.items, 1)
-            rows.append({**asdict(cell), "server": server.name, **result})
+        for round_ in range(1, cell.rounds + 1):
+            shift = turn % len(servers)
+            turn += 1
+            for server in servers[shift:] + servers[:shift]:
+                log.info("bench: %s %s × %d items, %d clients, %g s (round %d of %d)",
+                         server.name, cell.model, cell.items, cell.clients, cell.duration_s,
+                         round_, cell.rounds)
+                result = measure(server, requests, cell.clients, cell.duration_s)
+                result["items_per_s"] = round(result["requests_per_s"] * cell.items, 1)
+                rows.append({**asdict(cell), "round": round_, "server": server.name, **result})
     return rows
 
 
@@ -109,7 +128,7 @@ def with_servers(servers: list[http.Server], body: Any) -> Any:
 
 
 def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
-        hold_s: float, short_s: float) -> dict[str, Any]:
+        hold_s: float, short_s: float, rounds: int) -> dict[str, Any]:
     """The whole HTTP comparison, plus two single-purpose runs: the worker count (digits,
     one image per request, 64 clients, 1 worker against `workers`) and overload (sentiment,
     32 texts per request from OVERLOAD_CLIENTS clients, far past what the model can run)."""
@@ -117,7 +136,7 @@ def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
                http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
                                    DLSERVE_WORKERS=str(workers)),
                http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers))]
-    cells = plan(models, hold_s=hold_s, short_s=short_s)
+    cells = plan(models, hold_s=hold_s, short_s=short_s, rounds=rounds)
 
     def main_runs() -> dict[str, Any]:
         out = {"runs": run_cells(servers, cells, data_dir, movielens, models)}
@@ -136,4 +155,5 @@ def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
                 and r["clients"] == max(CLIENTS) and r["server"] != "dlserve-unbatched"]
         results["worker_runs"] = [{**r, "workers": 1} for r in rows] + \
                                  [{**r, "workers": workers} for r in same]
-    return {"load_generator": http.wrk_version(), "workers": workers, **results}
+    return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
+            **results}

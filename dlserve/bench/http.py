@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from dlserve.bench.workloads import Request
 
@@ -135,6 +136,23 @@ class Server:
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def connection_split(self) -> list[int]:
+        """Open client connections held by each of the server's processes, most first:
+        how evenly the kernel and the workers' accept() calls spread the clients."""
+        if self.process is None:
+            return []
+        root = psutil.Process(self.process.pid)
+        counts = []
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                held = sum(1 for c in proc.net_connections("tcp")
+                           if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
+            except psutil.Error:  # a process that exited meanwhile
+                continue
+            if held:
+                counts.append(held)
+        return sorted(counts, reverse=True)
 
 
 def private_bentoml_home(name: str) -> Path:
