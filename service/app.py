@@ -193,6 +193,19 @@ class DLServe:
             on_batch=on_batch,
         )
 
+    async def _wait_until_loaded(self) -> bool:
+        """Whether the models are loaded, waiting up to half the request timeout for them.
+
+        A worker that circus starts next to a serving one (after a crash) accepts
+        connections before its models are loaded, and clients that reconnect land there
+        too; waiting out the load (seconds) serves them instead of failing them. /readyz
+        still says 503 meanwhile, so a load balancer sends no traffic to a server that has
+        no ready worker at all."""
+        deadline = time.monotonic() + settings.request_timeout_s / 2
+        while not self.ready and self.load_error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.ready
+
     async def __is_ready__(self) -> bool:
         return self.ready and not self.draining
 
@@ -209,7 +222,7 @@ class DLServe:
         if model not in settings.models:
             return json_response({"error": f"model {model!r} is not served here "
                                   f"(DLSERVE_MODELS={','.join(settings.models)})"}, 404)
-        if not self.ready:
+        if not self.ready and not await self._wait_until_loaded():
             return json_response({"error": "the models are still loading; retry shortly"},
                                  503, {"Retry-After": "1"})
         runner = self.runners[model]

@@ -1,10 +1,13 @@
-"""ASGI middleware that gives BentoML's own input-validation errors a message naming the field.
+"""ASGI middleware: clear messages for BentoML's validation errors, and connection recycling.
 
-BentoML answers a request its pydantic models reject with 400 and
+`ClearValidationErrors`: BentoML answers a request its pydantic models reject with 400 and
 `{"error": "1 validation error for Input", "detail": [...]}`: the useful part is buried
 in `detail`. This rewrites `error` to "images[0][3]: Input should be a valid number", and
 leaves every other response untouched (it only buffers 400 bodies). Those 400s are also
 counted in `dlserve_errors_total`, which the route handlers never see.
+
+`RecycleConnections`: closes a keep-alive connection now and then, so that clients spread
+evenly over the worker processes (its docstring says why).
 """
 
 from __future__ import annotations
