@@ -10,6 +10,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from dlserve.settings import Settings
+
 
 def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
@@ -101,22 +103,21 @@ def _cell(r: dict[str, Any]) -> tuple[str, int, int, str]:
 
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per cell and server, in the order they first ran: the median of its rounds'
-    throughput, latency percentiles and mean batch; requests and errors summed."""
+    throughput, latency percentiles and mean batch; requests and errors summed. The row's
+    `round_runs` holds the rounds themselves (its `rounds` stays the cell's planned count)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((*_cell(r), r["server"]), []).append(r)
     out = []
-    for rounds in groups.values():
-        def median(key: str, rounds: list[dict[str, Any]] = rounds) -> float:
-            return statistics.median(r[key] for r in rounds)
-
-        batches = [r["mean_batch"] for r in rounds if r["mean_batch"] is not None]
+    for group in groups.values():
+        batches = [r["mean_batch"] for r in group if r["mean_batch"] is not None]
         out.append({
-            **rounds[0],
-            **{k: median(k) for k in ("requests_per_s", "items_per_s", "p50", "p95", "p99")},
-            **{k: sum(r[k] for r in rounds) for k in ("requests", "non_2xx", "socket_errors")},
+            **group[0],
+            **{k: statistics.median(r[k] for r in group)
+               for k in ("requests_per_s", "items_per_s", "p50", "p95", "p99")},
+            **{k: sum(r[k] for r in group) for k in ("requests", "non_2xx", "socket_errors")},
             "mean_batch": round(statistics.median(batches), 2) if batches else None,
-            "rounds": rounds,
+            "round_runs": group,
         })
     return out
 
@@ -127,7 +128,7 @@ def _run_rows(cells: list[dict[str, Any]], naive: dict[tuple, float]) -> list[li
         ratio = r["requests_per_s"] / naive[_cell(r)] if naive.get(_cell(r)) else None
         rows.append([
             r["model"], f"{r['items']}" + (" (base64)" if r["encoding"] == "base64" else ""),
-            r["clients"], r["server"], len(r["rounds"]), f"{r['requests_per_s']:,.0f}",
+            r["clients"], r["server"], len(r["round_runs"]), f"{r['requests_per_s']:,.0f}",
             f"{r['items_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p95"]), _ms(r["p99"]),
             r["non_2xx"] + r["socket_errors"],
             r["mean_batch"] if r["mean_batch"] is not None else "—",
@@ -140,11 +141,11 @@ def _round_rows(cells: list[dict[str, Any]]) -> list[list[Any]]:
     """Each round of the cells that ran more than one: throughput and connection split."""
     rows = []
     for r in cells:
-        if len(r["rounds"]) > 1:
+        if len(r["round_runs"]) > 1:
             rows.append([
                 r["model"], r["clients"], r["server"],
                 *(f"{x['requests_per_s']:,.0f} ({'/'.join(map(str, x.get('connections', [])))})"
-                  for x in r["rounds"]),
+                  for x in r["round_runs"]),
                 f"{r['requests_per_s']:,.0f}"])
     return rows
 
@@ -153,10 +154,10 @@ def _one_sided(cells: list[dict[str, Any]], workers: int) -> dict[str, str]:
     """Per server: in how many multi-round runs one process held every connection."""
     out: dict[str, list[int]] = {}
     for r in cells:
-        if len(r["rounds"]) > 1:
+        if len(r["round_runs"]) > 1:
             counts = out.setdefault(r["server"], [0, 0])
-            counts[0] += sum(len(x.get("connections", [])) < workers for x in r["rounds"])
-            counts[1] += len(r["rounds"])
+            counts[0] += sum(len(x.get("connections", [])) < workers for x in r["round_runs"])
+            counts[1] += len(r["round_runs"])
     return {server: f"{n} of {total}" for server, (n, total) in out.items()}
 
 
@@ -182,7 +183,7 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
         if ours and base:
             ratio = ours["requests_per_s"] / base["requests_per_s"]
             out.append([f"{model}: ≥ 1.5× naive throughput, p99 ≤ naive's (1 item, 64 clients, "
-                        f"median of {len(ours['rounds'])})",
+                        f"median of {len(ours['round_runs'])})",
                         f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(base['p99'])} ms",
                         ratio >= 1.5 and ours["p99"] <= base["p99"]])
     best = next((c["best"]["items_per_s"] for c in ceiling if c["model"] == "digits"), None)
@@ -236,7 +237,7 @@ def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
         "",
     ]
     if rounds := _round_rows(cells):
-        most = max(len(r["rounds"]) for r in cells)
+        most = max(len(r["round_runs"]) for r in cells)
         one_sided = "; ".join(f"{server} {n}" for server, n in
                               _one_sided(cells, h["workers"]).items())
         out += ["### Round by round, and connection balance",
@@ -248,7 +249,8 @@ def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
                 "a burst of new connections can all land on one worker, which then does all "
                 "the work while the other idles for as long as the clients keep their "
                 "connections, at about half the throughput. dlserve closes one keep-alive "
-                "connection in `DLSERVE_KEEPALIVE_REQUESTS` (100) responses at random "
+                f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({Settings.keepalive_requests}) "
+                "responses at random "
                 "(`Connection: close`; `service/middleware.py`), so that a client reconnects "
                 "and the split evens out within seconds; the naive server keeps uvicorn's "
                 f"behaviour. Runs in which one process held every connection: {one_sided}.",
