@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,20 +140,17 @@ class Server:
 
     def connection_split(self) -> list[int]:
         """Open client connections held by each of the server's processes, most first:
-        how evenly the kernel and the workers' accept() calls spread the clients."""
+        how evenly the kernel and the workers' accept() calls spread the clients. One read
+        of the kernel's socket table, so that a connection that moves from one worker to
+        another while the processes are looked at is not counted twice."""
         if self.process is None:
             return []
         root = psutil.Process(self.process.pid)
-        counts = []
-        for proc in [root, *root.children(recursive=True)]:
-            try:
-                held = sum(1 for c in proc.net_connections("tcp")
-                           if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port)
-            except psutil.Error:  # a process that exited meanwhile
-                continue
-            if held:
-                counts.append(held)
-        return sorted(counts, reverse=True)
+        pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
+        held = Counter(c.pid for c in psutil.net_connections("tcp")
+                       if c.pid in pids and c.status == psutil.CONN_ESTABLISHED
+                       and c.laddr.port == self.port)
+        return sorted(held.values(), reverse=True)
 
 
 def private_bentoml_home(name: str) -> Path:
