@@ -53,7 +53,7 @@ class Settings:
     max_queue_items: int = field(default=4096, metadata={"env": "DLSERVE_MAX_QUEUE_ITEMS"})
     # Each response closes its keep-alive connection with probability 1/keepalive_requests
     # (0: never), so that connections spread evenly over the workers (see
-    # service/middleware.py, RecycleConnections, and BENCHMARKS.md).
+    # service/guard.py, RequestGuard.edit_responses, and BENCHMARKS.md).
     keepalive_requests: int = field(default=100, metadata={"env": "DLSERVE_KEEPALIVE_REQUESTS"})
     max_items_per_request: int = field(default=256, metadata={"env": "DLSERVE_MAX_ITEMS"})
     max_image_pixels: int = field(

@@ -33,10 +33,11 @@ from dlserve.models.base import Runner
 from dlserve.models.digits import image_file_to_pixels, parse_digits_request
 from dlserve.settings import get_settings
 from service.batching import AdaptiveBatcher, Overloaded
+from service.bentoml_patches import drop_bentoml_timeout
 from service.guard import RequestGuard
 from service.lifecycle import install_drain, verify_models
 from service.metrics import get_metrics
-from service.middleware import ClearValidationErrors, RecycleConnections, json_response
+from service.responses import json_response
 
 log = logging.getLogger("dlserve.service")
 GC_GEN0_THRESHOLD = 20_000
@@ -132,6 +133,7 @@ def declare_models(cls: type) -> type:
 @bentoml.service(
     name="dlserve",
     workers=settings.workers,
+    # Enforced by the guard; BentoML's own copy is dropped (service/bentoml_patches.py).
     traffic={"timeout": settings.request_timeout_s},
     http={"port": settings.port},
     # One log line per request costs more than a digits prediction; off unless asked for.
@@ -305,7 +307,6 @@ class DLServe:
 
 # Refuse a server whose models do not match their manifests before any worker starts.
 verify_models(settings.models)
-# The guard first: it refuses what it must before anything reads the body.
+drop_bentoml_timeout()
+# Refuses what it must before anything reads the body; edits responses on their way out.
 DLServe.add_asgi_middleware(RequestGuard)
-DLServe.add_asgi_middleware(ClearValidationErrors)
-DLServe.add_asgi_middleware(RecycleConnections, every=settings.keepalive_requests)

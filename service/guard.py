@@ -1,29 +1,43 @@
-"""The first thing every request meets: API key, body type and size, and a concurrency cap.
+"""dlserve's one ASGI middleware, the first thing every request meets.
 
-Each check refuses at once, before the body is read into memory, with a JSON
-`{"error": ...}` that names the problem and the setting behind the limit:
+On the way in, it checks API key, body type and size, and a concurrency cap; each check
+refuses at once, before the body is read into memory, with a JSON `{"error": ...}` that
+names the problem and the setting behind the limit:
 
 - 401 without the right `Authorization: Bearer <key>` when DLSERVE_API_KEY is set
   (compared in constant time; the open paths, by default /livez /readyz /metrics, need none);
 - 415 for any pickle body, on every route, and for a body type the route does not take;
 - 413 for a body over DLSERVE_MAX_BODY_BYTES: from Content-Length before reading anything,
   or, for a chunked body, as soon as the bytes received pass the limit;
-- 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand.
+- 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand;
+- 504 for a request not answered within DLSERVE_REQUEST_TIMEOUT_S.
+
+On the way out, it spells out BentoML's validation errors in every 400
+(service/responses.py), and closes about one keep-alive connection in
+DLSERVE_KEEPALIVE_REQUESTS (`edit_responses` says why). One layer does all of it because
+every ASGI layer costs each request a call and a wrapped send(): as three middlewares,
+these cost 4 % of single-image digits throughput. The timeout is here, not BentoML's
+(`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per request
+and never cancels the timer; `asyncio.timeout` here costs a timer, cancelled on answer.
 
 Threat model and settings: SECURITY.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import random
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dlserve.settings import Settings, get_settings
-from service.middleware import count_error, json_response
+from service.responses import clarify_validation_error, count_error, json_response
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
+Send = Callable[[Message], Awaitable[None]]
 Refusal = tuple[int, str, dict[str, str]]
 
 # Routes that take a raw file rather than JSON, and the media types they accept.
@@ -52,6 +66,8 @@ class RequestGuard:
         self.open_paths = frozenset(settings.open_paths)
         self.max_body = settings.max_body_bytes
         self.max_concurrency = settings.max_concurrency
+        self.recycle_every = settings.keepalive_requests
+        self.timeout_s = settings.request_timeout_s
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
@@ -66,18 +82,70 @@ class RequestGuard:
             return
         self.in_flight += 1
         try:
-            if b"content-length" not in headers and b"chunked" in headers.get(
-                    b"transfer-encoding", b"").lower():
-                body = await self.read_chunked(receive)
-                if body is None:
-                    await self.refuse((413, f"request body is more than the limit of "
-                                       f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
-                                      scope, receive, send)
-                    return
-                receive = _replay(body, receive)
-            await self.app(scope, receive, send)
+            async with asyncio.timeout(self.timeout_s) as deadline:
+                await self.pass_on(scope, receive, send, headers, deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # the app's own, not the deadline's
+            # The answer had not begun (edit_responses lifts the deadline once it does).
+            await self.refuse((504, f"the request was not answered within {self.timeout_s:g} "
+                               "seconds (DLSERVE_REQUEST_TIMEOUT_S)", {}), scope, receive, send)
         finally:
             self.in_flight -= 1
+
+    async def pass_on(self, scope: Scope, receive: Any, send: Send,
+                      headers: dict[bytes, bytes], deadline: asyncio.Timeout) -> None:
+        """Hand the request to the app; a chunked body is first read, up to the limit."""
+        if b"content-length" not in headers and b"chunked" in headers.get(
+                b"transfer-encoding", b"").lower():
+            body = await self.read_chunked(receive)
+            if body is None:
+                await self.refuse((413, f"request body is more than the limit of "
+                                   f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
+                                  scope, receive, send)
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, self.edit_responses(scope["path"], send, deadline))
+
+    def edit_responses(self, path: str, send: Send, deadline: asyncio.Timeout) -> Send:
+        """send(), with the deadline lifted once the answer begins, a 400's body clarified
+        and, about once in `recycle_every` responses, `Connection: close` added.
+
+        Why close connections: workers share one listening socket, and whichever is first
+        to call accept() takes a new connection; a burst of connections can all land on
+        one worker (all 64 of wrk's, in one run of ten here) and leave the other idle for
+        as long as the clients keep their connections open. A client told to close
+        reconnects at once and lands on whichever worker is free to accept, so the split
+        evens out within seconds. Closing at random rather than every Nth request keeps
+        connections that opened together from all reconnecting together. nginx's
+        `keepalive_requests` is the same idea.
+        """
+        close = self.recycle_every > 0 and random.randrange(self.recycle_every) == 0
+        held: Message | None = None  # a 400's response start, held until its body is read
+        chunks: list[bytes] = []
+
+        async def edited_send(message: Message) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start":
+                deadline.reschedule(None)
+                if close:
+                    message = {**message,
+                               "headers": [*message["headers"], (b"connection", b"close")]}
+                if message["status"] == 400:
+                    held = message
+                    return
+            elif held is not None:
+                chunks.append(message.get("body", b""))
+                if message.get("more_body"):
+                    return
+                body = clarify_validation_error(path, b"".join(chunks))
+                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                await send({**held, "headers": [*headers,
+                                                (b"content-length", str(len(body)).encode())]})
+                message = {"type": "http.response.body", "body": body}
+            await send(message)
+
+        return edited_send
 
     @staticmethod
     async def refuse(refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:

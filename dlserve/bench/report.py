@@ -251,7 +251,7 @@ def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
                 "connections, at about half the throughput. dlserve closes one keep-alive "
                 f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({Settings.keepalive_requests}) "
                 "responses at random "
-                "(`Connection: close`; `service/middleware.py`), so that a client reconnects "
+                "(`Connection: close`; `service/guard.py`), so that a client reconnects "
                 "and the split evens out within seconds; the naive server keeps uvicorn's "
                 f"behaviour. Runs in which one process held every connection: {one_sided}.",
                 "",
