@@ -15,10 +15,11 @@ names the problem and the setting behind the limit:
 On the way out, it spells out BentoML's validation errors in every 400
 (service/responses.py), and closes about one keep-alive connection in
 DLSERVE_KEEPALIVE_REQUESTS (`edit_responses` says why). One layer does all of it because
-every ASGI layer costs each request a call and a wrapped send(): as three middlewares,
-these cost 4 % of single-image digits throughput. The timeout is here, not BentoML's
-(`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per request
-and never cancels the timer; `asyncio.timeout` here costs a timer, cancelled on answer.
+every ASGI layer costs each request a call and a wrapped send(). The timeout is here, not
+BentoML's (`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per
+request and never cancels the timer; `asyncio.timeout` here costs a timer, cancelled on
+answer. One layer instead of three, and this timeout, served 4 % more single-image digits
+requests at 64 clients (8 rounds side by side).
 
 Threat model and settings: SECURITY.md.
 """
