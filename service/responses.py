@@ -29,8 +29,9 @@ def describe_validation_errors(detail: list[dict[str, Any]]) -> str:
 
 
 def clarify_validation_error(path: str, body: bytes) -> bytes:
-    """The body of a 400, with BentoML's validation errors spelled out in `error`; any
-    other 400 (our own `{"error": ...}` answers) comes back as it was."""
+    """The body of a 400, with BentoML's validation errors spelled out in `error` and
+    counted in dlserve_errors_total (the routes never see them); any other 400 (our own
+    `{"error": ...}` answers, counted where they are made) comes back as it was."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
