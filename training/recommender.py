@@ -5,16 +5,26 @@ One RBM per user, all sharing weights. The visible layer holds one softmax unit 
 the user rated, over the 5 rating levels (v_i^k = 1 when movie i got rating k); movies the
 user did not rate have no unit, so they take part in neither phase (`one_hot` leaves
 them all-zero and the reconstruction is masked to the rated movies). Hidden units are
-Bernoulli. With energy E(v,h) = −Σ v·W·h − Σ a·v − Σ b·h:
+Bernoulli. With energy E(v,h) = −Σ v·W·h − Σ a·v − Σ b·h − b_u Σ_ik c_k v_i^k:
 
     p(h_j = 1 | v) = σ(b_j + Σ_ik v_i^k W_ij^k)
-    p(v_i = k | h) = softmax_k(a_i^k + Σ_j h_j W_ij^k)
+    p(v_i = k | h) = softmax_k(a_i^k + b_u c_k + Σ_j h_j W_ij^k)
+
+The last term makes it a *conditional* RBM, as the paper's conditional RBM conditions on
+which movies a user rated. Here the condition is b_u, how far the user's ratings sit above
+or below each movie's average (shrunk towards 0 for users with few ratings: the bias
+baseline's user term, `Biases.user`, computed from the same ratings the model is given),
+and five learned weights c_k turn it into a shift towards the high or the low levels.
+Why: a generous or a harsh rater is otherwise something the 100 binary hidden units have
+to encode, and with 943 training users they did it badly. The plain RBM reached a held-out
+RMSE of 0.972, no better than the bias baseline (0.971); conditioned on b_u, 0.936.
 
 Training is contrastive divergence: from the data v, compute p(h|v), sample h, run k
 Gibbs steps h → v' → h' (CD-k, k growing during training as in the paper), and move the
 weights by ΔW = ε(⟨v h⟩_data − ⟨v' h'⟩_recon) − λW, with momentum, over mini-batches of
-users. Prediction takes p(h|v) for a user's ratings (one mean-field step, as in the
-paper), then p(v_i = k | h) for every movie, and the expected rating Σ k p(v_i = k | h).
+users (b_u comes from the data and stays fixed along the chain; Δc = ε⟨b_u (v − v')⟩).
+Prediction takes p(h|v) for a user's ratings (one mean-field step, as in the paper), then
+p(v_i = k | h) for every movie, and the expected rating Σ k p(v_i = k | h).
 
 Recommending needs more than an expected rating: ranked by it alone, the top of the list
 is films a handful of people loved, which almost nobody goes on to watch (precision@10
@@ -42,7 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from dlserve.data.movielens import LEVELS, MovieLens, load_movielens
-from dlserve.models.recsys_metrics import RELEVANT_LEVEL, rmse
+from dlserve.models.recsys_metrics import RELEVANT_LEVEL, USER_DAMPING, Biases, rmse
 from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
 from training.common import (
     pick_device,
@@ -68,7 +78,7 @@ class TrainConfig:
     lr: float = 0.01
     momentum: float = 0.9  # 0.5 for the first `warm_epochs`, as Hinton's guide advises
     warm_epochs: int = 5
-    weight_decay: float = 0.001
+    weight_decay: float = 0.01
     # CD-k schedule: (k, first epoch as a fraction of all epochs), the paper's growing k.
     cd_schedule: tuple[tuple[int, float], ...] = ((1, 0.0), (3, 0.5), (5, 0.8))
     prior_strength: float = 5.0  # pseudo-ratings shrinking each movie's initial biases
@@ -79,7 +89,8 @@ QUICK = TrainConfig(epochs=8)
 
 
 class RBM(nn.Module):
-    """Weights W [movies, 5, hidden], visible biases a [movies, 5], hidden biases b [hidden].
+    """Weights W [movies, 5, hidden], visible biases a [movies, 5], hidden biases b [hidden],
+    and the offset weights c [5] that condition the visible units on the user's b_u.
 
     `forward` is the inference pass that is exported: one-hot ratings [N, movies, 5] →
     expected ratings [N, movies] and relevance [N, movies] (see the module's docstring).
@@ -91,7 +102,11 @@ class RBM(nn.Module):
         self.weight = nn.Parameter(torch.randn(cfg.n_movies, LEVELS, cfg.hidden) * 0.01)
         self.visible_bias = nn.Parameter(torch.zeros(cfg.n_movies, LEVELS))
         self.hidden_bias = nn.Parameter(torch.zeros(cfg.hidden))
+        self.offset_weight = nn.Parameter(torch.zeros(LEVELS))
         self.register_buffer("levels", torch.arange(1, LEVELS + 1, dtype=torch.float32))
+        # The bias model's μ and b_i, fitted on the training ratings (set by `train`).
+        self.register_buffer("mean_rating", torch.zeros(()))
+        self.register_buffer("item_bias", torch.zeros(cfg.n_movies))
         # Share of training users who rated each movie (set by `train`).
         self.register_buffer("rated_share", torch.zeros(cfg.n_movies))
 
@@ -99,13 +114,23 @@ class RBM(nn.Module):
         """p(h = 1 | v) [N, hidden] for one-hot ratings v [N, movies, 5]."""
         return torch.sigmoid(self.hidden_bias + v.flatten(1) @ self.weight.flatten(0, 1))
 
-    def visible_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """p(v_i = k | h) [N, movies, 5]."""
+    def user_offset(self, v: torch.Tensor) -> torch.Tensor:
+        """b_u [N] of each user's ratings, as `Biases.user` works it out."""
+        flat = v.flatten(1)  # [N, movies × 5], one 1 per rated movie
+        # Σ over rated movies of (level − μ − b_i), as one product with a [movies × 5]
+        # table. Written elementwise, it took a 64-user batch in ONNX Runtime from 15 ms
+        # (the RBM without the offset) to 25 ms; this way it costs next to nothing.
+        deviation = (self.levels - self.mean_rating - self.item_bias[:, None]).flatten()
+        return (flat @ deviation) / (USER_DAMPING + flat.sum(-1))
+
+    def visible_probs(self, h: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """p(v_i = k | h) [N, movies, 5] for users with rating offsets b_u [N]."""
         logits = (h @ self.weight.flatten(0, 1).T).view(-1, self.n_movies, LEVELS)
-        return torch.softmax(logits + self.visible_bias, dim=-1)
+        conditioned = self.visible_bias + offset[:, None, None] * self.offset_weight
+        return torch.softmax(logits + conditioned, dim=-1)
 
     def forward(self, ratings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.visible_probs(self.hidden_probs(ratings))
+        p = self.visible_probs(self.hidden_probs(ratings), self.user_offset(ratings))
         return p @ self.levels, self.rated_share * p[..., RELEVANT_LEVEL - 1:].sum(-1)
 
 
@@ -130,10 +155,11 @@ def sample_one_hot(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def cd_step(model: RBM, v0: torch.Tensor, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Gradients (ascent directions) of one CD-k step on a batch of users."""
     rated = v0.sum(-1, keepdim=True)  # 1 for rated movies: only they are reconstructed
+    offset = model.user_offset(v0)  # the condition: taken from the data, fixed in the chain
     ph0 = model.hidden_probs(v0)
     h = torch.bernoulli(ph0, generator=gen)
     for step in range(k):
-        vk = sample_one_hot(model.visible_probs(h), gen) * rated
+        vk = sample_one_hot(model.visible_probs(h, offset), gen) * rated
         phk = model.hidden_probs(vk)
         if step < k - 1:
             h = torch.bernoulli(phk, generator=gen)
@@ -143,6 +169,7 @@ def cd_step(model: RBM, v0: torch.Tensor, k: int, gen: torch.Generator) -> dict[
         "weight": ((flat0.T @ ph0 - flatk.T @ phk) / n).view_as(model.weight),
         "visible_bias": (v0 - vk).sum(0) / n,
         "hidden_bias": (ph0 - phk).sum(0) / n,
+        "offset_weight": ((v0 - vk) * offset[:, None, None]).sum((0, 1)) / n,
     }
 
 
@@ -192,6 +219,9 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         model.visible_bias.copy_(initial_visible_bias(train_users, len(catalogue),
                                                       cfg.prior_strength))
         model.rated_share.copy_(torch.from_numpy(catalogue.popularity / len(train_users)))
+        biases = Biases.fit(train_users.values(), len(catalogue))
+        model.mean_rating.fill_(biases.mean)
+        model.item_bias.copy_(torch.from_numpy(biases.item))
     params = dict(model.named_parameters())  # the buffers are not learned
     velocity = {name: torch.zeros_like(p) for name, p in params.items()}
     history: dict[str, list[float]] = {"held-out RMSE": []}
@@ -224,7 +254,8 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
     }
     config = {
         "model": "recommender",
-        "architecture": "RBM (softmax visible units over 5 rating levels, Bernoulli hidden)",
+        "architecture": "conditional RBM (softmax visible units over 5 rating levels, "
+                        "conditioned on the user's rating offset; Bernoulli hidden)",
         "model_config": asdict(model_cfg),
         "train_config": asdict(cfg),
         "catalogue": catalogue.to_json(),

@@ -19,7 +19,7 @@ import numpy as np
 from dlserve.data.movielens import load_movielens, rating_level
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.models.base import Runner, split_rows
-from dlserve.models.recsys_metrics import HeldOut, bias_baseline, ranking_report, rmse, top_k
+from dlserve.models.recsys_metrics import Biases, HeldOut, ranking_report, rmse, top_k
 from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
 from dlserve.settings import Settings
 
@@ -186,8 +186,8 @@ class RecommenderRunner(Runner):
         actual = np.concatenate([test[u].levels for u in users]).astype(np.float64)
         model_pred = np.concatenate([s[test[u].movies] for s, u in zip(scores, users,
                                                                         strict=True)])
-        bias = bias_baseline(train, len(self.catalogue))
-        bias_pred = np.concatenate([bias(u, test[u].movies) for u in users])
+        bias = Biases.fit(train.values(), len(self.catalogue))
+        bias_pred = np.concatenate([bias.predict(train[u], test[u].movies) for u in users])
         mean = np.concatenate([t.levels for t in train.values()]).mean()
         counts = np.bincount(np.concatenate([t.movies for t in train.values()]),
                              minlength=len(self.catalogue)).astype(np.float64)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,18 +69,29 @@ def ranking_report(score_rows: np.ndarray, users: list[HeldOut], k: int = 10) ->
             "ranked_users": len(precision)}
 
 
-def bias_baseline(train: dict[int, UserRatings], n_movies: int):
-    """Fit μ, b_i, b_u on the training ratings; return predict(user_id, positions)."""
-    movies = np.concatenate([u.movies for u in train.values()])
-    levels = np.concatenate([u.levels for u in train.values()]).astype(np.float64)
-    mu = levels.mean()
-    item_sum = np.bincount(movies, weights=levels - mu, minlength=n_movies)
-    item_n = np.bincount(movies, minlength=n_movies)
-    b_item = item_sum / (ITEM_DAMPING + item_n)
-    b_user = {uid: float((u.levels - mu - b_item[u.movies]).sum() / (USER_DAMPING + len(u)))
-              for uid, u in train.items()}
+@dataclass(frozen=True)
+class Biases:
+    """The user + item bias model: μ and each movie's b_i, fitted on training ratings;
+    b_u is worked out from whatever ratings a user brings, so it serves new users too.
+    The RBM conditions on the same b_u (`training.recommender.RBM.user_offset`)."""
 
-    def predict(user_id: int, positions: np.ndarray) -> np.ndarray:
-        return np.clip(mu + b_user.get(user_id, 0.0) + b_item[positions], 1, 5)
+    mean: float
+    item: np.ndarray  # [movies]
 
-    return predict
+    @classmethod
+    def fit(cls, train: Iterable[UserRatings], n_movies: int) -> Biases:
+        users = list(train)
+        movies = np.concatenate([u.movies for u in users])
+        levels = np.concatenate([u.levels for u in users]).astype(np.float64)
+        mu = float(levels.mean())
+        item_sum = np.bincount(movies, weights=levels - mu, minlength=n_movies)
+        return cls(mu, item_sum / (ITEM_DAMPING + np.bincount(movies, minlength=n_movies)))
+
+    def user(self, ratings: UserRatings) -> float:
+        """b_u: the user's mean deviation from μ + b_i, shrunk towards 0 (0 with no ratings)."""
+        deviation = ratings.levels - self.mean - self.item[ratings.movies]
+        return float(deviation.sum() / (USER_DAMPING + len(ratings)))
+
+    def predict(self, ratings: UserRatings, positions: np.ndarray) -> np.ndarray:
+        """r̂ = μ + b_u + b_i for the movies at `positions`, clipped to 1..5."""
+        return np.clip(self.mean + self.user(ratings) + self.item[positions], 1, 5)
