@@ -7,16 +7,14 @@ from pathlib import Path
 from dlserve.manifest import TensorSpec
 from dlserve.store import StoredModel
 from export.onnx_export import ExportSpec, export_and_publish
-from training.common import load_run, run_paths
+from training.common import load_trained
 from training.digits import build_model, example_inputs
 
 PARITY_BATCHES = (1, 7, 64)
 
 
 def export(artifacts_dir: Path) -> StoredModel:
-    state, config, metrics = load_run(run_paths(artifacts_dir, "digits"))
-    model = build_model(config)
-    model.load_state_dict(state)
+    model, config, metrics = load_trained(artifacts_dir, "digits", build_model)
     model_cfg = config["model_config"]
     spec = ExportSpec(
         name="digits",

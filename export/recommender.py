@@ -15,16 +15,14 @@ from dlserve.data.movielens import LEVELS
 from dlserve.manifest import TensorSpec
 from dlserve.store import StoredModel
 from export.onnx_export import ExportSpec, export_and_publish
-from training.common import load_run, run_paths
+from training.common import load_trained
 from training.recommender import build_model, example_inputs
 
 PARITY_USERS = (1, 7, 64)
 
 
 def export(artifacts_dir: Path) -> StoredModel:
-    state, config, metrics = load_run(run_paths(artifacts_dir, "recommender"))
-    model = build_model(config)
-    model.load_state_dict(state)
+    model, config, metrics = load_trained(artifacts_dir, "recommender", build_model)
     n_movies = config["model_config"]["n_movies"]
     spec = ExportSpec(
         name="recommender",

@@ -11,7 +11,7 @@ from pathlib import Path
 from dlserve.manifest import TensorSpec
 from dlserve.store import StoredModel
 from export.onnx_export import ExportSpec, export_and_publish
-from training.common import load_run, run_paths
+from training.common import load_trained
 from training.sentiment import build_model, example_inputs
 
 # (batch size, longest text): the other texts of each batch are shorter, down to 1 token.
@@ -26,9 +26,7 @@ def _lengths(batch: int, longest: int) -> list[int]:
 
 
 def export(artifacts_dir: Path) -> StoredModel:
-    state, config, metrics = load_run(run_paths(artifacts_dir, "sentiment"))
-    model = build_model(config)
-    model.load_state_dict(state)
+    model, config, metrics = load_trained(artifacts_dir, "sentiment", build_model)
     vocab_size = config["model_config"]["vocab_size"]
     spec = ExportSpec(
         name="sentiment",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
 from dlserve.settings import get_settings
 from tests.conftest import dlserve
 from tests.movielens_files import write_csv_release
-from training.common import load_run, run_paths
+from training.common import load_run, load_trained, run_paths
 from training.recommender import build_model
 
 
@@ -43,10 +44,8 @@ def test_training_writes_checkpoint_catalogue_metrics_and_curve(recommender_mode
 def test_rbm_conditions_on_the_bias_models_user_offset(recommender_model, data_dir) -> None:
     """The model's b_u is the bias baseline's, worked out inside the exported graph from
     the ratings alone; a higher b_u moves the prediction towards the high levels."""
-    state, config, _ = load_run(run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]),
-                                          "recommender"))
-    model = build_model(config)
-    model.load_state_dict(state)
+    model, config, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender",
+                                    build_model)
     catalogue = Catalogue.from_json(config["catalogue"])
     train = by_user(load_movielens(data_dir / "ml-100k").train, catalogue)
     biases = Biases.fit(train.values(), len(catalogue))
@@ -58,6 +57,24 @@ def test_rbm_conditions_on_the_bias_models_user_offset(recommender_model, data_d
     assert np.allclose(offsets.detach().numpy(), [biases.user(u) for u in users], atol=1e-5)
     assert offsets[-1] == 0 and offsets[2] < 0  # no ratings; one harsh rating
     assert np.all(np.diff(model.offset_weight.detach().numpy()) > 0)
+
+
+def test_export_refuses_a_checkpoint_of_an_older_model_by_name(recommender_model,
+                                                             tmp_path: Path) -> None:
+    """A checkpoint from before the offset weights existed: a clear error, no model stored."""
+    src = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender")
+    old = run_paths(tmp_path, "recommender")
+    shutil.copytree(src.root, old.root)
+    state = torch.load(old.checkpoint, weights_only=True)
+    del state["offset_weight"], state["item_bias"]
+    torch.save(state, old.checkpoint)
+    before = store.load("recommender").tag
+    result = dlserve("export", "recommender", check=False,
+                     env={"DLSERVE_ARTIFACTS_DIR": str(tmp_path)})
+    assert result.returncode == 2
+    assert "missing: item_bias, offset_weight" in result.stderr
+    assert "dlserve train recommender" in result.stderr and "Traceback" not in result.stderr
+    assert store.load("recommender").tag == before == recommender_model
 
 
 def test_export_manifest_carries_the_movie_table(recommender_model) -> None:

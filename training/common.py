@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ import torch
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")  # a model's TrainConfig dataclass
+M = TypeVar("M", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,23 @@ def load_run(paths: RunPaths) -> tuple[dict[str, torch.Tensor], dict[str, Any], 
             raise FileNotFoundError(f"{p} is missing: train the model first (dlserve train)")
     state = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
     return state, json.loads(paths.config.read_text()), json.loads(paths.metrics.read_text())
+
+
+def load_trained(artifacts_dir: Path, name: str,
+                 build: Callable[[dict[str, Any]], M]) -> tuple[M, dict[str, Any], dict[str, Any]]:
+    """The trained model of a finished run (built by `build` from its config), its config and
+    metrics. A checkpoint from an older version of the model is refused by name."""
+    state, config, metrics = load_run(run_paths(artifacts_dir, name))
+    model = build(config)
+    expected = model.state_dict().keys()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(f"the {name} checkpoint does not fit this version's model (missing: "
+                         f"{', '.join(missing) or 'none'}; unexpected: "
+                         f"{', '.join(unexpected) or 'none'}): train it again "
+                         f"(dlserve train {name})")
+    model.load_state_dict(state)
+    return model, config, metrics
 
 
 def plot_curve(history: dict[str, list[float]], out: Path, title: str) -> None:
