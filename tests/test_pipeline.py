@@ -16,7 +16,7 @@ from dlserve import store
 from dlserve.manifest import ModelIntegrityError
 from export.onnx_export import ExportSpec, ParityError, check_parity
 from tests.conftest import ROOT, dlserve
-from training.common import load_run, run_paths
+from training.common import load_run, load_trained, run_paths
 from training.digits import build_model, example_inputs
 
 
@@ -54,9 +54,7 @@ def test_tampered_onnx_file_is_refused(digits_model: str) -> None:
 
 
 def test_parity_check_reports_by_how_much_it_missed(digits_model: str) -> None:
-    state, config, _ = load_run(run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits"))
-    model = build_model(config)
-    model.load_state_dict(state)
+    model, _, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits", build_model)
     with torch.no_grad():
         model.output.bias += 0.01  # the PyTorch model no longer matches the stored ONNX
     spec = ExportSpec(name="digits", task="", architecture="", inputs=[], outputs=[],
