@@ -188,7 +188,6 @@ class RecommenderRunner(Runner):
                                                                         strict=True)])
         bias = Biases.fit(train.values(), len(self.catalogue))
         bias_pred = np.concatenate([bias.predict(train[u], test[u].movies) for u in users])
-        mean = np.concatenate([t.levels for t in train.values()]).mean()
         counts = np.bincount(np.concatenate([t.movies for t in train.values()]),
                              minlength=len(self.catalogue)).astype(np.float64)
         popularity = np.broadcast_to(counts, scores.shape)
@@ -203,7 +202,7 @@ class RecommenderRunner(Runner):
             # The same metrics for a list ranked by expected rating alone, for comparison.
             "ranked_by_expected_rating": ranking_report(scores, held_out, RANK_K),
             "baselines": {
-                "global_mean": {"rmse": round(rmse(np.full_like(actual, mean), actual), 4)},
+                "global_mean": {"rmse": round(rmse(np.full_like(actual, bias.mean), actual), 4)},
                 "user_item_bias": {"rmse": round(rmse(bias_pred, actual), 4)},
                 "popularity": ranking_report(popularity, held_out, RANK_K),
             },
