@@ -20,20 +20,20 @@ from typing import Any
 log = logging.getLogger("dlserve.service")
 
 
-def drop_bentoml_timeout() -> bool:
-    """Leave BentoML's TimeoutMiddleware out of every app it builds; whether that worked."""
+def drop_bentoml_timeout() -> None:
+    """Leave BentoML's TimeoutMiddleware out of every app it builds."""
     try:
         from bentoml._internal.server.base_app import BaseAppFactory
         from bentoml._internal.server.http.traffic import TimeoutMiddleware
     except ImportError:
         log.warning("BentoML's TimeoutMiddleware not found; leaving BentoML's stack as it is")
-        return False
+        return
     built = BaseAppFactory.__dict__.get("middlewares")
     if not isinstance(built, property) or built.fget is None:
         log.warning("BentoML's middleware list has changed shape; leaving it as it is")
-        return False
+        return
     if getattr(built.fget, "drops_bentoml_timeout", False):
-        return True  # already done (the module was imported again)
+        return  # already done (the module was imported again)
     original = built.fget
 
     def middlewares(self: Any) -> list[Any]:
@@ -41,4 +41,3 @@ def drop_bentoml_timeout() -> bool:
 
     middlewares.drops_bentoml_timeout = True  # type: ignore[attr-defined]
     BaseAppFactory.middlewares = property(middlewares)  # type: ignore[method-assign]
-    return True
