@@ -35,7 +35,9 @@ def test_training_writes_checkpoint_vocabulary_metrics_and_curve(sentiment_model
         assert state[f"members.{i}.embed.weight"].shape == (len(vocab["tokens"]), 200)
         assert {f"members.{i}.forward_lstm.weight_ih_l0",
                 f"members.{i}.backward_lstm.weight_ih_l0"} <= set(state)
-    assert metrics["dev_accuracy_torch"] > 0.7 and metrics["best_epoch"] >= 1
+    # The one-epoch --quick model scores 81.3 %; started at N(0, 1) instead of N(0, 0.1), its
+    # word vectors held it to 74.3 % (training/sentiment.py, EMBED_INIT_STD).
+    assert metrics["dev_accuracy_torch"] > 0.78 and metrics["best_epoch"] >= 1
     assert len(metrics["history"]["dev accuracy"]) == metrics["epochs_run"]
     assert paths.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -84,5 +86,5 @@ def test_eval_json_reports_dev_accuracy_through_onnx(sentiment_model) -> None:
     metrics = json.loads(dlserve("eval", "sentiment", "--json").stdout)
     assert metrics["model"] == sentiment_model and metrics["examples"] == 872
     assert metrics["split"] == "dev" and metrics["provider"] == "CPUExecutionProvider"
-    assert metrics["accuracy"] > 0.7
+    assert metrics["accuracy"] > 0.78
     assert set(metrics["per_class_accuracy"]) == {"negative", "positive"}

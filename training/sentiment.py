@@ -2,9 +2,10 @@
 
 Each BiLSTM: embedding → BiLSTM → max- and mean-pooling over the real tokens → dropout →
 linear. The model is a small ensemble of them (three by default), each trained on its own
-loss from its own random start; the prediction averages their logits. On SST-2 dev it
-scores about as well as one larger BiLSTM (embedding 300, hidden 256: 84.6 % and 84.9 % in
-two runs, against 84.6 %); `members=1` with those sizes trains that one.
+loss from its own random start; the prediction averages their logits. With word vectors
+started at PyTorch's N(0, 1), it scored on SST-2 dev about as well as one larger BiLSTM
+(embedding 300, hidden 256: 84.6 % and 84.9 % in two runs, against 84.6 %); `members=1`
+with those sizes trains that one.
 
 Padding never changes a prediction. The input is only token ids, padded with id 0 after
 each text; the model derives each text's length from them. The forward LSTM reads a text
@@ -19,7 +20,8 @@ early stopping (GLUE keeps the test labels private, so dev is where SST-2 result
 reported), Adam with a cosine learning-rate decay, dropout on embeddings and features,
 gradient clipping, and word dropout (a few training tokens replaced by <unk>) so that the
 model learns what to do with words it has never seen. No pretrained word vectors: the
-model learns from SST-2 alone.
+model learns from SST-2 alone, its word vectors starting near zero (N(0, 0.1)) so that a
+rare word is not drowned in its random start.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class TrainConfig:
     seed: int = 0
 
 
+EMBED_INIT_STD = 0.1
 QUICK = TrainConfig(epochs=1, patience=1)  # ~80 s on 2 cores
 
 
@@ -80,6 +83,14 @@ class BiLSTM(nn.Module):
     def __init__(self, cfg: LstmConfig) -> None:
         super().__init__()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=PAD_ID)
+        # Word vectors start small, not at PyTorch's N(0, 1). Half of SST-2's training words
+        # occur in 8 phrases or fewer, and a few dozen Adam steps of ~1e-3 hardly move a
+        # unit-variance random vector: such a word stays noise of norm ~14 to the LSTM.
+        # Started near zero, a rare word is mostly what training taught it.
+        # Dev accuracy 84.52 % → 85.55 % (README, "Results").
+        nn.init.normal_(self.embed.weight, std=EMBED_INIT_STD)
+        with torch.no_grad():
+            self.embed.weight[PAD_ID].zero_()
         self.forward_lstm = nn.LSTM(cfg.embed_dim, cfg.hidden, batch_first=True)
         self.backward_lstm = nn.LSTM(cfg.embed_dim, cfg.hidden, batch_first=True)
         self.dropout = nn.Dropout(cfg.dropout)
