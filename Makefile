@@ -33,7 +33,7 @@ bench: install bench-tools
 	$(BIN)/dlserve bench
 
 lint: install
-	$(BIN)/ruff check dlserve training export service tests
+	$(BIN)/ruff check dlserve readers training export evaluation service cli bench tests
 
 clean:
 	rm -rf $(VENV) artifacts

@@ -1,7 +1,10 @@
-"""dlserve: train → export → serve for three deep-learning models.
+"""dlserve's torch-free core: everything the serving image carries besides service/.
 
-This package holds the torch-free pieces that every stage shares: settings, data readers,
-preprocessing, the model manifest, the model store and the ONNX Runtime session factory.
+Settings, the model registry and each model's contract (models/), the ONNX Runtime
+runners (runners/) and their one session factory (runtime.py), the one image
+preprocessing, tokenizer and rating encoding (preprocess/), the model manifest and the
+model store. It imports nothing from training/, export/, readers/, evaluation/, the CLI
+or the bench.
 """
 
 __version__ = "0.1.0"

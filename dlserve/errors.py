@@ -1,10 +1,10 @@
-"""Errors that describe a bad input, shared by the service and the batch scorer.
-
-Each carries the HTTP status the service answers with; the batch scorer reports the same
-message per row. Messages name the field and what was expected.
+"""Errors that describe a bad input: each carries the HTTP status the service answers
+with, and its message names the field and what was expected.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class InputError(ValueError):
@@ -33,3 +33,19 @@ def check_item_list(items: object, field: str, *, expected: str, noun: str,
     if len(items) > max_items:
         raise PayloadTooLarge(
             f"{field}: {len(items)} {noun} is more than the limit of {max_items} per request")
+
+
+def describe_validation_errors(errors: list[dict[str, Any]], limit: int = 5) -> str:
+    """pydantic's errors as one line that names each field: "images[0][3]: Input should be
+    a valid number"; a body that is no JSON at all says so."""
+    parts = []
+    for err in errors[:limit]:
+        loc = err.get("loc", ())
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+        msg = err.get("msg", "invalid")
+        if err.get("type") == "json_invalid":
+            msg = f"body is not valid JSON ({err.get('ctx', {}).get('error', msg)})"
+            path = ""
+        parts.append(f"{path}: {msg}" if path else msg)
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more

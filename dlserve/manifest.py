@@ -77,7 +77,13 @@ class Manifest:
 def read_manifest(model_dir: Path) -> Manifest:
     path = model_dir / MANIFEST_FILE
     try:
-        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        written = raw.get("format_version") if isinstance(raw, dict) else None
+        if written != FORMAT_VERSION:
+            raise ModelIntegrityError(
+                f"{path} is manifest format {written}, and this dlserve reads format "
+                f"{FORMAT_VERSION}; re-export the model with this version (dlserve export)")
+        return Manifest.from_dict(raw)
     except FileNotFoundError:
         raise ModelIntegrityError(
             f"{path} is missing; re-export the model (dlserve export)") from None

@@ -69,9 +69,10 @@ def _session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def create_session(onnx_path: Path, *, providers: tuple[str, ...] | list[str] = (),
+def create_session(onnx_path: Path, *, label: str = "", providers: tuple[str, ...] | list[str] = (),
                    threads: int = 1, cache_dir: Path | None = None) -> Session:
-    """Open `onnx_path` on the first provider in `providers` that really initialises."""
+    """Open `onnx_path` on the first provider in `providers` that really initialises;
+    `label` (the model's tag) names it in the fallback warning."""
     wanted = resolve_providers(providers)
     available = set(ort.get_available_providers())
     failed: list[str] = []
@@ -104,7 +105,7 @@ def create_session(onnx_path: Path, *, providers: tuple[str, ...] | list[str] = 
             continue
         if failed:
             log.warning("%s: %s not usable on this machine; running on %s",
-                        onnx_path.name, ", ".join(failed), provider)
+                        label or onnx_path, ", ".join(failed), provider)
         return Session(
             session=sess,
             provider=provider,
@@ -112,6 +113,6 @@ def create_session(onnx_path: Path, *, providers: tuple[str, ...] | list[str] = 
             output_names=[o.name for o in sess.get_outputs()],
         )
     raise RuntimeError(
-        f"no execution provider among {wanted} works here "
+        f"{label or onnx_path}: no execution provider among {wanted} works here "
         f"(available: {sorted(available)}; failed: {failed})"
     )

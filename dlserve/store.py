@@ -1,5 +1,5 @@
 """dlserve models in BentoML's model store: `<name>:<version>` holding model.onnx and
-manifest.json. Torch-free; used by export (write) and by serving, eval and scoring (read).
+manifest.json. Torch-free; used by export (write) and by serving and eval (read).
 """
 
 from __future__ import annotations

@@ -2,33 +2,34 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 from dlserve.manifest import TensorSpec
 from dlserve.store import StoredModel
 from export.onnx_export import ExportSpec, export_and_publish
 from training.common import load_trained
-from training.digits import build_model, example_inputs
+from training.digits import DigitsRun, build_model, example_inputs
 
 PARITY_BATCHES = (1, 7, 64)
 
 
-def export(artifacts_dir: Path) -> StoredModel:
-    model, config, metrics = load_trained(artifacts_dir, "digits", build_model)
-    model_cfg = config["model_config"]
+def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
+    model, run, metrics = load_trained(artifacts_dir, "digits", DigitsRun, build_model)
+    cfg = run.model_config
     spec = ExportSpec(
         name="digits",
         task="image-classification",
-        architecture=config["architecture"],
+        architecture=run.architecture,
         inputs=[TensorSpec("pixels", "float32", ["batch", 1, 28, 28])],
-        outputs=[TensorSpec("logits", "float32", ["batch", model_cfg["num_classes"]])],
-        preprocessing={"kind": "mnist", "mean": model_cfg["mean"], "std": model_cfg["std"],
+        outputs=[TensorSpec("logits", "float32", ["batch", cfg.num_classes])],
+        preprocessing={"kind": "mnist", "mean": cfg.mean, "std": cfg.std,
                        "size": [28, 28], "ink": "bright on dark", "pixel_range": [0, 255]},
-        labels=[str(d) for d in range(model_cfg["num_classes"])],
+        labels=[str(d) for d in range(cfg.num_classes)],
         assets={},
-        metrics={k: v for k, v in metrics.items() if k != "history"},
-        training_data=config["data"],
+        metrics=metrics,
+        training_data=asdict(run.data),
         example=example_inputs(2),
         parity_cases=[example_inputs(b, seed=b) for b in PARITY_BATCHES],
     )
-    return export_and_publish(model, spec)
+    return export_and_publish(model, spec, precision=precision)

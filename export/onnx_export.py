@@ -32,6 +32,8 @@ from dlserve.store import StoredModel, publish
 log = logging.getLogger(__name__)
 
 OPSET = 18
+# What `--precision` can build so far; fp16 and int8 variants are not built yet.
+PRECISIONS = ("fp32",)
 
 
 class ParityError(AssertionError):
@@ -112,7 +114,16 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, spec: ExportSpec) -> f
     return worst
 
 
-def export_and_publish(model: torch.nn.Module, spec: ExportSpec) -> StoredModel:
+class UnsupportedPrecision(ValueError):
+    """A precision variant this version cannot build."""
+
+
+def export_and_publish(model: torch.nn.Module, spec: ExportSpec, *,
+                       precision: str = "fp32") -> StoredModel:
+    if precision not in PRECISIONS:
+        raise UnsupportedPrecision(
+            f"--precision {precision}: this version builds {', '.join(PRECISIONS)} only; "
+            "FP16 and INT8 variants are not built yet")
     model = model.eval().cpu()
     with tempfile.TemporaryDirectory(prefix=f"dlserve-export-{spec.name}-") as tmp:
         path = Path(tmp) / "model.onnx"
@@ -128,7 +139,7 @@ def export_and_publish(model: torch.nn.Module, spec: ExportSpec) -> StoredModel:
             inputs=spec.inputs,
             outputs=spec.outputs,
             opset=opset,
-            precision="fp32",
+            precision=precision,
             onnx_sha256=sha256_file(path),
             preprocessing=spec.preprocessing,
             labels=spec.labels,

@@ -5,15 +5,20 @@ refuses at once, before the body is read into memory, with a JSON `{"error": ...
 names the problem and the setting behind the limit:
 
 - 401 without the right `Authorization: Bearer <key>` when DLSERVE_API_KEY is set
-  (compared in constant time; the open paths, by default /livez /readyz /metrics, need none);
-- 415 for any pickle body, on every route, and for a body type the route does not take;
+  (compared in constant time; the open paths, by default the probes and /metrics, need none);
+- 415 for any pickle body, on every route, and for a body type the route does not take
+  (each route's content types are declared once, in its registry entry);
 - 413 for a body over DLSERVE_MAX_BODY_BYTES: from Content-Length before reading anything,
   or, for a chunked body, as soon as the bytes received pass the limit;
 - 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand;
 - 504 for a request not answered within DLSERVE_REQUEST_TIMEOUT_S.
 
-On the way out, it spells out BentoML's validation errors in every 400
-(service/responses.py), and closes about one keep-alive connection in
+A POST to a predict route is then answered here, by service/predict.py, with the body
+read within the limit; everything else (GET /models, the probes, /metrics, the docs)
+goes on to BentoML. Answering here rather than in BentoML's endpoint skips its router,
+its input model, its context and its serialisation: digits, one JSON image per request,
+64 clients, 2 workers, 3 rounds of 20 s side by side, went from 4,572 to 8,330 requests/s
+(median) and p99 from 24 to 14 ms. BentoML's metrics middleware still sees every request. On the way out, it closes about one keep-alive connection in
 DLSERVE_KEEPALIVE_REQUESTS (`edit_responses` says why). One layer does all of it because
 every ASGI layer costs each request a call and a wrapped send(). The timeout is here, not
 BentoML's (`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per
@@ -33,19 +38,18 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from dlserve.settings import Settings, get_settings
-from service.responses import clarify_validation_error, count_error, json_response
+from dlserve.registry import JSON, Route
+from dlserve.settings import HEALTH_PATHS, Settings, get_settings
+from service import predict
+from service.metrics import get_metrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Refusal = tuple[int, str, dict[str, str]]
-
-# Routes that take a raw file rather than JSON, and the media types they accept.
-FILE_ROUTES = {"/digits/predict_image": ("image/", "application/octet-stream")}
-JSON_TYPES = ("application/json",)
-# Health and metrics are cheap and must answer even when the predict routes are saturated.
-UNCAPPED_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/healthz"})
+Routes = dict[str, tuple[str, Route]]  # path → (model, route)
+# The probes and the metrics must answer even when the predict routes are saturated.
+UNCAPPED_PATHS = frozenset(HEALTH_PATHS)
 
 
 def media_type(headers: dict[bytes, bytes]) -> str:
@@ -60,8 +64,9 @@ def _replay(messages: deque[Message], receive: Any) -> Any:
 
 
 class RequestGuard:
-    def __init__(self, app: Any, settings: Settings | None = None) -> None:
+    def __init__(self, app: Any, routes: Routes, settings: Settings | None = None) -> None:
         self.app = app
+        self.routes = routes
         settings = settings or get_settings()
         self.api_key = settings.api_key.encode()
         self.open_paths = frozenset(settings.open_paths)
@@ -70,6 +75,7 @@ class RequestGuard:
         self.recycle_every = settings.keepalive_requests
         self.timeout_s = settings.request_timeout_s
         self.in_flight = 0
+        self.service: Any = None  # the worker's DLServe instance, found on first use
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -96,21 +102,35 @@ class RequestGuard:
 
     async def pass_on(self, scope: Scope, receive: Any, send: Send,
                       headers: dict[bytes, bytes], deadline: asyncio.Timeout) -> None:
-        """Hand the request to the app; a chunked body is first read, up to the limit."""
-        if b"content-length" not in headers and b"chunked" in headers.get(
-                b"transfer-encoding", b"").lower():
-            body = await self.read_chunked(receive)
-            if body is None:
-                await self.refuse((413, f"request body is more than the limit of "
-                                   f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
-                                  scope, receive, send)
-                return
-            receive = _replay(body, receive)
-        await self.app(scope, receive, self.edit_responses(scope["path"], send, deadline))
+        """Answer a predict request (service/predict.py), or hand the request to BentoML;
+        a body is first read, up to the limit."""
+        target = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
+        chunked = b"content-length" not in headers and b"chunked" in headers.get(
+            b"transfer-encoding", b"").lower()
+        if target is None and not chunked:
+            await self.app(scope, receive, self.edit_responses(send, deadline))
+            return
+        messages = await self.read_body(receive)
+        if messages is None:
+            await self.refuse((413, f"request body is more than the limit of "
+                               f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
+                              scope, receive, send)
+            return
+        if messages[-1]["type"] != "http.request":
+            return  # the client went away
+        if target is None:
+            await self.app(scope, _replay(messages, receive), self.edit_responses(send, deadline))
+            return
+        model, route = target
+        service = self.service or _current_service()
+        self.service = service
+        body = b"".join(m.get("body", b"") for m in messages)
+        response = await predict.answer(service, model, route, body)
+        await response(scope, receive, self.edit_responses(send, deadline))
 
-    def edit_responses(self, path: str, send: Send, deadline: asyncio.Timeout) -> Send:
-        """send(), with the deadline lifted once the answer begins, a 400's body clarified
-        and, about once in `recycle_every` responses, `Connection: close` added.
+    def edit_responses(self, send: Send, deadline: asyncio.Timeout) -> Send:
+        """send(), with the deadline lifted once the answer begins and, about once in
+        `recycle_every` responses, `Connection: close` added.
 
         Why close connections: workers share one listening socket, and whichever is first
         to call accept() takes a new connection; a burst of connections can all land on
@@ -122,37 +142,24 @@ class RequestGuard:
         `keepalive_requests` is the same idea.
         """
         close = self.recycle_every > 0 and random.randrange(self.recycle_every) == 0
-        held: Message | None = None  # a 400's response start, held until its body is read
-        chunks: list[bytes] = []
 
         async def edited_send(message: Message) -> None:
-            nonlocal held
             if message["type"] == "http.response.start":
                 deadline.reschedule(None)
                 if close:
                     message = {**message,
                                "headers": [*message["headers"], (b"connection", b"close")]}
-                if message["status"] == 400:
-                    held = message
-                    return
-            elif held is not None:
-                chunks.append(message.get("body", b""))
-                if message.get("more_body"):
-                    return
-                body = clarify_validation_error(path, b"".join(chunks))
-                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
-                await send({**held, "headers": [*headers,
-                                                (b"content-length", str(len(body)).encode())]})
-                message = {"type": "http.response.body", "body": body}
             await send(message)
 
         return edited_send
 
-    @staticmethod
-    async def refuse(refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:
+    async def refuse(self, refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:
+        """Answer with the refusal, counted in dlserve_errors_total under its route's model."""
         status, message, extra_headers = refusal
-        count_error(scope["path"], f"http_{status}")
-        await json_response({"error": message}, status, extra_headers)(scope, receive, send)
+        if target := self.routes.get(scope["path"]):
+            get_metrics().errors.labels(model=target[0], reason=f"http_{status}").inc()
+        await predict.json_response({"error": message}, status, extra_headers)(
+            scope, receive, send)
 
     def check_concurrency(self, path: str) -> Refusal | None:
         if path in UNCAPPED_PATHS or self.in_flight < self.max_concurrency:
@@ -171,21 +178,19 @@ class RequestGuard:
         return (401, "missing or wrong API key: send `Authorization: Bearer <key>`",
                 {"WWW-Authenticate": "Bearer"})
 
-    @staticmethod
-    def check_type(scope: Scope, headers: dict[bytes, bytes]) -> Refusal | None:
+    def check_type(self, scope: Scope, headers: dict[bytes, bytes]) -> Refusal | None:
         kind = media_type(headers)
         if "pickle" in kind:
             return (415, f"Content-Type {kind} is refused: dlserve never unpickles client "
                     "data; send JSON", {})
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
-        accepted = FILE_ROUTES.get(scope["path"], JSON_TYPES)
-        if accepted is JSON_TYPES and kind in ("", *JSON_TYPES):
-            return None
-        if kind and any(kind.startswith(a) for a in accepted):
+        target = self.routes.get(scope["path"])
+        accepted = target[1].content_types if target else (JSON,)
+        if target[1].accepts(kind) if target else kind in ("", JSON):
             return None
         return (415, f"Content-Type {kind or '(none)'} is not accepted by {scope['path']}; "
-                f"send {' or '.join(a + '*' if a.endswith('/') else a for a in accepted)}", {})
+                f"send {' or '.join(accepted)}", {})
 
     def check_length(self, headers: dict[bytes, bytes]) -> Refusal | None:
         raw = headers.get(b"content-length")
@@ -198,8 +203,10 @@ class RequestGuard:
                     f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {})
         return None
 
-    async def read_chunked(self, receive: Any) -> deque[Message] | None:
-        """Read a chunked body, at most max_body bytes of it; None once it goes over."""
+    async def read_body(self, receive: Any) -> deque[Message] | None:
+        """The body's messages, at most max_body bytes of it (a chunked body can go over
+        what no Content-Length announced); None once it does. The last message is not an
+        `http.request` when the client went away."""
         messages: deque[Message] = deque()
         size = 0
         while True:
@@ -212,3 +219,9 @@ class RequestGuard:
                 return None
             if not message.get("more_body"):
                 return messages
+
+
+def _current_service() -> Any:
+    import bentoml
+
+    return bentoml.get_current_service()

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dlserve.bench.http import Server, dlserve_server
+from bench.http import Server, dlserve_server
 
 ROOT = Path(__file__).resolve().parent.parent
 # Hermetic: nothing the tests do touches the user's ~/bentoml or ./artifacts. Set before any

@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from dlserve.bench import http, workloads
+from bench import http, workloads
+from dlserve.registry import DataSource
 from tests.conftest import dlserve
 
 needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None,
@@ -24,8 +25,9 @@ def test_naive_peer_answers_like_the_service(digits_model: str, client: httpx.Cl
     naive = http.naive_server(["digits"])
     try:
         naive.start()
-        for path, body in workloads.digits_requests(data_dir, 3, 2) + \
-                workloads.digits_requests(data_dir, 3, 2, base64_pixels=True):
+        source = DataSource(data_dir, None)
+        for path, body in workloads.digits_requests(source, 3, 2) + \
+                workloads.digits_requests(source, 3, 2, "base64"):
             ours = client.post(path, content=body, headers={"Content-Type": "application/json"})
             theirs = httpx.post(naive.url + path, content=body,
                                 headers={"Content-Type": "application/json"}, timeout=30)
@@ -93,4 +95,4 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
         assert heading in md
     # Every server the bench started is gone.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "dlserve.bench.naive_server" not in ps
+    assert "bench.naive_server" not in ps

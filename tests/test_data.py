@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlserve.data.download import DataError, RemoteFile, fetch
-from dlserve.data.mnist import load_mnist, read_idx
-from dlserve.data.sst2 import load_sst2, read_tsv
+from readers.download import DataError, RemoteFile, fetch
+from readers.mnist import load_mnist, read_idx
+from readers.sst2 import load_sst2, read_tsv
 
 
 def test_load_mnist_reads_the_shared_split(data_dir: Path) -> None:

@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from dlserve.bench.http import Server
+from bench.http import Server
 from dlserve.hashing import sha256_file
 from dlserve.manifest import MANIFEST_FILE, ONNX_FILE
 from tests.conftest import start_server

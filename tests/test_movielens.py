@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlserve.data.download import DataError
-from dlserve.data.movielens import (
+from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
+from readers.download import DataError
+from readers.movielens import (
     hashed_test_rows,
     load_movielens,
     rating_level,
     read_ratings_csv,
     read_ratings_tsv,
 )
-from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
 from tests.movielens_files import write_csv_release
 
 

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from dlserve.bench.http import Server
+from bench.http import Server
 from dlserve.manifest import ModelIntegrityError, check_external_data
 from tests.conftest import dlserve
 

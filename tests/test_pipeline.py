@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -17,15 +16,15 @@ from dlserve.manifest import ModelIntegrityError
 from export.onnx_export import ExportSpec, ParityError, check_parity
 from tests.conftest import ROOT, dlserve
 from training.common import load_run, load_trained, run_paths
-from training.digits import build_model, example_inputs
+from training.digits import DigitsRun, build_model, example_inputs
 
 
 def test_training_writes_checkpoint_config_metrics_and_curve(digits_model: str) -> None:
     paths = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits")
-    state, config, metrics = load_run(paths)  # weights_only=True inside
+    state, run, metrics = load_run(paths, DigitsRun)  # weights_only=True inside
     assert set(state) >= {"c1.weight", "c3.weight", "c5.weight", "f6.weight", "output.weight"}
     assert state["c5.weight"].shape == (120, 16, 5, 5)
-    assert config["architecture"] == "LeNet-5" and config["train_config"]["epochs"] == 4
+    assert run.architecture == "LeNet-5" and run.train_config.epochs == 4
     assert metrics["test_accuracy_torch"] > 0.95 and len(metrics["history"]["train loss"]) == 4
     assert paths.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -54,7 +53,8 @@ def test_tampered_onnx_file_is_refused(digits_model: str) -> None:
 
 
 def test_parity_check_reports_by_how_much_it_missed(digits_model: str) -> None:
-    model, _, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits", build_model)
+    model, _, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits", DigitsRun,
+                               build_model)
     with torch.no_grad():
         model.output.bias += 0.01  # the PyTorch model no longer matches the stored ONNX
     spec = ExportSpec(name="digits", task="", architecture="", inputs=[], outputs=[],
@@ -80,21 +80,42 @@ def test_eval_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
 
 def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str,
                                        recommender_model: str) -> None:
-    """The serving path (service module, model loading, a prediction) never loads torch."""
+    """The serving path (service module, model loading, a prediction) never loads torch,
+    the training or export code, the data readers, evaluation or the bench."""
     code = (
         "import sys, numpy as np\n"
         "import service.app\n"
-        "from dlserve.models import load_runner\n"
+        "from dlserve.registry import load_runner\n"
         "from dlserve.settings import get_settings\n"
         "r = load_runner('digits', get_settings())\n"
         "r.warm_up(); r.predict(np.zeros((3, 28, 28), np.float32))\n"
         "s = load_runner('sentiment', get_settings())\n"
-        "s.warm_up(); s.predict(s.parse_texts(['Fine.'], max_items=1, max_chars=9))\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "s.warm_up(); s.predict([s.encode('Fine.')])\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+        "             ('torch', 'training', 'export', 'readers', 'evaluation', 'bench', 'cli'))\n"
         "assert not bad, bad\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=ROOT, env=os.environ)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
-    assert np is not None
+
+
+def test_export_refuses_a_precision_it_cannot_build_yet(digits_model: str) -> None:
+    result = dlserve("export", "digits", "--precision", "int8", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--precision int8: this version builds fp32 only" in result.stderr
+    assert store.load("digits").tag == digits_model  # nothing new was stored
+
+
+def test_a_manifest_of_another_format_is_refused(digits_model: str) -> None:
+    stored = store.load("digits")
+    path = stored.path / "manifest.json"
+    original = path.read_text()
+    try:
+        path.write_text(original.replace('"format_version": 1', '"format_version": 2'))
+        with pytest.raises(ModelIntegrityError, match="is manifest format 2, and this dlserve "
+                                                      "reads format 1; re-export"):
+            store.load("digits")
+    finally:
+        path.write_text(original)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dlserve.data.mnist import load_mnist
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.images import decode_image, normalize, to_mnist
+from readers.mnist import load_mnist
 from tests.images import as_user_file
 
 

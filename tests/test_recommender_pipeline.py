@@ -13,15 +13,16 @@ import pytest
 import torch
 
 from dlserve import store
-from dlserve.data.movielens import load_movielens
-from dlserve.models import load_runner
-from dlserve.models.recsys_metrics import Biases
+from dlserve.models.recommender import user_ratings
 from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
+from dlserve.registry import load_runner
 from dlserve.settings import get_settings
+from evaluation.recsys import Biases
+from readers.movielens import load_movielens
 from tests.conftest import dlserve
 from tests.movielens_files import write_csv_release
 from training.common import load_run, load_trained, run_paths
-from training.recommender import build_model
+from training.recommender import RecommenderRun, build_model
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,11 @@ def runner(recommender_model: str):
 
 def test_training_writes_checkpoint_catalogue_metrics_and_curve(recommender_model) -> None:
     paths = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender")
-    state, config, metrics = load_run(paths)  # weights_only=True inside
-    hidden = config["model_config"]["hidden"]
+    state, run, metrics = load_run(paths, RecommenderRun)  # weights_only=True inside
+    hidden = run.model_config.hidden
     assert state["weight"].shape == (1682, 5, hidden) and state["visible_bias"].shape == (1682, 5)
-    assert config["catalogue"]["titles"][49] == "Star Wars (1977)"
-    assert sum(config["catalogue"]["popularity"]) == 80_000
+    assert run.catalogue["titles"][49] == "Star Wars (1977)"
+    assert sum(run.catalogue["popularity"]) == 80_000
     assert len(metrics["history"]["held-out RMSE"]) == metrics["epochs_run"]
     assert metrics["held_out_rmse_torch"] < 1.0
     assert paths.curve.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -44,9 +45,9 @@ def test_training_writes_checkpoint_catalogue_metrics_and_curve(recommender_mode
 def test_rbm_conditions_on_the_bias_models_user_offset(recommender_model, data_dir) -> None:
     """The model's b_u is the bias baseline's, worked out inside the exported graph from
     the ratings alone; a higher b_u moves the prediction towards the high levels."""
-    model, config, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender",
-                                    build_model)
-    catalogue = Catalogue.from_json(config["catalogue"])
+    model, run, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender",
+                                 RecommenderRun, build_model)
+    catalogue = Catalogue.from_json(run.catalogue)
     train = by_user(load_movielens(data_dir / "ml-100k").train, catalogue)
     biases = Biases.fit(train.values(), len(catalogue))
     assert float(model.mean_rating) == pytest.approx(biases.mean, abs=1e-6)
@@ -87,12 +88,12 @@ def test_export_manifest_carries_the_movie_table(recommender_model) -> None:
 
 
 def test_onnx_outputs_ratings_and_relevance_independent_of_the_batch(runner) -> None:
-    (query,) = runner.parse_query([(50, 5), (172, 4.5), (181, 1)], k=5, max_ratings=10)
-    other = runner.parse_query([(1, 2), (2, 3)], k=5, max_ratings=10)[0]
-    expected, relevance = runner.predict([query.user, other.user, query.user])
+    user = user_ratings(runner, [(50, 5), (172, 4.5), (181, 1)], max_ratings=10)
+    other = user_ratings(runner, [(1, 2), (2, 3)], max_ratings=10)
+    expected, relevance = runner.predict([user, other, user])
     assert expected.shape == relevance.shape == (3, 1682)
     assert np.all((expected >= 1) & (expected <= 5)) and np.all((relevance >= 0) & (relevance <= 1))
-    alone = runner.predict([query.user])
+    alone = runner.predict([user])
     assert np.allclose(expected[2], alone[0][0], atol=1e-5)
     assert np.allclose(expected[0], expected[2])
     # Relevance is the chance of a 4 or 5 times the share of users who rated the movie.

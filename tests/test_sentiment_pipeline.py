@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 
 from dlserve import store
-from dlserve.data.sst2 import load_sst2
-from dlserve.models import load_runner
-from dlserve.models.sentiment import length_buckets
+from dlserve.models.sentiment import token_ids
 from dlserve.preprocess.text import Vocabulary
+from dlserve.registry import load_runner
+from dlserve.runners.sentiment import length_buckets
 from dlserve.settings import get_settings
+from readers.sst2 import load_sst2
 from tests.conftest import dlserve
 from training.common import load_run, run_paths
+from training.sentiment import SentimentRun
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +29,10 @@ def runner(sentiment_model: str):
 
 def test_training_writes_checkpoint_vocabulary_metrics_and_curve(sentiment_model) -> None:
     paths = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "sentiment")
-    state, config, metrics = load_run(paths)  # weights_only=True inside
-    vocab = config["vocabulary"]
+    state, run, metrics = load_run(paths, SentimentRun)  # weights_only=True inside
+    vocab = run.vocabulary
     assert vocab["tokens"][:2] == ["<pad>", "<unk>"] and vocab["max_tokens"] == 256
-    members = config["model_config"]["members"]
+    members = run.model_config.members
     for i in range(members):
         assert state[f"members.{i}.embed.weight"].shape == (len(vocab["tokens"]), 200)
         assert {f"members.{i}.forward_lstm.weight_ih_l0",
@@ -53,17 +55,17 @@ def test_export_manifest_carries_the_vocabulary_and_dynamic_axes(sentiment_model
 
 def test_training_and_serving_turn_text_into_the_same_ids(runner, data_dir: Path) -> None:
     """Training encodes with the vocabulary it built; serving with the one in the manifest."""
-    _, config, _ = load_run(run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "sentiment"))
-    trained = Vocabulary.from_json(config["vocabulary"])
+    _, run, _ = load_run(run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "sentiment"),
+                         SentimentRun)
+    trained = Vocabulary.from_json(run.vocabulary)
     texts = load_sst2(data_dir, "dev").texts + [
         "It's a charming, often affecting journey!", "Don't see it -- awful...", "😀 ok"]
-    served = runner.parse_texts(texts, max_items=len(texts), max_chars=10_000)
+    served = token_ids(runner, texts, max_items=len(texts), max_chars=10_000)
     assert served == trained.encode_corpus(texts)
 
 
 def test_onnx_prediction_ignores_padding(runner) -> None:
-    ids = runner.parse_texts(["A fast, funny, highly enjoyable movie."], max_items=1,
-                             max_chars=100)[0]
+    ids = runner.encode("A fast, funny, highly enjoyable movie.")
     session = runner.session
     padded = [np.array([ids + [0] * extra], dtype=np.int64) for extra in (0, 1, 50, 300)]
     logits = [session.run({"token_ids": p})[0] for p in padded]

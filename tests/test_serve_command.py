@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from dlserve.bench.http import free_port, stop_process_group, wait_ready
+from bench.http import free_port, stop_process_group, wait_ready
 
 
 def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from dlserve import store
-from dlserve.data.mnist import load_mnist
+from readers.mnist import load_mnist
 from tests.images import as_user_file, encode
 
 N = 200
@@ -184,8 +184,7 @@ def test_non_finite_numbers_and_broken_json_get_400(client, raw, message) -> Non
 
 
 BAD_FILES = [
-    # BentoML hands an empty body over as b"{}", which is then no image either.
-    (b"", 400, r"not a PNG or JPEG image"),
+    (b"", 400, r"body: empty; send one PNG or JPEG image"),
     (b"%PDF-1.4 not an image at all", 400, r"not a PNG or JPEG image"),
     (encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 60), np.uint8)))[:2000],
      400, r"truncated or corrupt PNG"),

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dlserve.data.movielens import load_movielens
+from readers.movielens import load_movielens
 from tests.conftest import dlserve
 
 # A user who has seen only a few space operas, all loved.

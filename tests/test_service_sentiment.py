@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from dlserve.data.sst2 import load_sst2
+from readers.sst2 import load_sst2
 
 # Clear-cut sentences from SST-2 dev, as a user would type them; their labels are read
 # from dev.tsv (where each appears in its treebank-tokenised form).

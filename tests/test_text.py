@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dlserve.data.sst2 import load_sst2
 from dlserve.preprocess.text import PAD, UNK, UNK_ID, Vocabulary, pad_batch, tokenize
+from readers.sst2 import load_sst2
 
 
 @pytest.mark.parametrize("text, tokens", [

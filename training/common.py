@@ -1,8 +1,10 @@
 """What every training script shares: seeding, device choice, and the run's artefacts.
 
 A run directory holds `checkpoint.pt` (a state_dict: tensors only, loadable with
-`weights_only=True`), `config.json` (everything needed to rebuild the model and
-preprocess its inputs), `metrics.json` and `curve.png`.
+`weights_only=True`), `config.json` (the run's typed config, a dataclass per model:
+everything needed to rebuild the model and preprocess its inputs), `metrics.json` and
+`curve.png`. Export reads the config back into the same dataclass (`load_run`), so a
+field it needs is checked when the file is read, not looked up by a string later.
 """
 
 from __future__ import annotations
@@ -11,16 +13,28 @@ import json
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")  # a model's TrainConfig dataclass
 M = TypeVar("M", bound=torch.nn.Module)
+R = TypeVar("R")  # a model's run config dataclass (DigitsRun, ...)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data a run trained on, recorded in the model's manifest."""
+
+    dataset: str
+    dir: str
+    files: dict[str, str]  # file name -> SHA-256
+    layout: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,30 +83,39 @@ def pick_device() -> torch.device:
     return device
 
 
-def save_run(paths: RunPaths, state_dict: dict[str, torch.Tensor], config: dict[str, Any],
+def save_run(paths: RunPaths, state_dict: dict[str, torch.Tensor], run: Any,
              metrics: dict[str, Any], history: dict[str, list[float]], title: str) -> None:
+    """Write the run's artefacts; `run` is the model's run config dataclass."""
     paths.root.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, paths.checkpoint)
-    paths.config.write_text(json.dumps(config, indent=2) + "\n")
+    paths.config.write_text(json.dumps(asdict(run), indent=2) + "\n")
     paths.metrics.write_text(json.dumps({**metrics, "history": history}, indent=2) + "\n")
     plot_curve(history, paths.curve, title)
 
 
-def load_run(paths: RunPaths) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Checkpoint, config and metrics of a finished run; never unpickles arbitrary objects."""
+def load_run(paths: RunPaths, run_type: type[R]) -> tuple[dict[str, torch.Tensor], R,
+                                                         dict[str, Any]]:
+    """Checkpoint, typed config and metrics of a finished run; never unpickles arbitrary
+    objects (`weights_only=True`)."""
     for p in (paths.checkpoint, paths.config, paths.metrics):
         if not p.is_file():
             raise FileNotFoundError(f"{p} is missing: train the model first (dlserve train)")
     state = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)
-    return state, json.loads(paths.config.read_text()), json.loads(paths.metrics.read_text())
+    try:
+        run = TypeAdapter(run_type).validate_json(paths.config.read_bytes())
+    except ValidationError as exc:
+        raise ValueError(f"{paths.config} does not fit this version's {run_type.__name__} "
+                         f"({exc.error_count()} problem(s), first: {exc.errors()[0]['loc']} "
+                         f"{exc.errors()[0]['msg']}): train the model again") from None
+    return state, run, json.loads(paths.metrics.read_text())
 
 
-def load_trained(artifacts_dir: Path, name: str,
-                 build: Callable[[dict[str, Any]], M]) -> tuple[M, dict[str, Any], dict[str, Any]]:
+def load_trained(artifacts_dir: Path, name: str, run_type: type[R],
+                 build: Callable[[R], M]) -> tuple[M, R, dict[str, Any]]:
     """The trained model of a finished run (built by `build` from its config), its config and
     metrics. A checkpoint from an older version of the model is refused by name."""
-    state, config, metrics = load_run(run_paths(artifacts_dir, name))
-    model = build(config)
+    state, run, metrics = load_run(run_paths(artifacts_dir, name), run_type)
+    model = build(run)
     expected = model.state_dict().keys()
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
@@ -101,7 +124,7 @@ def load_trained(artifacts_dir: Path, name: str,
                          f"{', '.join(unexpected) or 'none'}): train it again "
                          f"(dlserve train {name})")
     model.load_state_dict(state)
-    return model, config, metrics
+    return model, run, {k: v for k, v in metrics.items() if k != "history"}
 
 
 def plot_curve(history: dict[str, list[float]], out: Path, title: str) -> None:

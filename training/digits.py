@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dlserve.data.mnist import load_mnist
 from dlserve.preprocess.images import MNIST_MEAN, MNIST_STD, normalize
+from readers.mnist import load_mnist
 from training.common import (
+    TrainingData,
     pick_device,
     resolve_config,
     run_paths,
@@ -56,6 +57,17 @@ class TrainConfig:
 
 
 QUICK = TrainConfig(epochs=4, lr=3e-3, max_rotation_deg=0.0, max_shift=0.0, max_scale=0.0)
+
+
+@dataclass(frozen=True)
+class DigitsRun:
+    """config.json: what export needs to rebuild the model and describe its inputs."""
+
+    model_config: LeNet5Config
+    train_config: TrainConfig
+    data: TrainingData
+    model: str = "digits"
+    architecture: str = "LeNet-5"
 
 
 class LeNet5(nn.Module):
@@ -158,21 +170,15 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "epochs": cfg.epochs,
         "quick": quick,
     }
-    config = {
-        "model": "digits",
-        "architecture": "LeNet-5",
-        "model_config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "data": {"dataset": "MNIST", "dir": str(data_dir), "files": {
-            **train_split.files, **test_split.files}},
-    }
-    save_run(run_paths(artifacts_dir, "digits"), model.state_dict(), config, metrics,
+    run = DigitsRun(model_cfg, cfg, TrainingData("MNIST", str(data_dir), {
+        **train_split.files, **test_split.files}))
+    save_run(run_paths(artifacts_dir, "digits"), model.state_dict(), run, metrics,
              history, "LeNet-5 on MNIST")
     return metrics
 
 
-def build_model(config: dict) -> LeNet5:
-    return LeNet5(LeNet5Config(**config["model_config"]))
+def build_model(run: DigitsRun) -> LeNet5:
+    return LeNet5(run.model_config)
 
 
 def example_inputs(batch: int, seed: int = 0) -> tuple[np.ndarray, ...]:

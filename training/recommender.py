@@ -43,18 +43,27 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from dlserve.data.movielens import LEVELS, MovieLens, load_movielens
-from dlserve.models.recsys_metrics import RELEVANT_LEVEL, USER_DAMPING, Biases, rmse
-from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
+from dlserve.preprocess.ratings import LEVELS, Catalogue, UserRatings, by_user, one_hot
+from evaluation.recsys import (
+    RELEVANT_LEVEL,
+    USER_DAMPING,
+    Biases,
+    held_out_predictions,
+    rating_counts,
+    rmse,
+)
+from readers.movielens import MovieLens, load_movielens
 from training.common import (
+    TrainingData,
     pick_device,
     resolve_config,
     run_paths,
@@ -86,6 +95,19 @@ class TrainConfig:
 
 
 QUICK = TrainConfig(epochs=8)
+
+
+@dataclass(frozen=True)
+class RecommenderRun:
+    """config.json: what export needs to rebuild the model and read its users' ratings."""
+
+    model_config: RbmConfig
+    train_config: TrainConfig
+    data: TrainingData
+    catalogue: dict[str, Any]  # Catalogue.to_json()
+    model: str = "recommender"
+    architecture: str = ("conditional RBM (softmax visible units over 5 rating levels, "
+                         "conditioned on the user's rating offset; Bernoulli hidden)")
 
 
 class RBM(nn.Module):
@@ -188,16 +210,15 @@ def held_out_rmse(model: RBM, train: dict[int, UserRatings], test: dict[int, Use
                   device: torch.device) -> float:
     users = [u for u in test if u in train]
     scores = predict(model, [train[u] for u in users], device)
-    predicted = np.concatenate([s[test[u].movies] for s, u in zip(scores, users, strict=True)])
-    return rmse(predicted, np.concatenate([test[u].levels for u in users]))
+    return rmse(*held_out_predictions(scores, [test[u] for u in users]))
 
 
 def catalogue_of(data: MovieLens) -> Catalogue:
     """The data set's movies, with how many training ratings each has."""
     unranked = Catalogue(data.movie_ids, data.titles, np.zeros(len(data.movie_ids)))
-    popularity = np.bincount(unranked.positions(data.train.movies),
-                             minlength=len(data.movie_ids))
-    return Catalogue(data.movie_ids, data.titles, popularity)
+    rated = unranked.positions(data.train.movies)
+    return Catalogue(data.movie_ids, data.titles,
+                     rating_counts([UserRatings(rated, data.train.levels)], len(data.movie_ids)))
 
 
 def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
@@ -252,23 +273,15 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "movies": len(catalogue),
         "quick": quick,
     }
-    config = {
-        "model": "recommender",
-        "architecture": "conditional RBM (softmax visible units over 5 rating levels, "
-                        "conditioned on the user's rating offset; Bernoulli hidden)",
-        "model_config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "catalogue": catalogue.to_json(),
-        "data": {"dataset": "MovieLens", "layout": data.layout, "dir": str(data_dir),
-                 "files": data.files},
-    }
-    save_run(run_paths(artifacts_dir, "recommender"), model.state_dict(), config, metrics,
+    run = RecommenderRun(model_cfg, cfg, TrainingData("MovieLens", str(data_dir), data.files,
+                                                      data.layout), catalogue.to_json())
+    save_run(run_paths(artifacts_dir, "recommender"), model.state_dict(), run, metrics,
              history, "RBM on MovieLens")
     return metrics
 
 
-def build_model(config: dict) -> RBM:
-    return RBM(RbmConfig(**config["model_config"]))
+def build_model(run: RecommenderRun) -> RBM:
+    return RBM(run.model_config)
 
 
 def example_inputs(n_users: int, n_movies: int, seed: int = 0) -> tuple[np.ndarray]:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,9 +39,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dlserve.data.sst2 import LABELS, load_sst2
 from dlserve.preprocess.text import PAD_ID, UNK_ID, Vocabulary, pad_batch
+from readers.sst2 import LABELS, load_sst2
 from training.common import (
+    TrainingData,
     pick_device,
     resolve_config,
     run_paths,
@@ -77,6 +79,19 @@ class TrainConfig:
 
 EMBED_INIT_STD = 0.1
 QUICK = TrainConfig(epochs=1, patience=1)  # ~80 s on 2 cores
+
+
+@dataclass(frozen=True)
+class SentimentRun:
+    """config.json: what export needs to rebuild the model and tokenise its inputs."""
+
+    model_config: LstmConfig
+    train_config: TrainConfig
+    data: TrainingData
+    labels: list[str]
+    vocabulary: dict[str, Any]  # Vocabulary.to_json()
+    model: str = "sentiment"
+    architecture: str = "BiLSTM (embedding → BiLSTM → max+mean pool → linear)"
 
 
 class BiLSTM(nn.Module):
@@ -221,24 +236,16 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "vocab_size": len(vocab),
         "quick": quick,
     }
-    config = {
-        "model": "sentiment",
-        "architecture": "BiLSTM (embedding → BiLSTM → max+mean pool → linear)",
-        "model_config": asdict(model_cfg),
-        "train_config": asdict(cfg),
-        "labels": LABELS,
-        "vocabulary": vocab.to_json(),
-        "data": {"dataset": "SST-2 (GLUE)", "dir": str(data_dir),
-                 "files": {**train_split.files, **dev_split.files}},
-    }
+    run = SentimentRun(model_cfg, cfg, TrainingData("SST-2 (GLUE)", str(data_dir), {
+        **train_split.files, **dev_split.files}), LABELS, vocab.to_json())
     assert best_state is not None
-    save_run(run_paths(artifacts_dir, "sentiment"), best_state, config, metrics, history,
+    save_run(run_paths(artifacts_dir, "sentiment"), best_state, run, metrics, history,
              "BiLSTM on SST-2")
     return metrics
 
 
-def build_model(config: dict) -> SentimentLSTM:
-    return SentimentLSTM(LstmConfig(**config["model_config"]))
+def build_model(run: SentimentRun) -> SentimentLSTM:
+    return SentimentLSTM(run.model_config)
 
 
 def example_inputs(lengths: list[int], vocab_size: int, seed: int = 0) -> tuple[np.ndarray]:

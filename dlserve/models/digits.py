@@ -1,22 +1,46 @@
-"""The digits runner: 28×28 pixel arrays or image files in, digit probabilities out."""
+"""digits: handwritten digit classification, LeNet-5 on MNIST.
+
+Two routes: 28×28 pixel arrays as JSON (or their compact base64 form), and one PNG or
+JPEG file preprocessed the way MNIST was made (`dlserve.preprocess.images.to_mnist`).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field, StrictFloat
 
-from dlserve.data.mnist import load_mnist
 from dlserve.errors import InputError, check_item_list
-from dlserve.models.base import Runner, accuracy_report, softmax, split_rows
-from dlserve.preprocess.images import SIDE, decode_image, normalize, to_mnist
+from dlserve.preprocess.images import SIDE, decode_image, to_mnist
+from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
+from dlserve.runners.digits import DigitsRunner
+from dlserve.settings import Settings
 
 FIELD = "images"
 FIELD_B64 = "images_base64"
+
+
+class DigitsRequest(BaseModel):
+    images: list[list[list[StrictFloat]]] | None = Field(
+        None, description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")
+    images_base64: list[str] | None = Field(
+        None, description="the compact form of `images`: each image the base64 of its 784 "
+                          "uint8 pixels, row by row; send one of the two fields")
+
+
+class DigitPrediction(BaseModel):
+    digit: int = Field(ge=0, le=9)
+    confidence: float = Field(description="the probability of `digit`")
+    probabilities: list[float] = Field(description="one per digit 0-9, summing to 1")
+
+
+class DigitsResponse(BaseModel):
+    model: str = Field(description="model tag, digits:<version>")
+    predictions: list[DigitPrediction]
 
 
 def _find_bad_image(images: list[Any]) -> str:
@@ -78,59 +102,56 @@ def parse_images_base64(images: list[Any], *, max_items: int) -> np.ndarray:
     return np.frombuffer(bytes(raw), dtype=np.uint8).reshape(len(images), SIDE, SIDE)
 
 
-def parse_digits_request(images: list[Any] | None, images_base64: list[Any] | None, *,
-                         max_items: int) -> np.ndarray:
+def prepare_arrays(runner: DigitsRunner, request: DigitsRequest,
+                   settings: Settings) -> Prepared:
     """A /digits/predict body's two alternative fields → [N, 28, 28] pixels."""
-    if (images is None) == (images_base64 is None):
+    if (request.images is None) == (request.images_base64 is None):
         raise InputError(f"send exactly one of `{FIELD}` (arrays of numbers) and "
                          f"`{FIELD_B64}` (base64 uint8 pixels)")
-    if images is not None:
-        return parse_images(images, max_items=max_items)
-    return parse_images_base64(images_base64, max_items=max_items)
+    if request.images is not None:
+        pixels = parse_images(request.images, max_items=settings.max_items)
+    else:
+        pixels = parse_images_base64(request.images_base64 or [], max_items=settings.max_items)
+    return Prepared(pixels, len(pixels))
 
 
-def image_file_to_pixels(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """One PNG/JPEG body → float32 [1, 28, 28], preprocessed the MNIST way."""
-    return to_mnist(decode_image(data, max_pixels=max_pixels))[None]
+def prepare_file(runner: DigitsRunner, body: bytes, settings: Settings) -> Prepared:
+    """One PNG/JPEG body → [1, 28, 28], preprocessed the MNIST way."""
+    return Prepared(to_mnist(decode_image(body, max_pixels=settings.max_image_pixels))[None], 1)
 
 
-class DigitsRunner(Runner):
-    name = "digits"
+def predictions(probs: np.ndarray) -> list[DigitPrediction]:
+    """[N, 10] probabilities → one prediction each, probabilities rounded to 6 decimals."""
+    digits = probs.argmax(axis=1)
+    rounded = np.round(probs.astype(np.float64), 6)
+    return [DigitPrediction(digit=int(d), confidence=float(row[d]), probabilities=row.tolist())
+            for d, row in zip(digits, rounded, strict=True)]
 
-    def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """[N, 28, 28] pixels 0-255 → [N, 10] probabilities."""
-        prep = self.stored.manifest.preprocessing
-        x = normalize(pixels, prep["mean"], prep["std"])
-        (logits,) = self.session.run({self.session.input_names[0]: x})
-        return softmax(logits)
 
-    def run_batch(self, parts: list[np.ndarray]) -> list[np.ndarray]:
-        pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return split_rows(self.predict(pixels), [len(p) for p in parts])
+def respond(runner: DigitsRunner, prepared: Prepared, probs: np.ndarray) -> DigitsResponse:
+    return DigitsResponse(model=runner.tag, predictions=predictions(probs))
 
-    def warm_up(self) -> None:
-        for n in (1, 8, 64):
-            self.predict(np.zeros((n, SIDE, SIDE), dtype=np.float32))
 
-    def format(self, probs: np.ndarray) -> list[dict[str, Any]]:
-        digits = probs.argmax(axis=1)
-        rounded = np.round(probs.astype(np.float64), 6)
-        return [
-            {"digit": int(d), "confidence": float(row[d]), "probabilities": row.tolist()}
-            for d, row in zip(digits, rounded, strict=True)
-        ]
+def mnist(settings: Settings) -> DataSource:
+    return DataSource(settings.data_dir, settings.mnist_url)
 
-    def evaluate(self, data_dir: Path, *, download_url: str | None = None) -> dict[str, Any]:
-        test = load_mnist(data_dir, "test", base_url=download_url)
-        probs = np.concatenate([
-            self.predict(test.images[i: i + 1000]) for i in range(0, len(test.images), 1000)])
-        predicted = probs.argmax(axis=1)
-        return {
-            "model": self.tag,
-            "provider": self.provider,
-            "dataset": "MNIST",
-            "split": "test",
-            "examples": int(len(test.labels)),
-            **accuracy_report(predicted, test.labels, self.stored.manifest.labels),
-            "data_files": test.files,
-        }
+
+MODEL = ModelSpec(
+    name="digits",
+    task="image-classification",
+    summary="handwritten digit classification: LeNet-5 trained on MNIST",
+    runner=DigitsRunner,
+    routes=(
+        Route("/digits/predict", "Classify 28×28 digit images sent as pixel arrays",
+              DigitsResponse, prepare_arrays, respond, request=DigitsRequest),
+        Route("/digits/predict_image",
+              "Classify one PNG or JPEG file of a digit (any size, colour and polarity)",
+              DigitsResponse, prepare_file, respond,
+              content_types=("image/*", "application/octet-stream")),
+    ),
+    data=mnist,
+    train=Ref("training.digits:train"),
+    export=Ref("export.digits:export"),
+    evaluate=Ref("evaluation.digits:evaluate"),
+    workload=Ref("bench.workloads:DIGITS"),
+)

@@ -1,4 +1,4 @@
-"""Rating encoding for the recommender, shared by training, export, evaluation and serving.
+"""Rating encoding for the recommender, shared by training, evaluation and serving.
 
 A user is the set of movies they rated, each with a level 1..5 (`UserRatings`). The
 model's visible layer is one softmax unit per movie in the catalogue; a batch of users
@@ -10,12 +10,37 @@ gaps, onto those positions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from dlserve.data.movielens import LEVELS, Ratings
+LEVELS = 5  # rating levels 1..5, one softmax unit each
+
+
+def rating_level(stars: float) -> int:
+    """A rating of 0.5-5 stars (whole or half) → level 1..5, half stars rounded up: a 4.5
+    is "better than 4", so it counts as a 5, as a whole-star scale would have forced the
+    user to choose."""
+    if not 0.5 <= stars <= 5 or (stars * 2) != int(stars * 2):
+        raise ValueError(f"a rating must be 0.5 to 5 in steps of 0.5, got {stars!r}")
+    return math.ceil(stars)
+
+
+@dataclass(frozen=True)
+class Ratings:
+    """One rating per row, in a data set's own ids."""
+
+    users: np.ndarray  # int64 [R]
+    movies: np.ndarray  # int64 [R]
+    levels: np.ndarray  # int8 [R], 1..5
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def take(self, rows: np.ndarray) -> Ratings:
+        return Ratings(self.users[rows], self.movies[rows], self.levels[rows])
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
-from dlserve.bench import http, workloads
-from dlserve.bench.workloads import Request
+from bench import http
+from bench.workloads import Request, Workload
+from dlserve.registry import DataSource
 
 log = logging.getLogger("dlserve.bench")
 CLIENTS = (1, 16, 64)
@@ -39,36 +39,35 @@ class Cell:
     rounds: int = 1  # runs per server, each `duration_s` long
 
 
-def plan(models: list[str], *, hold_s: float, short_s: float, rounds: int = 1) -> list[Cell]:
-    """Every model at 1/16/64 clients with 1- and 32-item requests (a recommender request
-    is one user by design, so it has no 32-item form), 32 base64 images for digits, and a
-    mixed run; single-item runs at 64 clients are held for `hold_s`, `rounds` times per
-    server; the rest run once for `short_s`."""
+def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
+         rounds: int = 1) -> list[Cell]:
+    """Every model at 1/16/64 clients with 1- and 32-item requests (unless its requests
+    carry one item by design, as the recommender's do: one user), each multi-item encoding
+    the model's workload has (digits: JSON numbers and base64), and a mixed run; single-item
+    runs at 64 clients are held for `hold_s`, `rounds` times per server; the rest run once
+    for `short_s`."""
     cells = []
-    for model in models:
-        for items in ITEMS if model != "recommender" else (1,):
-            encodings = ("json", "base64") if model == "digits" and items > 1 else ("json",)
-            for encoding in encodings:
+    for model, workload in workloads.items():
+        for items in ITEMS if workload.multi_item else (1,):
+            for encoding in workload.encodings if items > 1 else ("json",):
                 for clients in CLIENTS:
                     held = clients == max(CLIENTS) and items == 1
                     cells.append(Cell(model, items, clients, hold_s if held else short_s,
                                       encoding, rounds if held else 1))
-    if len(models) > 1:
+    if len(workloads) > 1:
         cells.append(Cell("mixed", 1, max(CLIENTS), hold_s, rounds=rounds))
     return cells
 
 
-def requests_for(model: str, items: int, encoding: str, data_dir: Path,
-                 movielens: Path, models: list[str]) -> list[Request]:
+Sources = dict[str, tuple[Workload, DataSource]]
+
+
+def requests_for(model: str, items: int, encoding: str, sources: Sources) -> list[Request]:
     if model == "mixed":
-        parts = [requests_for(m, 1, "json", data_dir, movielens, models) for m in models]
+        parts = [requests_for(m, 1, "json", sources) for m in sources]
         return [r for group in zip(*parts, strict=True) for r in group]
-    if model == "digits":
-        return workloads.digits_requests(data_dir, items, POOL,
-                                         base64_pixels=encoding == "base64")
-    if model == "sentiment":
-        return workloads.sentiment_requests(data_dir, items, POOL)
-    return workloads.recommender_requests(movielens, POOL)
+    workload, source = sources[model]
+    return workload.requests(source, items, POOL, encoding)
 
 
 def measure(server: http.Server, requests: list[Request], clients: int,
@@ -92,15 +91,15 @@ def measure(server: http.Server, requests: list[Request], clients: int,
     return result
 
 
-def run_cells(servers: list[http.Server], cells: list[Cell], data_dir: Path,
-              movielens: Path, models: list[str]) -> list[dict[str, Any]]:
+def run_cells(servers: list[http.Server], cells: list[Cell],
+              sources: Sources) -> list[dict[str, Any]]:
     rows = []
     pools: dict[tuple[str, int, str], list[Request]] = {}  # one per payload, not per cell
     turn = 0
     for cell in cells:
         payload = (cell.model, cell.items, cell.encoding)
         if payload not in pools:
-            pools[payload] = requests_for(*payload, data_dir, movielens, models)
+            pools[payload] = requests_for(*payload, sources)
         requests = pools[payload]
         for round_ in range(1, cell.rounds + 1):
             shift = turn % len(servers)
@@ -127,33 +126,39 @@ def with_servers(servers: list[http.Server], body: Any) -> Any:
             server.stop()
 
 
-def run(models: list[str], data_dir: Path, movielens: Path, *, workers: int,
-        hold_s: float, short_s: float, rounds: int) -> dict[str, Any]:
-    """The whole HTTP comparison, plus two single-purpose runs: the worker count (digits,
-    one image per request, 64 clients, 1 worker against `workers`) and overload (sentiment,
-    32 texts per request from OVERLOAD_CLIENTS clients, far past what the model can run)."""
+def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
+        rounds: int) -> dict[str, Any]:
+    """The whole HTTP comparison, plus two single-purpose runs: the worker count (the first
+    model, one item per request, 64 clients, 1 worker against `workers`) and overload (the
+    model whose workload is marked for it, sentiment: 32 items per request from
+    OVERLOAD_CLIENTS clients, far past what the model can run)."""
+    models = list(sources)
     servers = [http.naive_server(models, workers),
                http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
                                    DLSERVE_WORKERS=str(workers)),
                http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers))]
-    cells = plan(models, hold_s=hold_s, short_s=short_s, rounds=rounds)
+    cells = plan({m: w for m, (w, _) in sources.items()}, hold_s=hold_s, short_s=short_s,
+                 rounds=rounds)
+    heavy = next((m for m, (w, _) in sources.items() if w.overload and w.multi_item), None)
 
     def main_runs() -> dict[str, Any]:
-        out = {"runs": run_cells(servers, cells, data_dir, movielens, models)}
-        if "sentiment" in models:
-            overload = Cell("sentiment", 32, OVERLOAD_CLIENTS, short_s)
-            out["overload"] = run_cells(servers[2:], [overload], data_dir, movielens, models)
+        out = {"runs": run_cells(servers, cells, sources)}
+        if heavy:
+            overload = Cell(heavy, 32, OVERLOAD_CLIENTS, short_s)
+            out["overload"] = run_cells(servers[2:], [overload], sources)
         return out
 
     results = with_servers(servers, main_runs)
-    if "digits" in models and workers != 1:
+    if workers != 1:
+        first = models[0]
         one = [http.naive_server(models, 1),
                http.dlserve_server("dlserve", models, DLSERVE_WORKERS="1")]
-        cell = Cell("digits", 1, max(CLIENTS), short_s)
-        rows = with_servers(one, lambda: run_cells(one, [cell], data_dir, movielens, models))
-        same = [r for r in results["runs"] if r["model"] == "digits" and r["items"] == 1
+        cell = Cell(first, 1, max(CLIENTS), short_s)
+        rows = with_servers(one, lambda: run_cells(one, [cell], sources))
+        same = [r for r in results["runs"] if r["model"] == first and r["items"] == 1
                 and r["clients"] == max(CLIENTS) and r["server"] != "dlserve-unbatched"]
         results["worker_runs"] = [{**r, "workers": 1} for r in rows] + \
                                  [{**r, "workers": workers} for r in same]
     return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
+            "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
             **results}

@@ -1,40 +1,56 @@
-"""What every model runner has: its stored model, its session, and a batch-run method."""
+"""What every runner has: its stored model, its ONNX Runtime session, and a batch function.
+
+A runner is arrays in, arrays out: `run_batch` takes several requests' worth of prepared
+inputs ("parts") and runs them as one model call, one result per part. What a request
+looks like, and how an answer is written, is the model's contract (dlserve/models/).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Generic, Self, TypeVar
 
 import numpy as np
 
+from dlserve.manifest import Manifest
 from dlserve.runtime import Session, create_session
 from dlserve.settings import Settings
 from dlserve.store import StoredModel, load
 
+Part = TypeVar("Part")  # one request's prepared input: an array, a list of token ids, ...
+Result = TypeVar("Result")  # one part's output
 
-class Runner:
-    name: str
 
+class Runner(Generic[Part, Result]):
     def __init__(self, stored: StoredModel, session: Session) -> None:
         self.stored = stored
         self.session = session
 
     @classmethod
     def load(cls, name: str, settings: Settings) -> Self:
+        """The latest stored version of model `name`, opened on the best execution provider."""
         stored = load(name)
         session = create_session(
-            stored.onnx_path, providers=settings.providers, threads=settings.ort_threads,
-            cache_dir=stored.path / "trt-cache")
+            stored.onnx_path, label=stored.tag, providers=settings.providers,
+            threads=settings.ort_threads, cache_dir=stored.path / "trt-cache")
         return cls(stored, session)
+
+    @property
+    def name(self) -> str:
+        return self.stored.manifest.name
 
     @property
     def tag(self) -> str:
         return self.stored.tag
 
     @property
+    def manifest(self) -> Manifest:
+        return self.stored.manifest
+
+    @property
     def provider(self) -> str:
         return self.session.provider
 
-    def run_batch(self, parts: list[Any]) -> list[Any]:
+    def run_batch(self, parts: list[Part]) -> list[Result]:
         """Run several requests' worth of prepared inputs as one model call; one result each."""
         raise NotImplementedError
 
@@ -44,19 +60,10 @@ class Runner:
 
     def describe(self) -> dict[str, Any]:
         """What GET /models shows: the manifest's summary plus where and how it runs."""
-        m = self.stored.manifest
+        m = self.manifest
         return {"name": self.name, "tag": self.tag, "sha256": m.onnx_sha256,
                 "provider": self.provider, **m.summary(), "preprocessing": m.preprocessing,
                 "created_at": m.created_at}
-
-
-def accuracy_report(predicted: np.ndarray, labels: np.ndarray,
-                    names: list[str]) -> dict[str, Any]:
-    """Overall accuracy and accuracy per class (classes present in `labels`), 4 decimals."""
-    per_class = {name: round(float((predicted[labels == i] == i).mean()), 4)
-                 for i, name in enumerate(names) if (labels == i).any()}
-    return {"accuracy": round(float((predicted == labels).mean()), 4),
-            "per_class_accuracy": per_class}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -27,10 +27,10 @@ from typing import Any
 import orjson
 import psutil
 
-from dlserve.bench.workloads import Request
+from bench.workloads import Request
 
 LUA_SCRIPT = Path(__file__).with_name("wrk_requests.lua")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -177,7 +177,7 @@ def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
 
 def naive_server(models: list[str], workers: int = 1) -> Server:
     """The naive FastAPI + uvicorn peer, with as many worker processes as dlserve."""
-    return Server("naive", [sys.executable, "-m", "uvicorn", "dlserve.bench.naive_server:app",
+    return Server("naive", [sys.executable, "-m", "uvicorn", "bench.naive_server:app",
                             "--port", "{port}", "--workers", str(workers), "--no-access-log",
                             "--log-level", "warning"],
                   {"DLSERVE_MODELS": ",".join(models)}, "/docs")

@@ -1,4 +1,5 @@
-"""Recommender metrics and the two baselines they are reported beside (torch-free).
+"""Recommender metrics and the baselines they are reported beside (torch-free; training
+reports the same RMSE and conditions the RBM on the bias baseline's user term).
 
 - RMSE of predicted ratings on the held-out ratings; baselines: the global mean, and
   user + item biases (r̂ = μ + b_u + b_i, each bias shrunk towards 0 by a damping term,
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dlserve.preprocess.ratings import UserRatings
+from dlserve.runners.recommender import top_k
 
 RELEVANT_LEVEL = 4
 ITEM_DAMPING, USER_DAMPING = 25.0, 10.0
@@ -26,19 +28,20 @@ def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(predicted, float) - actual) ** 2)))
 
 
-def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k highest scores, best first, skipping `exclude`; ties → lower
-    position first, so the order is deterministic."""
-    s = np.asarray(scores, dtype=np.float64).copy()
-    s[exclude] = -np.inf
-    k = min(k, len(s) - len(np.unique(exclude)))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    candidates = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-    # Re-rank the candidates (and anything tied with the k-th) by score, then position.
-    cutoff = s[candidates].min()
-    pool = np.flatnonzero(s >= cutoff)
-    return pool[np.lexsort((pool, -s[pool]))][:k]
+def rating_counts(users: Iterable[UserRatings], n_movies: int) -> np.ndarray:
+    """How many of these users rated each movie: the popularity ranking and its baseline."""
+    rated = [u.movies for u in users]
+    return np.bincount(np.concatenate(rated) if rated else np.empty(0, np.int64),
+                       minlength=n_movies)
+
+
+def held_out_predictions(scores: np.ndarray, test: list[UserRatings]) -> tuple[np.ndarray,
+                                                                              np.ndarray]:
+    """Each user's score row read at the movies they rated in the held-out split, next to
+    those ratings: (predicted, actual), flat, in the users' order."""
+    predicted = np.concatenate([row[t.movies] for row, t in zip(scores, test, strict=True)])
+    actual = np.concatenate([t.levels for t in test]).astype(np.float64)
+    return predicted, actual
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""`dlserve`: train, export, eval and serve the models (see README for each command).
+"""`dlserve`: train, export, eval, serve and bench the models (see README for each command).
 
-Heavy imports (torch, bentoml) happen inside the command that needs them, so that
-`dlserve eval` and `dlserve serve` never load PyTorch unless they must train.
+Every command works on any model in the registry (`dlserve.registry`), by name. Heavy
+imports (torch, bentoml, the data readers) happen inside the command that needs them, so
+that `dlserve eval` and `dlserve serve` never load PyTorch unless they must train.
 """
 
 from __future__ import annotations
@@ -13,45 +14,36 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from dlserve.data.download import DataError
+from dlserve import registry
 from dlserve.manifest import ModelIntegrityError
-from dlserve.settings import KNOWN_MODELS, Settings, SettingsError, settings_from_env
+from dlserve.registry import ModelSpec
+from dlserve.settings import Settings, SettingsError, load_settings
+from readers.download import DataError
 
 log = logging.getLogger("dlserve")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def _data_source(settings: Settings, model: str) -> tuple[Path, str | None]:
-    """Where a model's data set is read from, and the URL that fills in missing files."""
-    if model == "recommender":
-        folder = settings.data_dir / settings.movielens
-        # Only MovieLens 100K is downloaded; a newer release is a folder the user provides.
-        return folder, settings.movielens_url if folder.name == "ml-100k" else None
-    return settings.data_dir, {"digits": settings.mnist_url,
-                               "sentiment": settings.sst2_url}[model]
+def spec_of(name: str, settings: Settings) -> ModelSpec:
+    return registry.available(settings.model_modules)[name]
 
 
 def train_model(name: str, settings: Settings, *, epochs: int | None = None, seed: int = 0,
-                quick: bool = False) -> dict:
-    from training import digits, recommender, sentiment
-
-    trainers = {"digits": digits.train, "sentiment": sentiment.train,
-                "recommender": recommender.train}
-    data_dir, url = _data_source(settings, name)
-    return trainers[name](data_dir, settings.artifacts_dir, epochs=epochs, seed=seed,
-                          quick=quick, download_url=url)
+                quick: bool = False) -> dict[str, Any]:
+    spec = spec_of(name, settings)
+    source = spec.data(settings)
+    return spec.train.load()(source.folder, settings.artifacts_dir, epochs=epochs, seed=seed,
+                             quick=quick, download_url=source.url)
 
 
-def export_model(name: str, settings: Settings) -> str:
-    from export import digits, recommender, sentiment
-
-    exporters = {"digits": digits.export, "sentiment": sentiment.export,
-                 "recommender": recommender.export}
-    stored = exporters[name](settings.artifacts_dir)
+def export_model(name: str, settings: Settings, *, precision: str = "fp32") -> str:
+    stored = spec_of(name, settings).export.load()(settings.artifacts_dir, precision=precision)
     log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
              stored.path)
-    return stored.tag
+    return str(stored.tag)
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
@@ -62,16 +54,13 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    print(export_model(args.model, settings))
+    print(export_model(args.model, settings, precision=args.precision))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
-    from dlserve.models import load_runner
-
-    runner = load_runner(args.model, settings)
-    data_dir, url = _data_source(settings, args.model)
-    metrics = runner.evaluate(data_dir, download_url=url)
+    spec = spec_of(args.model, settings)
+    metrics = spec.evaluate.load()(spec.load_runner(settings), spec.data(settings))
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -107,61 +96,36 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
-    from dlserve.bench import inprocess, report, workloads
-    from dlserve.models import load_runner
+    from bench.main import run_bench
 
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
-    results: dict = {"machine": report.machine(), "ceiling": []}
-    for name in settings.models:
-        runner = load_runner(name, settings)
-        log.info("bench: %s in-process ceiling", name)
-        if name == "sentiment":
-            short, long = workloads.sentiment_texts(runner, settings.data_dir)
-            results["ceiling"].append(inprocess.ceiling(runner, workloads.cycle(short)))
-            log.info("bench: sentiment length bucketing")
-            results["bucketing"] = inprocess.bucketing(runner, short, long)
-        elif name == "recommender":
-            queries = workloads.recommender_queries(runner, _data_source(settings, name)[0])
-            results["ceiling"].append(inprocess.ceiling(runner, workloads.cycle(queries)))
-        else:
-            parts = workloads.digits_part(settings.data_dir)
-            results["ceiling"].append(inprocess.ceiling(runner, parts))
-    if not args.no_http:
-        from dlserve.bench import compare
-
-        results["http"] = compare.run(
-            list(settings.models), settings.data_dir, _data_source(settings, "recommender")[0],
-            workers=settings.workers, hold_s=args.hold_s, short_s=args.short_s,
-            rounds=args.rounds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "BENCHMARKS.md").write_text(report.render(results))
-    print(args.out / "BENCHMARKS.md")
+    print(run_bench(settings, out=args.out, http=not args.no_http, hold_s=args.hold_s,
+                    short_s=args.short_s, rounds=args.rounds))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(models: list[str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlserve", description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", type=Path, help="data directory (default: $DLSERVE_DATA_DIR "
                    "or ./data); missing data sets are downloaded there")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model; writes a checkpoint, metrics and a curve")
-    t.add_argument("model", choices=KNOWN_MODELS)
+    t.add_argument("model", choices=models)
     t.add_argument("--epochs", type=int, help="number of epochs (default: the model's own)")
     t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     t.add_argument("--quick", action="store_true", help="a short run for tests and demos")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export to ONNX, check, and add to the model store")
-    e.add_argument("model", choices=KNOWN_MODELS)
-    e.add_argument("--precision", choices=["fp32"], default="fp32",
-                   help="weights precision (default: fp32)")
+    e.add_argument("model", choices=models)
+    e.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="weights precision (default: fp32; fp16 and int8 are not built yet)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")
-    v.add_argument("model", choices=KNOWN_MODELS)
+    v.add_argument("model", choices=models)
     v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     v.set_defaults(func=cmd_eval)
 
@@ -191,11 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
     try:
-        settings = settings_from_env(
-            data_dir=args.data_dir, port=getattr(args, "port", None),
-            workers=getattr(args, "workers", None))
+        models = list(registry.available(load_settings().model_modules))
+        args = build_parser(models).parse_args(argv)
+        settings = load_settings(data_dir=args.data_dir, port=getattr(args, "port", None),
+                                 workers=getattr(args, "workers", None))
         return args.func(args, settings)
     except (DataError, ModelIntegrityError, SettingsError, FileNotFoundError, ValueError) as exc:
         print(f"dlserve: error: {exc}", file=sys.stderr)

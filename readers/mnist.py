@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 
-from dlserve.data.download import DataError, RemoteFile, fetch
 from dlserve.hashing import sha256_file
+from readers.download import DataError, RemoteFile, fetch
 
 SUBDIR = "mnist"
 OFFICIAL_MD5 = {

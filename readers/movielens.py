@@ -10,8 +10,7 @@
   always on the same side, whatever the file's order.
 
 Half stars map onto the model's five rating levels by rounding up: 0.5 and 1.0 → 1,
-1.5 and 2.0 → 2, ..., 4.5 and 5.0 → 5 (`rating_level`). A 4.5 is "better than 4", so
-it counts as a 5, as a whole-star scale would have forced the user to choose.
+1.5 and 2.0 → 2, ..., 4.5 and 5.0 → 5 (`dlserve.preprocess.ratings.rating_level`).
 
 Missing 100K files are taken from the official `ml-100k.zip`, checked against the MD5
 GroupLens publishes beside it. Their licence forbids redistributing the files, so the
@@ -21,37 +20,21 @@ project never bundles them: it downloads them or reads a folder the user points 
 from __future__ import annotations
 
 import csv
-import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dlserve.data.download import DataError, RemoteFile, fetch
 from dlserve.hashing import sha256_file
+from dlserve.preprocess.ratings import LEVELS, Ratings, rating_level
+from readers.download import DataError, RemoteFile, fetch
 
 ARCHIVE = "ml-100k.zip"
 ARCHIVE_MD5 = "0e33842e24a9c977be4e0107933c0723"  # files.grouplens.org/.../ml-100k.zip.md5
 ML100K_FILES = ("u.data", "u.item", "u1.base", "u1.test")
 CSV_FILES = ("ratings.csv", "movies.csv")
-LEVELS = 5  # rating levels 1..5, one softmax unit each
 TEST_SHARE = 5  # the CSV split holds out one rating in five, as u1.test does
-
-
-@dataclass(frozen=True)
-class Ratings:
-    """One rating per row, in the data set's own ids."""
-
-    users: np.ndarray  # int64 [R]
-    movies: np.ndarray  # int64 [R]
-    levels: np.ndarray  # int8 [R], 1..5
-
-    def __len__(self) -> int:
-        return len(self.users)
-
-    def take(self, rows: np.ndarray) -> Ratings:
-        return Ratings(self.users[rows], self.movies[rows], self.levels[rows])
 
 
 @dataclass(frozen=True)
@@ -62,13 +45,6 @@ class MovieLens:
     test: Ratings
     layout: str  # "ml-100k (u1.base/u1.test)" or "ratings.csv (hashed 80/20 split)"
     files: dict[str, str]  # file name -> sha256, recorded in the model manifest
-
-
-def rating_level(stars: float) -> int:
-    """A rating of 0.5-5 stars (whole or half) → level 1..5, half stars rounded up."""
-    if not 0.5 <= stars <= 5 or (stars * 2) != int(stars * 2):
-        raise ValueError(f"a rating must be 0.5 to 5 in steps of 0.5, got {stars!r}")
-    return math.ceil(stars)
 
 
 def read_ratings_tsv(path: Path) -> Ratings:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from dlserve.models.base import Runner
+from dlserve.runners.base import Runner
 
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 POOL = 256  # items per measurement, a multiple of every batch size

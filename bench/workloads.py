@@ -1,0 +1,118 @@
+"""What `dlserve bench` sends each model, taken from its held-out data: runner-ready parts
+for the in-process ceiling, and HTTP request bodies exactly as a client sends them.
+
+Each model's registry entry names its `Workload` here (`workload=Ref(...)`), so the bench
+itself never names a model.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from dlserve.preprocess.ratings import by_user
+from dlserve.registry import DataSource
+from readers.mnist import load_mnist
+from readers.movielens import load_movielens
+from readers.sst2 import load_sst2
+
+LONG_TOKENS = 200
+# (route, JSON body) pairs, each request carrying `items` items, taken in order from the
+# held-out data (or, for the recommender, one u1.base user per request: a request is one
+# user by design).
+Request = tuple[str, bytes]
+MakePart = Callable[[int], Any]  # n → n items, as the runner's run_batch takes them
+
+
+@dataclass(frozen=True)
+class Workload:
+    # (runner, data) → make_part, for the in-process ceiling
+    parts: Callable[[Any, DataSource], MakePart]
+    # (data, items per request, how many requests, encoding) → request bodies
+    requests: Callable[[DataSource, int, int, str], list[Request]]
+    multi_item: bool = True  # False: a request carries one item by design
+    encodings: tuple[str, ...] = ("json",)  # how multi-item requests may be encoded
+    # model-specific in-process measurements, merged into the results by name
+    extra: Callable[[Any, DataSource], dict[str, Any]] | None = None
+    p50_target_ms: float = 5.0  # one client, one item per request
+    overload: bool = False  # the model whose queue the "beyond capacity" run fills
+
+
+def cycle(items: list[Any]) -> MakePart:
+    """n items, repeating `items` as often as needed."""
+    return lambda n: [items[i % len(items)] for i in range(n)]
+
+
+def digits_parts(runner: Any, source: DataSource) -> MakePart:
+    images = load_mnist(source.folder, "test").images.astype(np.float32)
+    return lambda n: np.resize(images, (n, *images.shape[1:]))
+
+
+def digits_requests(source: DataSource, items: int, count: int,
+                    encoding: str = "json") -> list[Request]:
+    """Images as JSON arrays of 0-255 integers, or in the compact `images_base64` form."""
+    images = load_mnist(source.folder, "test").images  # uint8 [N, 28, 28]
+    picks = np.resize(np.arange(len(images)), count * items).reshape(count, items)
+    if encoding == "base64":
+        return [("/digits/predict", orjson.dumps(
+            {"images_base64": [base64.b64encode(images[i].tobytes()).decode() for i in rows]}))
+            for rows in picks]
+    return [("/digits/predict", orjson.dumps({"images": images[rows].tolist()}))
+            for rows in picks]
+
+
+def sentiment_texts(runner: Any, source: DataSource) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of SST-2 dev sentences (short), and of long texts made by joining dev
+    sentences until each reaches LONG_TOKENS tokens (a long review)."""
+    short = runner.vocab.encode_corpus(load_sst2(source.folder, "dev").texts)
+    long, current = [], []
+    for seq in short:
+        current += seq
+        if len(current) >= LONG_TOKENS:
+            long.append(current[:LONG_TOKENS])
+            current = []
+    return short, long
+
+
+def sentiment_bucketing(runner: Any, source: DataSource) -> dict[str, Any]:
+    from bench.inprocess import bucketing
+
+    return {"bucketing": bucketing(runner, *sentiment_texts(runner, source))}
+
+
+def sentiment_requests(source: DataSource, items: int, count: int,
+                       encoding: str = "json") -> list[Request]:
+    texts = load_sst2(source.folder, "dev").texts
+    return [("/sentiment/predict",
+             orjson.dumps({"texts": [texts[(i * items + j) % len(texts)] for j in range(items)]}))
+            for i in range(count)]
+
+
+def recommender_parts(runner: Any, source: DataSource) -> MakePart:
+    """One user per item: every training user, with all of their ratings."""
+    users = by_user(load_movielens(source.folder).train, runner.catalogue)
+    return cycle(list(users.values()))
+
+
+def recommender_requests(source: DataSource, items: int, count: int,
+                         encoding: str = "json") -> list[Request]:
+    train = load_movielens(source.folder).train
+    out = []
+    for user in np.unique(train.users)[:count]:
+        mine = train.users == user
+        ratings = [{"movie_id": int(m), "rating": int(r)}
+                   for m, r in zip(train.movies[mine], train.levels[mine], strict=True)]
+        out.append(("/recommender/recommend", orjson.dumps({"ratings": ratings, "k": 10})))
+    return out
+
+
+DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"))
+SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
+                     sentiment_requests, extra=sentiment_bucketing, overload=True)
+RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
+                       p50_target_ms=10.0)

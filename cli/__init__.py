@@ -1,0 +1,1 @@
+"""The `dlserve` command (cli/main.py)."""

@@ -1,0 +1,154 @@
+"""The model registry: each model is declared once, in one module, and everything iterates.
+
+A model module (dlserve/models/digits.py, ...) defines `MODEL = ModelSpec(...)`: the
+model's name, its runner (arrays in, arrays out), its HTTP routes with the request and
+response types they really parse and return, where its data set is, and what trains,
+exports, evaluates and benchmarks it. The CLI, the service and the bench read
+`available()`; none of them names a model. Adding a model is one more module listed
+in BUILTIN (or named in DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its
+training and export code: README, "Adding a model".
+
+This module is part of the torch-free core that the serving image carries. Code the core
+must not import (training and export need PyTorch; evaluation, data readers and the bench
+stay out of the image) is named by `Ref("module:attribute")` and imported only by the
+command that runs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from dlserve.errors import InputError, describe_validation_errors
+
+if TYPE_CHECKING:
+    from dlserve.runners.base import Runner
+    from dlserve.settings import Settings
+
+BUILTIN = ("dlserve.models.digits", "dlserve.models.sentiment", "dlserve.models.recommender")
+JSON = "application/json"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ref(Generic[T]):
+    """Code named by "module:attribute", imported the first time it is used."""
+
+    target: str
+
+    def load(self) -> T:
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a model's data set is read from, and the URL that fills in missing files
+    (None: nothing is downloaded, the user provides the folder)."""
+
+    folder: Path
+    url: str | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One request, checked and preprocessed: the runner's input (`part`, `items` rows of
+    it) and whatever else the answer needs (the recommender's k, the movies asked about)."""
+
+    part: Any
+    items: int
+    context: Any = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """One HTTP route's contract: what it parses, what it answers, which bodies it takes.
+
+    `prepare(runner, request, settings)` checks the parsed request against the model and
+    the limits (raising `InputError` with the field's name) and preprocesses it;
+    `respond(runner, prepared, result)` turns the runner's result into the response.
+    """
+
+    path: str
+    summary: str
+    response: type[BaseModel]
+    prepare: Callable[[Any, Any, Settings], Prepared]
+    respond: Callable[[Any, Prepared, Any], BaseModel]
+    request: type[BaseModel] | None = None  # None: the body is one file, handed over as bytes
+    content_types: tuple[str, ...] = (JSON,)  # "image/*" means any image type
+
+    @property
+    def name(self) -> str:
+        """A Python name for the route: /digits/predict_image → digits_predict_image."""
+        return self.path.strip("/").replace("/", "_")
+
+    def accepts(self, media_type: str) -> bool:
+        """Whether a body of this media type (lower case, no parameters) is taken; a JSON
+        route also takes a body with no Content-Type."""
+        if self.request is not None and media_type == "":
+            return True
+        return any(media_type == t or (t.endswith("/*") and media_type.startswith(t[:-1]))
+                   for t in self.content_types)
+
+    def parse(self, body: bytes) -> Any:
+        """The body as this route's request type (a file route: the bytes themselves).
+        An empty JSON body reads as `{}`, so that it is reported by missing field."""
+        if self.request is None:
+            return body
+        try:
+            return self.request.model_validate_json(body or b"{}")
+        except ValidationError as exc:
+            raise InputError(describe_validation_errors(exc.errors(include_url=False))) from None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    task: str
+    summary: str  # one line: what it does, on what, with what
+    runner: type[Runner[Any, Any]]
+    routes: tuple[Route, ...]
+    data: Callable[[Settings], DataSource]
+    # (data_dir, artifacts_dir, *, epochs, seed, quick, download_url) -> metrics
+    train: Ref[Callable[..., dict[str, Any]]]
+    # (artifacts_dir, *, precision) -> StoredModel
+    export: Ref[Callable[..., Any]]
+    # (runner, DataSource) -> metrics on held-out data
+    evaluate: Ref[Callable[[Any, DataSource], dict[str, Any]]]
+    workload: Ref[Any]  # bench.workloads.Workload: inputs for `dlserve bench`
+
+    def load_runner(self, settings: Settings) -> Runner[Any, Any]:
+        return self.runner.load(self.name, settings)
+
+
+@cache
+def available(extra_modules: tuple[str, ...] = ()) -> dict[str, ModelSpec]:
+    """Every registered model by name: the built-in ones, then those of `extra_modules`."""
+    specs: dict[str, ModelSpec] = {}
+    for module in (*BUILTIN, *extra_modules):
+        try:
+            spec = importlib.import_module(module).MODEL
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"model module {module!r} cannot be registered ({exc}); it must "
+                             "be importable and define MODEL, a ModelSpec") from None
+        if spec.name in specs:
+            raise ValueError(f"model {spec.name!r} is registered twice (again by {module})")
+        specs[spec.name] = spec
+    return specs
+
+
+def load_runner(name: str, settings: Settings) -> Runner[Any, Any]:
+    """The latest stored version of model `name`, opened on the best execution provider."""
+    return available(settings.model_modules)[name].load_runner(settings)
+
+
+def serving(settings: Settings) -> dict[str, ModelSpec]:
+    """The models the settings ask for (DLSERVE_MODELS), by name, in that order."""
+    known = available(settings.model_modules)
+    return {name: known[name] for name in settings.models}

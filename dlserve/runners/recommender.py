@@ -1,0 +1,64 @@
+"""The recommender runner: users' ratings in; expected ratings and relevance for every movie out.
+
+The batcher stacks concurrent users into one ONNX Runtime call ([users, movies, 5]
+one-hot, see `dlserve.preprocess.ratings`); each request then reads what it needs from
+its users' rows (dlserve/models/recommender.py). `top_k` ranks a row the one way the
+service and evaluation both use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dlserve.preprocess.ratings import Catalogue, UserRatings, one_hot
+from dlserve.runners.base import Runner, split_rows
+from dlserve.runtime import Session
+from dlserve.store import StoredModel
+
+Rows = tuple[np.ndarray, np.ndarray]  # expected ratings and relevance, each [users, movies]
+
+
+def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k highest scores, best first, skipping `exclude`; ties → lower
+    position first, so the order is deterministic."""
+    s = np.asarray(scores, dtype=np.float64).copy()
+    s[exclude] = -np.inf
+    k = min(k, len(s) - len(np.unique(exclude)))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    candidates = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+    # Re-rank the candidates (and anything tied with the k-th) by score, then position.
+    cutoff = s[candidates].min()
+    pool = np.flatnonzero(s >= cutoff)
+    return pool[np.lexsort((pool, -s[pool]))][:k]
+
+
+class RecommenderRunner(Runner[list[UserRatings], Rows]):
+    def __init__(self, stored: StoredModel, session: Session) -> None:
+        super().__init__(stored, session)
+        self.catalogue = Catalogue.from_json(stored.manifest.assets["catalogue"])
+        # Cold start: most-rated first, ties by catalogue order.
+        self.by_popularity = np.argsort(-self.catalogue.popularity, kind="stable")
+
+    def predict(self, users: list[UserRatings]) -> Rows:
+        """Expected ratings and relevance, each [len(users), movies]."""
+        v = one_hot(users, len(self.catalogue))
+        expected, relevance = self.session.run({self.session.input_names[0]: v})
+        return expected, relevance
+
+    def run_batch(self, parts: list[list[UserRatings]]) -> list[Rows]:
+        expected, relevance = self.predict([u for part in parts for u in part])
+        counts = [len(p) for p in parts]
+        return list(zip(split_rows(expected, counts), split_rows(relevance, counts),
+                        strict=True))
+
+    def warm_up(self) -> None:
+        empty = UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))
+        for n in (1, 8, 64):
+            self.predict([empty] * n)
+
+    def recommend(self, relevance: np.ndarray, user: UserRatings, k: int) -> np.ndarray:
+        """Positions of the k movies the user has not rated with the highest relevance (the
+        chance they watch it and rate it 4 or 5); for a user with no ratings, the k
+        most-rated movies."""
+        return self.by_popularity[:k] if not len(user) else top_k(relevance, user.movies, k)

@@ -1,0 +1,73 @@
+"""The sentiment runner: token ids in, negative/positive probabilities out.
+
+Texts become token ids through the one tokenizer (`dlserve.preprocess.text`) with the
+vocabulary from the model's manifest (`encode`). A batch mixes texts of very different
+lengths, and an LSTM's cost grows with the padded length of its input, so `run_batch`
+sorts the texts by length and runs them in length buckets (`length_buckets`) instead of
+padding all of them to the longest one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dlserve.preprocess.text import UNK_ID, Vocabulary, pad_batch
+from dlserve.runners.base import Runner, softmax, split_rows
+from dlserve.runtime import Session
+from dlserve.store import StoredModel
+
+# What one extra ONNX Runtime call costs, in token-steps of one text: on CPU the LSTM's cost
+# is close to (texts × padded length) × ~45 µs, and a call's fixed cost is ~0.1 ms (measured
+# with the default model; see BENCHMARKS.md).
+RUN_OVERHEAD_TOKENS = 3
+TokenIds = list[list[int]]
+
+
+def length_buckets(lengths: list[int]) -> list[np.ndarray]:
+    """Indices of the texts grouped into runs of similar length, shortest first.
+
+    Going through the texts sorted by length, a new run starts when padding the current
+    run's n texts up to the next text's length would cost more token-steps than a separate
+    call does: (next length − current longest) × n > RUN_OVERHEAD_TOKENS.
+    """
+    order = np.argsort(lengths, kind="stable")
+    buckets: list[np.ndarray] = []
+    start = 0
+    for i in range(1, len(order)):
+        extra_padding = (lengths[order[i]] - lengths[order[i - 1]]) * (i - start)
+        if extra_padding > RUN_OVERHEAD_TOKENS:
+            buckets.append(order[start:i])
+            start = i
+    buckets.append(order[start:])
+    return buckets
+
+
+class SentimentRunner(Runner[TokenIds, np.ndarray]):
+    def __init__(self, stored: StoredModel, session: Session) -> None:
+        super().__init__(stored, session)
+        self.vocab = Vocabulary.from_json(stored.manifest.assets["vocabulary"])
+        self.labels: list[str] = stored.manifest.labels
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a text's first max_tokens tokens; [] when it holds none."""
+        return self.vocab.encode(text)
+
+    def predict(self, seqs: TokenIds, *, bucketed: bool = True) -> np.ndarray:
+        """Token-id lists → [N, 2] probabilities, one model run per length bucket (or one
+        run padded to the longest text, for comparison)."""
+        probs = np.empty((len(seqs), len(self.labels)), dtype=np.float32)
+        lengths = [len(s) for s in seqs]
+        buckets = length_buckets(lengths) if bucketed else [np.arange(len(seqs))]
+        for bucket in buckets:
+            ids = pad_batch([seqs[i] for i in bucket])
+            (logits,) = self.session.run({self.session.input_names[0]: ids})
+            probs[bucket] = softmax(logits)
+        return probs
+
+    def run_batch(self, parts: list[TokenIds]) -> list[np.ndarray]:
+        probs = self.predict([seq for part in parts for seq in part])
+        return split_rows(probs, [len(p) for p in parts])
+
+    def warm_up(self) -> None:
+        for n, length in ((1, 4), (8, 16), (64, 64)):
+            self.predict([[UNK_ID] * length] * n)
