@@ -15,7 +15,8 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from bench import http
+from bench import http, report
+from bench.sections import BenchContext, Section
 from bench.workloads import Request, Workload
 from dlserve.registry import DataSource
 
@@ -162,3 +163,11 @@ def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
     return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
             "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
             **results}
+
+
+def run_section(ctx: BenchContext) -> dict[str, Any]:
+    return run(ctx.sources, workers=ctx.settings.workers, hold_s=ctx.hold_s,
+               short_s=ctx.short_s, rounds=ctx.rounds)
+
+
+SECTION = Section("http", run_section, report.render_http)

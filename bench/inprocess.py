@@ -7,6 +7,7 @@ are shared and noisy.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -14,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from bench import report
+from bench.sections import BenchContext, Section
+from dlserve import registry
 from dlserve.runners.base import Runner
 
+log = logging.getLogger("dlserve.bench")
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 POOL = 256  # items per measurement, a multiple of every batch size
 
@@ -68,3 +73,18 @@ def bucketing(runner: Any, short: list[list[int]], long: list[list[int]],
         "ms_bucketed": round(bucketed * 1e3, 2), "ms_padded": round(padded * 1e3, 2),
         "speedup": round(padded / bucketed, 2),
     }
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    """Every served model's ceiling, and the measurements its workload adds."""
+    results: dict[str, Any] = {"ceiling": []}
+    for name, (workload, source) in ctx.sources.items():
+        runner = registry.load_runner(name, ctx.settings)
+        log.info("bench: %s in-process ceiling", name)
+        results["ceiling"].append(ceiling(runner, workload.parts(runner, source)))
+        if workload.extra is not None:
+            results.update(workload.extra(runner, source))
+    return results
+
+
+SECTION = Section("inprocess", run, report.render_inprocess)

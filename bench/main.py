@@ -1,4 +1,5 @@
-"""`dlserve bench`: every served model in-process, then over HTTP, into BENCHMARKS.md."""
+"""`dlserve bench`: the sections of the benchmark, run for every served model, into
+BENCHMARKS.md and benchmarks.json."""
 
 from __future__ import annotations
 
@@ -7,37 +8,45 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench import inprocess, report
+from bench import compare, inprocess, report
+from bench.sections import BenchContext, Section
 from bench.workloads import Workload
 from dlserve import registry
 from dlserve.registry import DataSource
 from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
+# In the order of the report. A new measurement is one more Section here.
+SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION)
 
 
-def run_bench(settings: Settings, *, out: Path, http: bool, hold_s: float, short_s: float,
+def select(only: list[str] | None, skip: list[str] | None) -> list[Section]:
+    names = [s.name for s in SECTIONS]
+    unknown = [n for n in (only or []) + (skip or []) if n not in names]
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {unknown}; choose from {', '.join(names)}")
+    return [s for s in SECTIONS if (not only or s.name in only) and s.name not in (skip or [])]
+
+
+def run_bench(settings: Settings, *, out: Path, only: list[str] | None = None,
+              skip: list[str] | None = None, hold_s: float, short_s: float,
               rounds: int) -> Path:
-    """Measure every model of the settings (DLSERVE_MODELS); write BENCHMARKS.md and
-    benchmarks.json into `out` and return the former's path."""
-    sources: dict[str, tuple[Workload, DataSource]] = {}
-    results: dict[str, Any] = {"machine": report.machine(), "ceiling": []}
-    for name, spec in registry.serving(settings).items():
-        workload: Workload = spec.workload.load()
-        source = spec.data(settings)
-        sources[name] = (workload, source)
-        runner = spec.load_runner(settings)
-        log.info("bench: %s in-process ceiling", name)
-        results["ceiling"].append(inprocess.ceiling(runner, workload.parts(runner, source)))
-        if workload.extra is not None:
-            log.info("bench: %s, its own measurements", name)
-            results.update(workload.extra(runner, source))
-    if http:
-        from bench import compare
-
-        results["http"] = compare.run(sources, workers=settings.workers, hold_s=hold_s,
-                                      short_s=short_s, rounds=rounds)
+    """Run the chosen sections for every model of the settings (DLSERVE_MODELS); write
+    BENCHMARKS.md and benchmarks.json into `out`, keeping the last results of the sections
+    not run, and return the former's path."""
+    chosen = select(only, skip)
+    sources: dict[str, tuple[Workload, DataSource]] = {
+        name: (spec.workload.load(), spec.data(settings))
+        for name, spec in registry.serving(settings).items()}
+    ctx = BenchContext(settings, sources, hold_s, short_s, rounds)
+    path = out / "benchmarks.json"
+    results: dict[str, Any] = {}
+    if len(chosen) < len(SECTIONS) and path.is_file():
+        results = json.loads(path.read_text()).get("sections", {})
+    for section in chosen:
+        log.info("bench: section %s", section.name)
+        results[section.name] = {"machine": report.machine(), **section.run(ctx)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmarks.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "BENCHMARKS.md").write_text(report.render(results))
+    path.write_text(json.dumps({"sections": results}, indent=1) + "\n")
+    (out / "BENCHMARKS.md").write_text(report.render(results, list(SECTIONS)))
     return out / "BENCHMARKS.md"

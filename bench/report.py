@@ -46,21 +46,34 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def render(results: dict[str, Any]) -> str:
-    m = results["machine"]
+def render(sections: dict[str, dict[str, Any]], order: list[Any]) -> str:
+    """BENCHMARKS.md: a header, then each section that has results, in `order`."""
     out = [
         "# Benchmarks",
         "",
         "Written by `dlserve bench` (do not edit by hand); the raw numbers are in "
-        "`benchmarks.json`. Measured side by side in one run on the machine below: "
-        "in-process figures are medians over repeats; over HTTP the servers take turns cell "
-        "by cell, and the cells the targets are judged on run several rounds per server, "
-        "of which the tables give the median.",
+        "`benchmarks.json`. Each section was measured side by side in one run on the machine "
+        "it names: in-process figures are medians over repeats; over HTTP the servers take "
+        "turns cell by cell, and the cells the targets are judged on run several rounds per "
+        "server, of which the tables give the median.",
         "",
-        f"**Machine**: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: "
-        f"{m['gpu']}; {m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']}, "
-        f"bentoml {m['bentoml']}; {m['date']}.",
-        "",
+    ]
+    for section in order:
+        if (results := sections.get(section.name)) is not None:
+            out += section.render(results, sections)
+            out += [f"*Measured {results['machine']['date']} on {describe(results['machine'])}.*",
+                    ""]
+    return "\n".join(out)
+
+
+def describe(m: dict[str, Any]) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
+            f"{m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']}, "
+            f"bentoml {m['bentoml']}")
+
+
+def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
+    out = [
         "## In-process ceiling (ONNX Runtime alone, no HTTP)",
         "",
         "The model's runner (preprocessed input in, probabilities out) on one ONNX Runtime "
@@ -69,14 +82,14 @@ def render(results: dict[str, Any]) -> str:
         "on average, each item one user's 1,682 expected ratings); items per second.",
         "",
     ]
-    for c in results["ceiling"]:
+    for c in r["ceiling"]:
         out += [f"**{c['model']}** ({c['provider']}): batch 1 {c['batch_1_items_per_s']:,} "
                 f"items/s; best {c['best']['items_per_s']:,} items/s at batch "
                 f"{c['best']['batch']}.", "",
                 _table(["batch", "ms per batch", "items/s"],
                        [[r["batch"], r["ms_per_batch"], f"{r['items_per_s']:,}"]
                         for r in c["by_batch"]]), ""]
-    if b := results.get("bucketing"):
+    if b := r.get("bucketing"):
         out += [
             "## Length bucketing (sentiment)",
             "",
@@ -90,9 +103,7 @@ def render(results: dict[str, Any]) -> str:
                    [[b["batch"], b["ms_padded"], b["ms_bucketed"], f"{b['speedup']}×"]]),
             "",
         ]
-    if h := results.get("http"):
-        out += render_http(h, results["ceiling"])
-    return "\n".join(out)
+    return out
 
 
 def _ms(x: float) -> str:
@@ -209,7 +220,8 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
     return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
 
 
-def render_http(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[str]:
+def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
+    ceiling = sections.get("inprocess", {}).get("ceiling", [])
     cells = summarise(h["runs"])
     naive = {_cell(r): r["requests_per_s"] for r in cells if r["server"] == "naive"}
     header = ["model", "items/request", "clients", "server", "runs", "requests/s", "items/s",

@@ -100,9 +100,13 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
-    print(run_bench(settings, out=args.out, http=not args.no_http, hold_s=args.hold_s,
+    print(run_bench(settings, out=args.out, only=args.only, skip=args.skip, hold_s=args.hold_s,
                     short_s=args.short_s, rounds=args.rounds))
     return 0
+
+
+def _names(raw: str) -> list[str]:
+    return [n.strip() for n in raw.split(",") if n.strip()]
 
 
 def build_parser(models: list[str]) -> argparse.ArgumentParser:
@@ -146,8 +150,11 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
                         "takes medians (default: 3)")
     b.add_argument("--short-s", type=float, default=10.0,
                    help="seconds of every other HTTP run (default: 10)")
-    b.add_argument("--no-http", action="store_true",
-                   help="only the in-process measurements (no servers, no wrk)")
+    b.add_argument("--only", type=_names, metavar="SECTION[,SECTION]",
+                   help="run only these sections (inprocess, http, ...); the others keep "
+                        "their last results from benchmarks.json")
+    b.add_argument("--skip", type=_names, metavar="SECTION[,SECTION]",
+                   help="run every section but these (e.g. --skip http: no servers, no wrk)")
     b.set_defaults(func=cmd_bench)
     return p
 

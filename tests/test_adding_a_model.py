@@ -78,8 +78,9 @@ def test_the_bench_measures_it(fourth: dict[str, str], tmp_path: Path,
     dlserve("bench", "--out", str(tmp_path), "--hold-s", "1", "--short-s", "1",
             "--rounds", "1")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
-    assert [c["model"] for c in results["ceiling"]] == ["mlp"]
-    runs = results["http"]["runs"]
+    sections = results["sections"]
+    assert [c["model"] for c in sections["inprocess"]["ceiling"]] == ["mlp"]
+    runs = sections["http"]["runs"]
     assert {r["model"] for r in runs} == {"mlp"}
     assert all(r["requests"] > 0 and r["non_2xx"] == 0 for r in runs), runs
     assert "mlp" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -65,7 +65,7 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
                   "--rounds", "2")
     assert out.stdout.strip().endswith("BENCHMARKS.md")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
-    runs = results["http"]["runs"]
+    runs = results["sections"]["http"]["runs"]
     # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients), and
     # a second round of the held cell (1 item, 64 clients)
     assert len(runs) == 27 + 3
@@ -88,11 +88,18 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     # Unbatched, every model run is exactly one request; the naive peer has no /metrics.
     assert all(r["mean_batch"] == r["items"] for r in runs if r["server"] == "dlserve-unbatched")
     assert all(r["mean_batch"] is None for r in runs if r["server"] == "naive")
-    assert {r["workers"] for r in results["http"]["worker_runs"]} == {1, 2}
+    assert {r["workers"] for r in results["sections"]["http"]["worker_runs"]} == {1, 2}
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every cell",
                     "### Round by round", "### Worker processes"):
         assert heading in md
+    # A section run alone keeps the others' last results.
+    dlserve("bench", "--out", str(tmp_path), "--only", "inprocess")
+    again = json.loads((tmp_path / "benchmarks.json").read_text())["sections"]
+    assert again["http"] == results["sections"]["http"]
+    before = results["sections"]["inprocess"]["machine"]["date"]
+    assert again["inprocess"]["machine"]["date"] >= before
+    assert "## Over HTTP" in (tmp_path / "BENCHMARKS.md").read_text()
     # Every server the bench started is gone.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "bench.naive_server" not in ps
