@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: serve test bench bench-tools install lint clean
+.PHONY: serve test bench bench-tools perf-analyzer install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,14 +26,18 @@ bench-tools:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; } || \
 	  echo "warning: could not install wrk; the benchmark test will be skipped"
 
+# Triton's perf_analyzer, for the bench's perf_analyzer section, into .tools/.
+perf-analyzer:
+	bench/install-perf-analyzer.sh
+
 test: install bench-tools
 	$(BIN)/python -m pytest
 
-bench: install bench-tools
+bench: install bench-tools perf-analyzer
 	$(BIN)/dlserve bench
 
 lint: install
 	$(BIN)/ruff check dlserve readers training export evaluation service cli bench tests
 
 clean:
-	rm -rf $(VENV) artifacts
+	rm -rf $(VENV) artifacts .tools

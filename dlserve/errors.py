@@ -13,6 +13,12 @@ class InputError(ValueError):
     status = 400
 
 
+class NotFound(InputError):
+    """No such model, or not that version of it (HTTP 404)."""
+
+    status = 404
+
+
 class PayloadTooLarge(InputError):
     """Too many items, too many pixels, too many bytes (HTTP 413)."""
 

@@ -78,7 +78,9 @@ def read_manifest(model_dir: Path) -> Manifest:
     path = model_dir / MANIFEST_FILE
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        written = raw.get("format_version") if isinstance(raw, dict) else None
+        if not isinstance(raw, dict) or "format_version" not in raw:
+            raise ValueError("no format_version")
+        written = raw["format_version"]
         if written != FORMAT_VERSION:
             raise ModelIntegrityError(
                 f"{path} is manifest format {written}, and this dlserve reads format "

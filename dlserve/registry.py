@@ -2,11 +2,11 @@
 
 A model module (dlserve/models/digits.py, ...) defines `MODEL = ModelSpec(...)`: the
 model's name, its runner (arrays in, arrays out), its HTTP routes with the request and
-response types they really parse and return, where its data set is, and what trains,
-exports, evaluates and benchmarks it. The CLI, the service and the bench read
-`available()`; none of them names a model. Adding a model is one more module listed
-in BUILTIN (or named in DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its
-training and export code: README, "Adding a model".
+response types they really parse and return, its Open Inference Protocol tensors, where
+its data set is, and what trains, exports, evaluates and benchmarks it. The CLI, the
+service and the bench read `available()`; none of them names a model. Adding a model is
+one more module listed in BUILTIN (or named in DLSERVE_MODEL_MODULES, for one that lives
+elsewhere), plus its training and export code: README, "Adding a model".
 
 This module is part of the torch-free core that the serving image carries. Code the core
 must not import (training and export need PyTorch; evaluation, data readers and the bench
@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from dlserve.errors import InputError, describe_validation_errors
 
 if TYPE_CHECKING:
+    from dlserve.protocol import Tensors
     from dlserve.runners.base import Runner
     from dlserve.settings import Settings
 
@@ -122,6 +123,8 @@ class ModelSpec:
     # (runner, DataSource) -> metrics on held-out data
     evaluate: Ref[Callable[[Any, DataSource], dict[str, Any]]]
     workload: Ref[Any]  # bench.workloads.Workload: inputs for `dlserve bench`
+    # Its Open Inference Protocol interface (/v2/models/<name>/infer); None: not offered.
+    tensors: Tensors | None = None
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

@@ -1,21 +1,24 @@
-"""dlserve's request path for the predict routes: body → contract → batcher → answer.
+"""dlserve's request path: body → contract → batcher → answer, for every predict route and
+the Open Inference Protocol's infer route alike.
 
-Every predict route is a `dlserve.registry.Route`, and one function serves them all:
-parse the body with the route's request type, check and preprocess it (`route.prepare`),
-queue it on the model's adaptive batcher, and write the route's response type. A client
-mistake is reported here, once, by whichever step finds it: a 4xx with `{"error": ...}`
-naming the field, counted in dlserve_errors_total.
+`serve` takes one request of one model: it waits out a model still loading, checks and
+prepares the input (`prepare`, on a thread when the body is large), queues it on the
+model's adaptive batcher, and writes the answer (`respond`). A client mistake is reported
+here, once, by whichever step finds it: a 4xx with `{"error": ...}` naming the field,
+counted in dlserve_errors_total. `answer` is `serve` for a registry route: parse the body
+with the route's request type, and write the route's response type.
 
 The guard (service/guard.py) hands each POST to a predict route straight to `answer`,
 with the body it has already read within the size limit; BentoML's own endpoint for the
 route (declared in service/app.py, so that /docs.json, /schema.json and BentoML's client
-know it) calls the same function with the request BentoML has parsed.
+know it) calls `answer_parsed` with the request BentoML has parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -45,36 +48,49 @@ def error(service: DLServe, model: str, status: int, message: str, reason: str,
     return json_response({"error": message}, status, headers)
 
 
-async def answer(service: DLServe, model: str, route: Route, body: bytes) -> Response:
-    """The response to one request to `route`, from its raw body."""
-    heavy = len(body) > HEAVY_BYTES
-    return await answer_parsed(service, model, route, None, body=body, heavy=heavy)
-
-
-async def answer_parsed(service: DLServe, model: str, route: Route, request: Any, *,
-                        body: bytes | None = None, heavy: bool = False) -> Response:
-    """The response to one request: `request` already parsed, or its raw `body`."""
+async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared],
+                respond: Callable[[Any, Prepared, Any], Response], *,
+                heavy: bool = False) -> Response:
+    """One request to `model`: `prepare(runner)` checks and preprocesses it,
+    `respond(runner, prepared, result)` writes the answer; either may raise InputError."""
     if not service.ready and not await service.wait_until_loaded():
         return error(service, model, 503, "the models are still loading; retry shortly",
                      "loading", {"Retry-After": "1"})
     runner = service.runners[model]
-    settings = service.settings
     started = time.perf_counter()
-
-    def prepare() -> Prepared:
-        parsed = route.parse(body) if body is not None else request
-        return route.prepare(runner, parsed, settings)
-
     try:
-        prepared = await asyncio.to_thread(prepare) if heavy else prepare()
+        prepared = await asyncio.to_thread(prepare, runner) if heavy else prepare(runner)
     except InputError as exc:
         return error(service, model, exc.status, str(exc), f"http_{exc.status}")
-    service.metrics.preprocess_seconds.labels(model=model).observe(
-        time.perf_counter() - started)
+    service.preprocess_seconds[model].observe(time.perf_counter() - started)
     try:
         result = await service.batchers[model].submit(prepared.part, prepared.items)
     except Overloaded as exc:
         return error(service, model, 503, str(exc), "overloaded",
                      {"Retry-After": str(exc.retry_after_s)})
-    answered = route.respond(runner, prepared, result)
-    return Response(answered.model_dump_json(), media_type=JSON)
+    try:
+        return respond(runner, prepared, result)
+    except InputError as exc:  # an output asked for that this request cannot give
+        return error(service, model, exc.status, str(exc), f"http_{exc.status}")
+
+
+def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
+    def respond(runner: Any, prepared: Prepared, result: Any) -> Response:
+        answered = route.respond(runner, prepared, result)
+        return Response(answered.model_dump_json(), media_type=JSON)
+    return respond
+
+
+async def answer(service: DLServe, model: str, route: Route, body: bytes) -> Response:
+    """The response to one request to a registry route, from its raw body."""
+    settings = service.settings
+    return await serve(
+        service, model, lambda runner: route.prepare(runner, route.parse(body), settings),
+        _respond(route), heavy=len(body) > HEAVY_BYTES)
+
+
+async def answer_parsed(service: DLServe, model: str, route: Route, request: Any) -> Response:
+    """The response to one request to a registry route that BentoML has parsed already."""
+    settings = service.settings
+    return await serve(service, model, lambda runner: route.prepare(runner, request, settings),
+                       _respond(route))

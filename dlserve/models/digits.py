@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, StrictFloat
 
-from dlserve.errors import InputError, check_item_list
+from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.preprocess.images import SIDE, decode_image, to_mnist
+from dlserve.protocol import TensorDecl, Tensors
 from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
 from dlserve.runners.digits import DigitsRunner
 from dlserve.settings import Settings
@@ -66,18 +67,26 @@ def parse_images(images: list[Any], *, max_items: int) -> np.ndarray:
         pixels = None
     if pixels is None or pixels.shape[1:] != (SIDE, SIDE):
         raise InputError(_find_bad_image(images))
+    return check_pixels(pixels, FIELD, sent=images)
+
+
+def check_pixels(pixels: np.ndarray, field: str, sent: list[Any] | None = None) -> np.ndarray:
+    """Pixels that are finite and 0-255; InputError names the first that is not. `sent` is
+    what the client sent, to quote a value float32 could not hold (1e308)."""
+    if pixels.dtype == np.uint8:
+        return pixels
     # One vectorised test for the common case; locate the culprit only when it fails.
     finite = np.isfinite(pixels)
     if not finite.all():
         i, r, c = np.argwhere(~finite)[0]
-        sent = images[i][r][c]
-        if isinstance(sent, int | float) and math.isfinite(sent):  # beyond float32, e.g. 1e308
-            raise InputError(f"{FIELD}[{i}][{r}][{c}]: {sent:g} is outside the pixel range 0-255")
-        raise InputError(f"{FIELD}[{i}][{r}][{c}]: {pixels[i, r, c]} is not a finite number")
+        value = sent[i][r][c] if sent is not None else None
+        if isinstance(value, int | float) and math.isfinite(value):  # beyond float32
+            raise InputError(f"{field}[{i}][{r}][{c}]: {value:g} is outside the pixel range 0-255")
+        raise InputError(f"{field}[{i}][{r}][{c}]: {pixels[i, r, c]} is not a finite number")
     if pixels.min() < 0 or pixels.max() > 255:
         i, r, c = np.argwhere((pixels < 0) | (pixels > 255))[0]
         raise InputError(
-            f"{FIELD}[{i}][{r}][{c}]: {float(pixels[i, r, c]):g} is outside the pixel range 0-255")
+            f"{field}[{i}][{r}][{c}]: {float(pixels[i, r, c]):g} is outside the pixel range 0-255")
     return pixels
 
 
@@ -132,6 +141,26 @@ def respond(runner: DigitsRunner, prepared: Prepared, probs: np.ndarray) -> Digi
     return DigitsResponse(model=runner.tag, predictions=predictions(probs))
 
 
+def prepare_tensors(runner: DigitsRunner, inputs: dict[str, np.ndarray],
+                    parameters: dict[str, Any], settings: Settings) -> Prepared:
+    """The protocol's `pixels`, [N, 28, 28] or [N, 1, 28, 28], UINT8 or FP32 0-255."""
+    pixels = inputs["pixels"]
+    if pixels.ndim == 4 and pixels.shape[1] == 1:
+        pixels = pixels[:, 0]
+    if pixels.ndim != 3 or pixels.shape[1:] != (SIDE, SIDE) or not len(pixels):
+        raise InputError(f"pixels: expected shape [N, {SIDE}, {SIDE}] or [N, 1, {SIDE}, "
+                         f"{SIDE}] with N ≥ 1, got {list(inputs['pixels'].shape)}")
+    if len(pixels) > settings.max_items:
+        raise PayloadTooLarge(f"pixels: {len(pixels)} images is more than the limit of "
+                              f"{settings.max_items} per request")
+    return Prepared(check_pixels(pixels, "pixels"), len(pixels))
+
+
+def tensor_outputs(runner: DigitsRunner, prepared: Prepared,
+                   probs: np.ndarray) -> dict[str, np.ndarray]:
+    return {"probabilities": probs.astype(np.float32), "digit": probs.argmax(axis=1)}
+
+
 def mnist(settings: Settings) -> DataSource:
     return DataSource(settings.data_dir, settings.mnist_url)
 
@@ -149,6 +178,11 @@ MODEL = ModelSpec(
               DigitsResponse, prepare_file, respond,
               content_types=("image/*", "application/octet-stream")),
     ),
+    tensors=Tensors(
+        inputs=(TensorDecl("pixels", ("UINT8", "FP32"), (-1, SIDE, SIDE)),),
+        outputs=(TensorDecl("probabilities", ("FP32",), (-1, 10)),
+                 TensorDecl("digit", ("INT64",), (-1,))),
+        prepare=prepare_tensors, answer=tensor_outputs),
     data=mnist,
     train=Ref("training.digits:train"),
     export=Ref("export.digits:export"),

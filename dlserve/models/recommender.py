@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, Field, StrictFloat, StrictInt
 
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.ratings import UserRatings, rating_level
+from dlserve.protocol import TensorDecl, Tensors, parameter
 from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
 from dlserve.runners.recommender import RecommenderRunner, Rows
 from dlserve.settings import Settings
@@ -86,27 +88,31 @@ def positions(runner: RecommenderRunner, movie_ids: list[int], where: str) -> np
 
 
 def user_ratings(runner: RecommenderRunner, ratings: list[tuple[int, float]], *,
-                 max_ratings: int, field: str = "ratings") -> UserRatings:
-    """(movie_id, stars) pairs → a user; InputError names the first bad entry."""
+                 max_ratings: int, entry_at: str = "ratings[{i}]",
+                 movie_at: str = "ratings[{i}].movie_id",
+                 rating_at: str = "ratings[{i}].rating") -> UserRatings:
+    """(movie_id, stars) pairs → a user; InputError names the first bad entry (the
+    templates say how: entry i of the JSON list, or of the protocol's tensors)."""
     if len(ratings) > max_ratings:
-        raise PayloadTooLarge(f"{field}: {len(ratings):,} ratings is more than the limit of "
-                              f"{max_ratings:,} per request")
-    ids = positions(runner, [m for m, _ in ratings], f"{field}[{{i}}].movie_id")
+        raise PayloadTooLarge(f"{movie_at.partition('[')[0]}: {len(ratings):,} ratings is more "
+                              f"than the limit of {max_ratings:,} per request")
+    ids = positions(runner, [m for m, _ in ratings], movie_at)
     levels = np.empty(len(ratings), dtype=np.int8)
     for i, (_, stars) in enumerate(ratings):
         if not math.isfinite(stars) or not 1 <= stars <= 5:
-            raise InputError(f"{field}[{i}].rating: expected a number from 1 to 5, "
+            raise InputError(f"{rating_at.format(i=i)}: expected a number from 1 to 5, "
                              f"got {stars!r}")
         try:
             levels[i] = rating_level(stars)
         except ValueError:
-            raise InputError(f"{field}[{i}].rating: expected whole or half stars "
+            raise InputError(f"{rating_at.format(i=i)}: expected whole or half stars "
                              f"(1, 1.5, ..., 5), got {stars!r}") from None
     seen: dict[int, int] = {}
     for i, pos in enumerate(ids.tolist()):
         if pos in seen:
-            raise InputError(f"{field}[{i}].movie_id: movie {ratings[i][0]} is rated twice "
-                             f"(also at {field}[{seen[pos]}]); send one rating per movie")
+            raise InputError(f"{movie_at.format(i=i)}: movie {ratings[i][0]} is rated twice "
+                             f"(also at {entry_at.format(i=seen[pos])}); send one rating per "
+                             "movie")
         seen[pos] = i
     return UserRatings(ids, levels)
 
@@ -170,6 +176,47 @@ def respond_predict(runner: RecommenderRunner, prepared: Prepared,
                            for i in query.movies])
 
 
+def prepare_tensors(runner: RecommenderRunner, inputs: dict[str, np.ndarray],
+                    parameters: dict[str, Any], settings: Settings) -> Prepared:
+    """One user per request: `rated_movie_ids` and their `ratings` (1-5 stars), both [R]
+    (R may be 0: a new user); the parameter `k` (default 10) for the recommendations;
+    optionally `movie_ids` [M], the movies whose expected rating to give."""
+    ids, stars = inputs["rated_movie_ids"].ravel(), inputs["ratings"].ravel()
+    if len(ids) != len(stars):
+        raise InputError(f"ratings: {len(stars)} ratings for {len(ids)} rated_movie_ids; "
+                         "send one rating per movie")
+    user = user_ratings(runner, list(zip(ids.tolist(), stars.tolist(), strict=True)),
+                        max_ratings=settings.max_ratings, entry_at="rated_movie_ids[{i}]",
+                        movie_at="rated_movie_ids[{i}]", rating_at="ratings[{i}]")
+    k = parameter(parameters, "k", 10, int)
+    if not 1 <= k <= len(runner.catalogue):
+        raise InputError(f"parameters.k: expected a whole number from 1 to "
+                         f"{len(runner.catalogue)} (the catalogue's size), got {k}")
+    movies = None
+    if "movie_ids" in inputs:
+        asked = inputs["movie_ids"].ravel().tolist()
+        if len(asked) > settings.max_ratings:
+            raise PayloadTooLarge(f"movie_ids: {len(asked):,} movies is more than the limit "
+                                  f"of {settings.max_ratings:,} per request")
+        movies = positions(runner, asked, "movie_ids[{i}]")
+    return Prepared([user], 1, Query(user, k=k, movies=movies))
+
+
+def tensor_outputs(runner: RecommenderRunner, prepared: Prepared,
+                   rows: Rows) -> dict[str, np.ndarray]:
+    query: Query = prepared.context
+    (expected,), (relevance,) = rows
+    assert query.k is not None
+    top = runner.recommend(relevance, query.user, query.k)
+    cat = runner.catalogue
+    out = {"recommended_movie_ids": cat.movie_ids[top],
+           "recommended_titles": np.array([cat.titles[i].encode() for i in top], dtype=object),
+           "recommended_ratings": expected[top].astype(np.float32)}
+    if query.movies is not None:
+        out["predicted_ratings"] = expected[query.movies].astype(np.float32)
+    return out
+
+
 def movielens(settings: Settings) -> DataSource:
     folder = settings.data_dir / settings.movielens
     # Only MovieLens 100K is downloaded; a newer release is a folder the user provides.
@@ -190,6 +237,16 @@ MODEL = ModelSpec(
               PredictRatingsResponse, prepare_predict, respond_predict,
               request=PredictRatingsRequest),
     ),
+    tensors=Tensors(
+        inputs=(TensorDecl("rated_movie_ids", ("INT64", "INT32"), (-1,)),
+                TensorDecl("ratings", ("FP32", "FP64", "INT64", "INT32"), (-1,)),
+                TensorDecl("movie_ids", ("INT64", "INT32"), (-1,), optional=True)),
+        outputs=(TensorDecl("recommended_movie_ids", ("INT64",), (-1,)),
+                 TensorDecl("recommended_titles", ("BYTES",), (-1,)),
+                 TensorDecl("recommended_ratings", ("FP32",), (-1,)),
+                 TensorDecl("predicted_ratings", ("FP32",), (-1,))),
+        prepare=prepare_tensors, answer=tensor_outputs,
+        parameters={"k": "how many movies to recommend (default 10)"}),
     data=movielens,
     train=Ref("training.recommender:train"),
     export=Ref("export.recommender:export"),

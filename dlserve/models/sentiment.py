@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from pydantic import BaseModel, Field
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
+from dlserve.protocol import TensorDecl, Tensors
 from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
 from dlserve.runners.sentiment import SentimentRunner
 from dlserve.settings import Settings
@@ -30,17 +33,17 @@ class SentimentResponse(BaseModel):
 
 
 def token_ids(runner: SentimentRunner, texts: list[str], *, max_items: int,
-              max_chars: int) -> list[list[int]]:
+              max_chars: int, field: str = FIELD) -> list[list[int]]:
     """Validate a list of texts → token ids per text; InputError names the culprit."""
-    check_item_list(texts, FIELD, expected="strings", noun="texts", max_items=max_items)
+    check_item_list(texts, field, expected="strings", noun="texts", max_items=max_items)
     out = []
     for i, text in enumerate(texts):
         if len(text) > max_chars:
-            raise PayloadTooLarge(f"{FIELD}[{i}]: {len(text):,} characters is more than the "
+            raise PayloadTooLarge(f"{field}[{i}]: {len(text):,} characters is more than the "
                                   f"limit of {max_chars:,} per text")
         ids = runner.encode(text)
         if not ids:
-            raise InputError(f"{FIELD}[{i}]: the text is empty or only whitespace; "
+            raise InputError(f"{field}[{i}]: the text is empty or only whitespace; "
                              "there is nothing to classify")
         out.append(ids)
     return out
@@ -63,6 +66,27 @@ def respond(runner: SentimentRunner, prepared: Prepared, probs: np.ndarray) -> S
     return SentimentResponse(model=runner.tag, predictions=predictions(runner, probs))
 
 
+def prepare_tensors(runner: SentimentRunner, inputs: dict[str, np.ndarray],
+                    parameters: dict[str, Any], settings: Settings) -> Prepared:
+    """The protocol's `text`: BYTES [N], each element UTF-8 text."""
+    texts = []
+    for i, raw in enumerate(inputs["text"].ravel()):
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise InputError(f"text[{i}]: not UTF-8 text") from None
+    ids = token_ids(runner, texts, max_items=settings.max_items,
+                    max_chars=settings.max_text_chars, field="text")
+    return Prepared(ids, len(ids))
+
+
+def tensor_outputs(runner: SentimentRunner, prepared: Prepared,
+                   probs: np.ndarray) -> dict[str, np.ndarray]:
+    labels = np.array([runner.labels[i].encode() for i in probs.argmax(axis=1)], dtype=object)
+    return {"positive_probability": probs[:, runner.labels.index("positive")].astype(np.float32),
+            "label": labels}
+
+
 def sst2(settings: Settings) -> DataSource:
     return DataSource(settings.data_dir, settings.sst2_url)
 
@@ -74,6 +98,11 @@ MODEL = ModelSpec(
     runner=SentimentRunner,
     routes=(Route("/sentiment/predict", "Classify English texts as positive or negative",
                   SentimentResponse, prepare, respond, request=SentimentRequest),),
+    tensors=Tensors(
+        inputs=(TensorDecl("text", ("BYTES",), (-1,)),),
+        outputs=(TensorDecl("positive_probability", ("FP32",), (-1,)),
+                 TensorDecl("label", ("BYTES",), (-1,))),
+        prepare=prepare_tensors, answer=tensor_outputs),
     data=sst2,
     train=Ref("training.sentiment:train"),
     export=Ref("export.sentiment:export"),

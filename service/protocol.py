@@ -1,0 +1,178 @@
+"""The Open Inference Protocol's REST routes (KServe v2; Triton's and MLServer's too).
+
+`GET /v2`, `/v2/health/{live,ready}`, `/v2/models/{name}[/versions/{version}]` (metadata),
+`.../ready`, `.../config` (Triton's model configuration, which its tools read), and
+`POST .../infer`. The infer route goes through the same guard, request
+path (service/predict.py), adaptive batcher and metrics as the JSON routes: the guard
+hands it to `infer`, which decodes the tensors (dlserve/protocol.py), checks them with the
+model's own `Tensors` declaration and answers in JSON or with Triton's binary tensor
+extension. The other routes are plain Starlette routes, mounted beside GET /models.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dlserve import __version__, protocol
+from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
+from dlserve.registry import Prepared
+from service import predict
+
+if TYPE_CHECKING:
+    from service.app import DLServe
+
+INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data"]
+CONTENT_TYPES = ("", predict.JSON, "application/octet-stream")
+# zlib's window bits for the two Content-Encodings tritonclient can send.
+WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate request body, inflated to at most `limit` bytes."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in WBITS:
+        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not accepted; send "
+                                   "gzip, deflate or an uncompressed body")
+    inflate = zlib.decompressobj(WBITS[encoding])
+    try:
+        out = inflate.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InputError(f"body: not valid {encoding} data ({exc})") from None
+    if len(out) > limit or inflate.unconsumed_tail:
+        raise PayloadTooLarge(f"request body inflates to more than the limit of {limit} bytes "
+                              "(DLSERVE_MAX_BODY_BYTES)")
+    return out
+
+
+async def infer(service: DLServe, name: str, version: str | None,
+                headers: dict[bytes, bytes], body: bytes) -> Response:
+    """POST /v2/models/{name}[/versions/{version}]/infer."""
+    spec = service.specs.get(name)
+    if spec is None or spec.tensors is None:
+        return _not_served(name)
+    tensors = spec.tensors
+    settings = service.settings
+    encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+    length = headers.get(protocol.HEADER_LENGTH.encode())
+
+    def prepare(runner: Any) -> Prepared:
+        _check_version(runner, version)
+        raw = decompress(body, encoding, settings.max_body_bytes)
+        decoded = protocol.decode(raw, None if length is None else length.decode("latin-1"),
+                                  tensors, max_body=settings.max_body_bytes)
+        wanted = protocol.requested_outputs(decoded, tensors)
+        inner = tensors.prepare(runner, decoded.inputs, decoded.parameters, settings)
+        return Prepared(inner.part, inner.items, (inner, decoded, wanted))
+
+    def respond(runner: Any, prepared: Prepared, result: Any) -> Response:
+        inner, decoded, wanted = prepared.context
+        arrays = tensors.answer(runner, inner, result)
+        absent = [n for n, _ in wanted if n not in arrays]
+        if decoded.request.outputs is not None and absent:
+            raise InputError(f"outputs: {', '.join(absent)} cannot be given for this request "
+                             "(see the model's inputs: an optional one is missing)")
+        content, extra = protocol.encode(name, runner.stored.version, decoded.request.id,
+                                          arrays, [w for w in wanted if w[0] in arrays])
+        media = "application/octet-stream" if extra else predict.JSON
+        return Response(content, media_type=media, headers=extra)
+
+    return await predict.serve(service, name, prepare, respond,
+                               heavy=len(body) > predict.HEAVY_BYTES)
+
+
+def _check_version(runner: Any, version: str | None) -> None:
+    if version is not None and version != runner.stored.version:
+        raise NotFound(f"model {runner.name} has no version {version!r} here; it serves "
+                       f"version {runner.stored.version!r}")
+
+
+def _not_served(name: str) -> Response:
+    return predict.json_response({"error": f"model {name!r} is not served here"}, 404)
+
+
+def _service() -> DLServe:
+    return bentoml.get_current_service()
+
+
+async def server_metadata(_: Request) -> Response:
+    return predict.json_response({"name": "dlserve", "version": __version__,
+                                  "extensions": EXTENSIONS})
+
+
+async def live(_: Request) -> Response:
+    alive = _service().load_error is None
+    return predict.json_response({"live": alive}, 200 if alive else 503)
+
+
+async def ready(_: Request) -> Response:
+    service = _service()
+    up = service.ready and not service.draining
+    return predict.json_response({"ready": up}, 200 if up else 503,
+                                 None if up else {"Retry-After": "1"})
+
+
+def _loaded(request: Request) -> Any | Response:
+    """The runner of the model the path names (and of the version it names), or the
+    response that says why there is none."""
+    service = _service()
+    name, version = request.path_params["name"], request.path_params.get("version")
+    spec = service.specs.get(name)
+    if spec is None or spec.tensors is None:
+        return _not_served(name)
+    runner = service.runners.get(name)
+    if runner is None:
+        return predict.json_response({"error": f"model {name} is still loading",
+                                      "ready": False}, 503, {"Retry-After": "1"})
+    try:
+        _check_version(runner, version)
+    except NotFound as exc:
+        return predict.json_response({"error": str(exc)}, 404)
+    return runner
+
+
+async def model_metadata(request: Request) -> Response:
+    runner = _loaded(request)
+    if isinstance(runner, Response):
+        return runner
+    tensors = _service().specs[runner.name].tensors
+    return predict.json_response(tensors.metadata(runner.name, runner.stored.version, PLATFORM))
+
+
+async def model_config(request: Request) -> Response:
+    runner = _loaded(request)
+    if isinstance(runner, Response):
+        return runner
+    service = _service()
+    tensors = service.specs[runner.name].tensors
+    return predict.json_response(tensors.config(runner.name, PLATFORM,
+                                                service.settings.max_items))
+
+
+async def model_ready(request: Request) -> Response:
+    runner = _loaded(request)
+    if isinstance(runner, Response):
+        return runner
+    return predict.json_response({"name": runner.name, "ready": True})
+
+
+ROUTES = [
+    Route("/v2", server_metadata, methods=["GET"]),
+    Route("/v2/health/live", live, methods=["GET"]),
+    Route("/v2/health/ready", ready, methods=["GET"]),
+    Route("/v2/models/{name}", model_metadata, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
+    Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
+    Route("/v2/models/{name}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
+    Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
+]
