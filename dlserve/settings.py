@@ -19,7 +19,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 PREFIX = "DLSERVE_"
 # The probes and the metrics: they need no API key (by default) and are never refused for
 # being over the concurrency cap, since they must answer while the predict routes are busy.
-HEALTH_PATHS = ("/livez", "/readyz", "/healthz", "/metrics")
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live",
+                "/v2/health/ready")
 
 # Official sources (see README "Data"). Each is a base URL or a file URL that the
 # matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
@@ -84,8 +85,30 @@ class Settings(BaseSettings):
     # Requests each worker handles at once; more get 429 + Retry-After at once. Together with
     # max_body_bytes this bounds the memory that request bodies can take.
     max_concurrency: int = Field(256, ge=1, json_schema_extra=SECURITY)
-    # A request not answered within this many seconds gets 504 (its queued work is dropped).
+    # A request not answered within this many seconds of its body's arrival gets 504 (its
+    # queued work is dropped).
     request_timeout_s: float = Field(30.0, gt=0, json_schema_extra=SECURITY)
+    # A model run (one batch) that takes longer than this is taken for a hung worker: it
+    # reports not alive and exits, and its process manager (BentoML, or Kubernetes through
+    # the liveness probe) starts a new one. The longest real batch here takes ~3 s on CPU.
+    hang_timeout_s: float = Field(60.0, gt=0)
+    # Slow clients (SECURITY.md, "Slow clients"); the defaults are nginx's. A request's
+    # headers must arrive within header_timeout_s of its first byte (a new connection's,
+    # of its accept), else 408 and close.
+    header_timeout_s: float = Field(60.0, gt=0, json_schema_extra=SECURITY)
+    # A body must not pause longer than body_timeout_s between reads, and, past its first
+    # body_grace_s, must average min_body_rate bytes/s or more; else 408 and close.
+    body_timeout_s: float = Field(60.0, gt=0, json_schema_extra=SECURITY)
+    min_body_rate: int = Field(1024, ge=0, json_schema_extra=SECURITY)
+    body_grace_s: float = Field(10.0, ge=0, json_schema_extra=SECURITY)
+    # Open connections per worker; more are answered 503 + Retry-After at once and closed,
+    # before they can use up the process's file descriptors.
+    max_connections: int = Field(1024, ge=1, json_schema_extra=SECURITY)
+    # When an answer ends a connection whose request body is still arriving (a 413), the
+    # server reads and discards up to linger_bytes more for up to linger_s before closing,
+    # so that a client that writes its whole body before reading gets to read the answer.
+    linger_s: float = Field(5.0, ge=0, json_schema_extra=SECURITY)
+    linger_bytes: int = Field(64 * 1024 * 1024, ge=0, json_schema_extra=SECURITY)
     # When set, every route except open_paths needs `Authorization: Bearer <key>` (else 401).
     api_key: str = Field("", repr=False, json_schema_extra=SECURITY)
     open_paths: CommaList = Field(HEALTH_PATHS, json_schema_extra=SECURITY)

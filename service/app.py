@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,11 +32,11 @@ from dlserve import registry
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
-from service import predict
+from service import connections, predict, protocol
 from service.batching import AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_timeout
 from service.guard import RequestGuard
-from service.lifecycle import install_drain, verify_models
+from service.lifecycle import install_drain, verify_metrics_dir, verify_models
 from service.metrics import get_metrics
 
 log = logging.getLogger("dlserve.service")
@@ -49,8 +50,10 @@ async def list_models(_: Request) -> Response:
     return predict.json_response({"models": [r.describe() for r in service.runners.values()]})
 
 
-# GET /models, mounted after BentoML's own routes (APIs, /livez, /readyz, /metrics).
-extra_routes = Starlette(routes=[StarletteRoute("/models", list_models, methods=["GET"])])
+# GET /models and the Open Inference Protocol's GET routes, mounted after BentoML's own
+# routes (APIs, /livez, /readyz, /metrics).
+extra_routes = Starlette(routes=[StarletteRoute("/models", list_models, methods=["GET"]),
+                                 *protocol.ROUTES])
 
 
 def tune_gc() -> None:
@@ -119,7 +122,12 @@ def declare_models(cls: type) -> type:
 class DLServe:
     def __init__(self) -> None:
         self.settings = settings
+        self.specs = SERVED
         self.metrics = get_metrics()
+        # Each model's child of the histogram, looked up once: labels() per request cost
+        # about 1 % of a worker's time.
+        self.preprocess_seconds = {name: self.metrics.preprocess_seconds.labels(model=name)
+                                   for name in SERVED}
         self.runners: dict[str, Runner[Any, Any]] = {}
         self.batchers: dict[str, AdaptiveBatcher] = {}
         self.ready = self.draining = False
@@ -146,6 +154,23 @@ class DLServe:
             return
         tune_gc()
         self.ready = True
+        threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog",
+                         daemon=True).start()
+
+    def _watch_for_hangs(self) -> None:
+        """Exit the worker when a model run hangs (DLSERVE_HANG_TIMEOUT_S): its requests
+        have had their 504s, and no later request could be served by it. The process
+        manager replaces it; a worker is cheaper to start than to unstick."""
+        while True:
+            time.sleep(1)
+            for name, batcher in self.batchers.items():
+                if (stuck := batcher.stuck_for()) > settings.hang_timeout_s:
+                    self.load_error = f"{name}: a model run has taken {stuck:.0f} s"
+                    log.error("%s: a model run has taken %.0f s (DLSERVE_HANG_TIMEOUT_S=%g); "
+                              "exiting so that a new worker replaces this one", name, stuck,
+                              settings.hang_timeout_s)
+                    logging.shutdown()
+                    os._exit(70)  # EX_SOFTWARE
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -197,7 +222,9 @@ class DLServe:
 
 # Refuse a server whose models do not match their manifests before any worker starts.
 verify_models(SERVED)
+verify_metrics_dir()
 drop_bentoml_timeout()
+connections.install()
 # Refuses what it must before anything reads the body, and hands predict requests to
 # service/predict.py; edits responses on their way out.
 DLServe.add_asgi_middleware(RequestGuard, routes={

@@ -62,6 +62,8 @@ class AdaptiveBatcher:
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
+        # perf_counter() when the batch now running started; None while the model is idle
+        self.running_since: float | None = None
         self._draining = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
 
@@ -98,7 +100,7 @@ class AdaptiveBatcher:
                 batch = [p for p in self._take_batch() if not p.future.cancelled()]
                 if not batch:
                     continue
-                started = time.perf_counter()
+                started = self.running_since = time.perf_counter()
                 try:
                     results = await loop.run_in_executor(
                         self._executor, self._run_batch, [p.payload for p in batch])
@@ -107,6 +109,8 @@ class AdaptiveBatcher:
                         if not p.future.done():
                             p.future.set_exception(exc)
                     continue
+                finally:
+                    self.running_since = None
                 if self._on_batch is not None:
                     self._on_batch(sum(p.items for p in batch), time.perf_counter() - started)
                 for p, result in zip(batch, results, strict=True):
@@ -114,6 +118,11 @@ class AdaptiveBatcher:
                         p.future.set_result(result)
         finally:
             self._draining = False
+
+    def stuck_for(self) -> float:
+        """Seconds the batch now running has taken so far (0 while the model is idle)."""
+        since = self.running_since
+        return 0.0 if since is None else time.perf_counter() - since
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -10,15 +10,22 @@ names the problem and the setting behind the limit:
   (each route's content types are declared once, in its registry entry);
 - 413 for a body over DLSERVE_MAX_BODY_BYTES: from Content-Length before reading anything,
   or, for a chunked body, as soon as the bytes received pass the limit;
-- 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand;
-- 504 for a request not answered within DLSERVE_REQUEST_TIMEOUT_S.
+- 408 for a body that pauses longer than DLSERVE_BODY_TIMEOUT_S, or, past its first
+  DLSERVE_BODY_GRACE_S, averages under DLSERVE_MIN_BODY_RATE bytes/s (a request's headers
+  are timed by service/connections.py, before this layer sees the request);
+- 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand; a request
+  counts only once its body is in, so that slow uploads cannot fill the cap;
+- 504 for a request not answered within DLSERVE_REQUEST_TIMEOUT_S of its body's arrival.
 
-A POST to a predict route is then answered here, by service/predict.py, with the body
-read within the limit; everything else (GET /models, the probes, /metrics, the docs)
-goes on to BentoML. Answering here rather than in BentoML's endpoint skips its router,
-its input model, its context and its serialisation: digits, one JSON image per request,
-64 clients, 2 workers, 3 rounds of 20 s side by side, went from 4,572 to 8,330 requests/s
-(median) and p99 from 24 to 14 ms. BentoML's metrics middleware still sees every request. On the way out, it closes about one keep-alive connection in
+A POST to a predict route, or to the Open Inference Protocol's infer route, is then
+answered here (service/predict.py, service/protocol.py), with the body read within the
+limit; everything else (GET /models, the probes, /metrics, the docs) goes on to BentoML.
+Answering here rather than in BentoML's endpoint skips its router, its input model, its
+context and its serialisation: digits, one JSON image per request, 64 clients, 2
+workers, 3 rounds of 20 s side by side, went from 4,572 to 8,330 requests/s (median) and
+p99 from 24 to 14 ms. BentoML's metrics middleware still sees every request.
+
+On the way out, it closes about one keep-alive connection in
 DLSERVE_KEEPALIVE_REQUESTS (`edit_responses` says why). One layer does all of it because
 every ASGI layer costs each request a call and a wrapped send(). The timeout is here, not
 BentoML's (`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per
@@ -34,13 +41,14 @@ from __future__ import annotations
 import asyncio
 import hmac
 import random
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
-from service import predict
+from service import predict, protocol
 from service.metrics import get_metrics
 
 Scope = dict[str, Any]
@@ -48,6 +56,9 @@ Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Refusal = tuple[int, str, dict[str, str]]
 Routes = dict[str, tuple[str, Route]]  # path → (model, route)
+# Refusals of a body end its connection: the rest of the body is not worth reading
+# (service/connections.py reads and discards it for a while, so the client sees the answer).
+CLOSE = {"Connection": "close"}
 # The probes and the metrics must answer even when the predict routes are saturated.
 UNCAPPED_PATHS = frozenset(HEALTH_PATHS)
 
@@ -67,6 +78,7 @@ class RequestGuard:
     def __init__(self, app: Any, routes: Routes, settings: Settings | None = None) -> None:
         self.app = app
         self.routes = routes
+        self.models = {model for model, _ in routes.values()}
         settings = settings or get_settings()
         self.api_key = settings.api_key.encode()
         self.open_paths = frozenset(settings.open_paths)
@@ -74,6 +86,9 @@ class RequestGuard:
         self.max_concurrency = settings.max_concurrency
         self.recycle_every = settings.keepalive_requests
         self.timeout_s = settings.request_timeout_s
+        self.body_timeout_s = settings.body_timeout_s
+        self.body_grace_s = settings.body_grace_s
+        self.min_body_rate = settings.min_body_rate
         self.in_flight = 0
         self.service: Any = None  # the worker's DLServe instance, found on first use
 
@@ -82,15 +97,42 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        refusal = (self.check_key(scope["path"], headers) or self.check_type(scope, headers)
-                   or self.check_length(headers) or self.check_concurrency(scope["path"]))
+        path = scope["path"]
+        refusal = (self.check_key(path, headers) or self.check_type(scope, headers)
+                   or self.check_length(headers))
+        if refusal is not None:
+            await self.refuse(refusal, scope, receive, send)
+            return
+        post = scope["method"] == "POST"
+        target = self.routes.get(path) if post else None
+        infer = protocol.INFER.match(path) if post and target is None else None
+        chunked = b"content-length" not in headers and b"chunked" in headers.get(
+            b"transfer-encoding", b"").lower()
+        messages = None
+        if target is not None or infer is not None or chunked:
+            # Read before the request counts against the cap: a slow body holds a
+            # connection, never a place that fast requests need (SECURITY.md).
+            read = await self.read_body(receive)
+            if not isinstance(read, deque):
+                await self.refuse(read, scope, receive, send)
+                return
+            if read[-1]["type"] != "http.request":
+                return  # the client went away
+            messages = read
+        refusal = self.check_concurrency(path)
         if refusal is not None:
             await self.refuse(refusal, scope, receive, send)
             return
         self.in_flight += 1
         try:
             async with asyncio.timeout(self.timeout_s) as deadline:
-                await self.pass_on(scope, receive, send, headers, deadline)
+                edited = self.edit_responses(send, deadline)
+                if messages is None:
+                    await self.app(scope, receive, edited)
+                elif target is None and infer is None:
+                    await self.app(scope, _replay(messages, receive), edited)
+                else:
+                    await self.answer(scope, receive, edited, headers, messages, target, infer)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the app's own, not the deadline's
@@ -100,33 +142,20 @@ class RequestGuard:
         finally:
             self.in_flight -= 1
 
-    async def pass_on(self, scope: Scope, receive: Any, send: Send,
-                      headers: dict[bytes, bytes], deadline: asyncio.Timeout) -> None:
-        """Answer a predict request (service/predict.py), or hand the request to BentoML;
-        a body is first read, up to the limit."""
-        target = self.routes.get(scope["path"]) if scope["method"] == "POST" else None
-        chunked = b"content-length" not in headers and b"chunked" in headers.get(
-            b"transfer-encoding", b"").lower()
-        if target is None and not chunked:
-            await self.app(scope, receive, self.edit_responses(send, deadline))
-            return
-        messages = await self.read_body(receive)
-        if messages is None:
-            await self.refuse((413, f"request body is more than the limit of "
-                               f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {}),
-                              scope, receive, send)
-            return
-        if messages[-1]["type"] != "http.request":
-            return  # the client went away
-        if target is None:
-            await self.app(scope, _replay(messages, receive), self.edit_responses(send, deadline))
-            return
-        model, route = target
+    async def answer(self, scope: Scope, receive: Any, send: Send, headers: dict[bytes, bytes],
+                     messages: deque[Message], target: tuple[str, Route] | None,
+                     infer: re.Match[str] | None) -> None:
+        """A predict request (service/predict.py) or an infer request (service/protocol.py)."""
         service = self.service or _current_service()
         self.service = service
         body = b"".join(m.get("body", b"") for m in messages)
-        response = await predict.answer(service, model, route, body)
-        await response(scope, receive, self.edit_responses(send, deadline))
+        if target is not None:
+            response = await predict.answer(service, target[0], target[1], body)
+        else:
+            assert infer is not None
+            response = await protocol.infer(service, infer["name"], infer["version"], headers,
+                                            body)
+        await response(scope, receive, send)
 
     def edit_responses(self, send: Send, deadline: asyncio.Timeout) -> Send:
         """send(), with the deadline lifted once the answer begins and, about once in
@@ -156,8 +185,11 @@ class RequestGuard:
     async def refuse(self, refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:
         """Answer with the refusal, counted in dlserve_errors_total under its route's model."""
         status, message, extra_headers = refusal
-        if target := self.routes.get(scope["path"]):
-            get_metrics().errors.labels(model=target[0], reason=f"http_{status}").inc()
+        target = self.routes.get(scope["path"])
+        infer = protocol.INFER.match(scope["path"])
+        model = target[0] if target else infer["name"] if infer else None
+        if model in self.models:
+            get_metrics().errors.labels(model=model, reason=f"http_{status}").inc()
         await predict.json_response({"error": message}, status, extra_headers)(
             scope, receive, send)
 
@@ -186,8 +218,15 @@ class RequestGuard:
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
         target = self.routes.get(scope["path"])
-        accepted = target[1].content_types if target else (JSON,)
-        if target[1].accepts(kind) if target else kind in ("", JSON):
+        if target is not None:
+            accepted = target[1].content_types
+            ok = target[1].accepts(kind)
+        elif protocol.INFER.match(scope["path"]):
+            accepted = protocol.CONTENT_TYPES[1:]
+            ok = kind in protocol.CONTENT_TYPES
+        else:
+            accepted, ok = (JSON,), kind in ("", JSON)
+        if ok:
             return None
         return (415, f"Content-Type {kind or '(none)'} is not accepted by {scope['path']}; "
                 f"send {' or '.join(accepted)}", {})
@@ -200,25 +239,38 @@ class RequestGuard:
             return (400, f"Content-Length {raw.decode('latin-1')!r} is not a byte count", {})
         if int(raw) > self.max_body:
             return (413, f"request body of {int(raw)} bytes is more than the limit of "
-                    f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", {})
+                    f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", CLOSE)
         return None
 
-    async def read_body(self, receive: Any) -> deque[Message] | None:
-        """The body's messages, at most max_body bytes of it (a chunked body can go over
-        what no Content-Length announced); None once it does. The last message is not an
-        `http.request` when the client went away."""
+    async def read_body(self, receive: Any) -> deque[Message] | Refusal:
+        """The body's messages, or the refusal that ends it: 413 once it passes max_body
+        (a chunked body can go over what no Content-Length announced), 408 when it pauses
+        longer than body_timeout_s or, past body_grace_s, averages under min_body_rate.
+        The last message is not an `http.request` when the client went away."""
         messages: deque[Message] = deque()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         size = 0
         while True:
-            message = await receive()
+            try:
+                async with asyncio.timeout(self.body_timeout_s):
+                    message = await receive()
+            except TimeoutError:
+                return (408, f"no body bytes for {self.body_timeout_s:g} seconds "
+                        "(DLSERVE_BODY_TIMEOUT_S)", CLOSE)
             messages.append(message)
             if message["type"] != "http.request":
                 return messages
             size += len(message.get("body", b""))
             if size > self.max_body:
-                return None
+                return (413, f"request body is more than the limit of {self.max_body} bytes "
+                        "(DLSERVE_MAX_BODY_BYTES)", CLOSE)
             if not message.get("more_body"):
                 return messages
+            elapsed = loop.time() - started
+            if elapsed > self.body_grace_s and size < self.min_body_rate * elapsed:
+                return (408, f"the body arrives at {size / elapsed:,.0f} bytes/s, under the "
+                        f"minimum of {self.min_body_rate:,} (DLSERVE_MIN_BODY_RATE)", CLOSE)
 
 
 def _current_service() -> Any:

@@ -1,8 +1,9 @@
 """How the server starts and stops: no half-loaded server, and a drain on SIGTERM.
 
-- `verify_models` runs when the service module is imported, which `bentoml serve` does in
-  its main process before it starts any worker. A missing, truncated or altered model
-  stops the server there, naming the file and the fix. (Checked only in the workers, the
+- `verify_models` and `verify_metrics_dir` run when the service module is imported, which
+  `bentoml serve` does in its main process before it starts any worker. A missing,
+  truncated or altered model, or a metrics directory that cannot be written, stops the
+  server there, naming the file and the fix. (Checked only in the workers, the
   failure would make each worker crash at start-up and be restarted, forever.)
 - Workers load and warm their models on a background thread (service/app.py), so that
   /livez answers 200 at once and /readyz 503 until every model is ready.
@@ -20,6 +21,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from types import FrameType
 
 from dlserve import store
@@ -36,6 +38,26 @@ def verify_models(names: Iterable[str]) -> None:
         except ModelIntegrityError as exc:
             log.error("cannot start: %s", exc)
             raise SystemExit(f"dlserve: cannot start: {exc}") from None
+
+
+def verify_metrics_dir() -> None:
+    """Refuse to start when the directory Prometheus's multi-process counters live in
+    exists but cannot be written (a read-only volume): every worker would fail its first
+    metric write, and none would ever be ready."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    path = Path(BentoMLContainer.prometheus_multiproc_dir.get())
+    if not path.is_dir():
+        return  # BentoML creates it, or falls back to a temporary directory
+    probe = path / f".dlserve-write-check-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        message = (f"the metrics directory {path} is not writable ({exc.strerror}); give "
+                   "BENTOML_HOME a writable volume")
+        log.error("cannot start: %s", message)
+        raise SystemExit(f"dlserve: cannot start: {message}") from None
 
 
 def _exit_now(timeout_s: float) -> None:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -211,3 +212,135 @@ def test_sigterm_drains_in_flight_requests_and_exits_in_time(lifecycle: Lifecycl
     assert [status for status, _ in finished] == [200] * 4, finished
     assert any(after for _, after in finished), "no request was still in flight at the SIGTERM"
     assert exited_after < 15, f"exited {exited_after:.1f} s after SIGTERM"
+
+
+def hanging_model(model: Path) -> None:
+    """Replace a stored digits model with one that runs for hours on any bright pixel: a
+    Loop whose trip count is the largest input value times 10^9 (an all-black image, the
+    warm-up's, runs it zero times). A real ONNX model hanging inside a model run."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = lambda name, value, dtype=np.float32: numpy_helper.from_array(  # noqa: E731
+        np.array(value, dtype=dtype), name)
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["count_in", "one"], ["count_out"])],
+        "spin", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
+        initializer=[c("one", 1.0)])
+    graph = helper.make_graph([
+        helper.make_node("Relu", ["pixels"], ["bright"]),
+        helper.make_node("ReduceMax", ["bright"], ["peak"], keepdims=0),
+        helper.make_node("Mul", ["peak", "scale"], ["trips_f"]),
+        helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+        helper.make_node("Loop", ["trips", "yes", "zero"], ["count"], body=body),
+        helper.make_node("Mul", ["count", "zero"], ["nothing"]),
+        helper.make_node("Shape", ["pixels"], ["shape"]),
+        helper.make_node("Slice", ["shape", "start", "end"], ["batch"]),
+        helper.make_node("Concat", ["batch", "ten"], ["out_shape"], axis=0),
+        helper.make_node("Expand", ["nothing", "out_shape"], ["logits"]),
+    ], "hang", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=[c("scale", 1e9), c("yes", True, np.bool_), c("zero", 0.0),
+                     c("start", [0], np.int64), c("end", [1], np.int64),
+                     c("ten", [10], np.int64)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                ir_version=9), str(model / ONNX_FILE))
+    manifest = model / MANIFEST_FILE
+    text = manifest.read_text()
+    old = text.split('"onnx_sha256": "')[1].split('"')[0]
+    manifest.write_text(text.replace(old, sha256_file(model / ONNX_FILE)))
+
+
+def private_store(tmp_path: Path, tag: str) -> tuple[Path, Path]:
+    """A copy of the test model store; its home, and the folder of `tag`'s version."""
+    home = tmp_path / "bentoml"
+    shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
+    name, version = tag.split(":")
+    return home, home / "models" / name / version
+
+
+def test_a_worker_hung_in_a_model_run_answers_504_and_is_replaced(
+        digits_model: str, sentiment_model: str, recommender_model: str,
+        tmp_path: Path) -> None:
+    home, model = private_store(tmp_path, digits_model)
+    hanging_model(model)
+    with start_server(tmp_path, BENTOML_HOME=str(home), DLSERVE_MODELS="digits",
+                      DLSERVE_WORKERS="1", DLSERVE_REQUEST_TIMEOUT_S="2",
+                      DLSERVE_HANG_TIMEOUT_S="4") as running:
+        assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
+        (worker,) = workers(running)
+        bright = {"images": [[[255] * 28] * 28]}
+        r = httpx.post(running.url + "/digits/predict", json=bright, timeout=30)
+        assert r.status_code == 504 and "DLSERVE_REQUEST_TIMEOUT_S" in r.json()["error"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the hung worker exits; a new one serves
+            now = workers(running)
+            if now and now[0].pid != worker.pid and probe(running.url) == (200, 200):
+                break
+            time.sleep(0.3)
+        assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
+        assert workers(running)[0].pid != worker.pid
+        assert re.search(r"digits: a model run has taken \d+ s \(DLSERVE_HANG_TIMEOUT_S=4\)",
+                         running.output())
+
+
+def test_model_files_removed_while_serving_keep_it_serving_and_stop_the_next_start(
+        digits_model: str, sentiment_model: str, recommender_model: str,
+        tmp_path: Path) -> None:
+    home, model = private_store(tmp_path, digits_model)
+    with start_server(tmp_path, BENTOML_HOME=str(home), DLSERVE_WORKERS="1") as running:
+        (model / ONNX_FILE).unlink()
+        (model / MANIFEST_FILE).write_text("{}")
+        for _ in range(5):  # the sessions are in memory: serving goes on
+            assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
+        assert httpx.get(running.url + "/readyz").status_code == 200
+    with start_server(tmp_path, ready=False, BENTOML_HOME=str(home)) as again:
+        again.process.wait(timeout=90)
+        assert again.process.returncode not in (None, 0)
+        assert "manifest.json is not a valid dlserve manifest" in again.output(), \
+            again.output()[-2000:]
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
+    """A small tmpfs mounted at `path` (root only; the test is skipped where it cannot)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
+    try:
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_tmp_does_not_stop_serving(digits_model: str, sentiment_model: str,
+                                          recommender_model: str, tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "tmp", "64k") as tmp:
+        with contextlib.suppress(OSError):
+            (tmp / "filler").write_bytes(b"\0" * (1 << 20))  # fills it: ENOSPC
+        with start_server(tmp_path, TMPDIR=str(tmp), DLSERVE_WORKERS="1") as running:
+            assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
+            assert httpx.post(running.url + "/sentiment/predict", json=HEAVY).status_code == 200
+            assert httpx.get(running.url + "/metrics").status_code == 200
+
+
+def test_an_unwritable_metrics_directory_stops_start_up_naming_it(
+        digits_model: str, sentiment_model: str, recommender_model: str,
+        tmp_path: Path) -> None:
+    home, _ = private_store(tmp_path, digits_model)
+    with tmpfs(home / "prometheus_multiproc_dir", "64k", read_only=True) as metrics:
+        with start_server(tmp_path, ready=False, BENTOML_HOME=str(home)) as running:
+            running.process.wait(timeout=90)
+            output = running.output()
+        assert running.process.returncode not in (None, 0)
+        assert f"{metrics} is not writable" in output, output[-2000:]
