@@ -70,25 +70,47 @@ def dlserve(*args: str, check: bool = True,
     return result
 
 
+def quick_model(name: str) -> str:
+    """Train (--quick) and export a model through the real CLI; return its tag.
+
+    With DLSERVE_TEST_CACHE set (a folder; for development, never set in CI), a model that
+    this function trained there before is copied in instead: its run artefacts and its
+    model-store version, made by the same commands. Busy shared machines train the
+    --quick sentiment model in minutes, and every test run needs all three."""
+    cache = os.environ.get("DLSERVE_TEST_CACHE")
+    store = Path(os.environ["BENTOML_HOME"]) / "models" / name
+    artifacts = Path(os.environ["DLSERVE_ARTIFACTS_DIR"]) / name
+    saved = Path(cache) / name if cache else None
+    if saved is not None and (saved / "tag").is_file():
+        shutil.copytree(saved / "artifacts", artifacts, dirs_exist_ok=True)
+        shutil.copytree(saved / "store", store, dirs_exist_ok=True)
+        return (saved / "tag").read_text().strip()
+    dlserve("train", name, "--quick")
+    tag = dlserve("export", name).stdout.strip()
+    if saved is not None:
+        shutil.rmtree(saved, ignore_errors=True)
+        shutil.copytree(artifacts, saved / "artifacts")
+        shutil.copytree(store, saved / "store", symlinks=True)
+        (saved / "tag").write_text(tag)
+    return tag
+
+
 @pytest.fixture(scope="session")
 def digits_model(data_dir: Path) -> str:
-    """Train (--quick) and export the digits model once; return its tag."""
-    dlserve("train", "digits", "--quick")
-    return dlserve("export", "digits").stdout.strip()
+    """The --quick digits model, trained and exported once; its tag."""
+    return quick_model("digits")
 
 
 @pytest.fixture(scope="session")
 def sentiment_model(data_dir: Path) -> str:
-    """Train (--quick) and export the sentiment model once; return its tag."""
-    dlserve("train", "sentiment", "--quick")
-    return dlserve("export", "sentiment").stdout.strip()
+    """The --quick sentiment model, trained and exported once; its tag."""
+    return quick_model("sentiment")
 
 
 @pytest.fixture(scope="session")
 def recommender_model(data_dir: Path) -> str:
-    """Train (--quick) and export the recommender on MovieLens 100K once; return its tag."""
-    dlserve("train", "recommender", "--quick")
-    return dlserve("export", "recommender").stdout.strip()
+    """The --quick recommender on MovieLens 100K, trained and exported once; its tag."""
+    return quick_model("recommender")
 
 
 @contextlib.contextmanager
