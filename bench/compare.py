@@ -38,6 +38,7 @@ class Cell:
     duration_s: float
     encoding: str = "json"  # "base64": digits' compact images_base64 field
     rounds: int = 1  # runs per server, each `duration_s` long
+    peers: bool = False  # the framework and hand-written peers take part too
 
 
 def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
@@ -45,8 +46,8 @@ def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
     """Every model at 1/16/64 clients with 1- and 32-item requests (unless its requests
     carry one item by design, as the recommender's do: one user), each multi-item encoding
     the model's workload has (digits: JSON numbers and base64), and a mixed run; single-item
-    runs at 64 clients are held for `hold_s`, `rounds` times per server; the rest run once
-    for `short_s`."""
+    runs at 64 clients are held for `hold_s`, `rounds` times per server, and the peers run
+    them too; the rest run once for `short_s`."""
     cells = []
     for model, workload in workloads.items():
         for items in ITEMS if workload.multi_item else (1,):
@@ -54,7 +55,7 @@ def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
                 for clients in CLIENTS:
                     held = clients == max(CLIENTS) and items == 1
                     cells.append(Cell(model, items, clients, hold_s if held else short_s,
-                                      encoding, rounds if held else 1))
+                                      encoding, rounds if held else 1, peers=held))
     if len(workloads) > 1:
         cells.append(Cell("mixed", 1, max(CLIENTS), hold_s, rounds=rounds))
     return cells
@@ -76,7 +77,7 @@ def measure(server: http.Server, requests: list[Request], clients: int,
     """One wrk run after a short warm-up; dlserve's mean batch size from its /metrics, and
     how the clients' connections were split over the server's processes half-way through."""
     http.run_wrk(server.url, requests, clients=clients, duration_s=WARM_UP_S)
-    scrape = server.name != "naive"
+    scrape = server.batch_metrics
     before = http.batch_stats(server.metrics_text()) if scrape else {}
     split: list[int] = []
     sampler = threading.Timer(duration_s / 2, lambda: split.extend(server.connection_split()))
@@ -92,8 +93,10 @@ def measure(server: http.Server, requests: list[Request], clients: int,
     return result
 
 
-def run_cells(servers: list[http.Server], cells: list[Cell],
-              sources: Sources) -> list[dict[str, Any]]:
+def run_cells(servers: list[http.Server], cells: list[Cell], sources: Sources,
+              peers: list[http.Server] | None = None) -> list[dict[str, Any]]:
+    """Every cell on every server (and, for a cell that asks, every peer that can serve
+    its model), taking turns in a rotating order, round after round."""
     rows = []
     pools: dict[tuple[str, int, str], list[Request]] = {}  # one per payload, not per cell
     turn = 0
@@ -102,10 +105,11 @@ def run_cells(servers: list[http.Server], cells: list[Cell],
         if payload not in pools:
             pools[payload] = requests_for(*payload, sources)
         requests = pools[payload]
+        taking_part = servers + [p for p in peers or [] if cell.peers and p.can_serve(cell.model)]
         for round_ in range(1, cell.rounds + 1):
-            shift = turn % len(servers)
+            shift = turn % len(taking_part)
             turn += 1
-            for server in servers[shift:] + servers[:shift]:
+            for server in taking_part[shift:] + taking_part[:shift]:
                 log.info("bench: %s %s × %d items, %d clients, %g s (round %d of %d)",
                          server.name, cell.model, cell.items, cell.clients, cell.duration_s,
                          round_, cell.rounds)
@@ -138,18 +142,22 @@ def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
                http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
                                    DLSERVE_WORKERS=str(workers)),
                http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers))]
+    peers = [http.lean_server(models, workers), http.ceiling_server(models, workers),
+             http.bentoml_batchable_server(models, workers),
+             http.litserve_server(models, workers)]
+    peers = [p for p in peers if any(p.can_serve(m) for m in models)]
     cells = plan({m: w for m, (w, _) in sources.items()}, hold_s=hold_s, short_s=short_s,
                  rounds=rounds)
     heavy = next((m for m, (w, _) in sources.items() if w.overload and w.multi_item), None)
 
     def main_runs() -> dict[str, Any]:
-        out = {"runs": run_cells(servers, cells, sources)}
+        out = {"runs": run_cells(servers, cells, sources, peers)}
         if heavy:
             overload = Cell(heavy, 32, OVERLOAD_CLIENTS, short_s)
             out["overload"] = run_cells(servers[2:], [overload], sources)
         return out
 
-    results = with_servers(servers, main_runs)
+    results = with_servers(servers + peers, main_runs)
     if workers != 1:
         first = models[0]
         one = [http.naive_server(models, 1),
@@ -162,6 +170,7 @@ def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
                                  [{**r, "workers": workers} for r in same]
     return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
             "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
+            "lean_targets": {m: w.lean_target for m, (w, _) in sources.items()},
             **results}
 
 

@@ -30,6 +30,11 @@ import psutil
 from bench.workloads import Request
 
 LUA_SCRIPT = Path(__file__).with_name("wrk_requests.lua")
+MIXED_SCRIPT = Path(__file__).with_name("wrk_mixed.lua")
+# The models the hand-written peers have a route for (bench/peers/lean.py, litserve_peer.py),
+# and those BentoML's batchable API fits: a batch axis (bench/peers/bentoml_batchable.py).
+LEAN_MODELS = ("digits", "sentiment", "recommender")
+BATCHABLE_MODELS = ("digits", "sentiment")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -98,6 +103,11 @@ class Server:
     log_dir: Path | None = None  # where its log goes; a temporary file when None
     log_path: Path | None = None
     private_home: Path | None = None  # a private_bentoml_home(), removed by stop()
+    serves: frozenset[str] | None = None  # the models it can serve; None: every one
+    batch_metrics: bool = False  # its /metrics has dlserve_batch_items (dlserve itself)
+
+    def can_serve(self, model: str) -> bool:
+        return self.serves is None or model in self.serves
 
     @property
     def url(self) -> str:
@@ -172,15 +182,51 @@ def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
            **({"BENTOML_HOME": str(home)} if home else {}), **settings}
     return Server(name, [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
                          "--host", "127.0.0.1", "--port", "{port}"], env, "/readyz",
-                  private_home=home)
+                  private_home=home, batch_metrics=True)
+
+
+def uvicorn_server(name: str, app: str, models: list[str], workers: int, *,
+                   ready_path: str = "/health", serves: frozenset[str] | None = None) -> Server:
+    """A peer from bench/peers/ under uvicorn, with as many worker processes as dlserve."""
+    return Server(name, [sys.executable, "-m", "uvicorn", app, "--port", "{port}",
+                         "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
+                  {"DLSERVE_MODELS": ",".join(models)}, ready_path, serves=serves)
 
 
 def naive_server(models: list[str], workers: int = 1) -> Server:
-    """The naive FastAPI + uvicorn peer, with as many worker processes as dlserve."""
-    return Server("naive", [sys.executable, "-m", "uvicorn", "bench.naive_server:app",
-                            "--port", "{port}", "--workers", str(workers), "--no-access-log",
-                            "--log-level", "warning"],
-                  {"DLSERVE_MODELS": ",".join(models)}, "/docs")
+    """The naive FastAPI + uvicorn peer."""
+    return uvicorn_server("naive", "bench.peers.naive:app", models, workers, ready_path="/docs")
+
+
+def lean_server(models: list[str], workers: int) -> Server:
+    """The lean hand-written Starlette + orjson peer (no batching)."""
+    return uvicorn_server("lean", "bench.peers.lean:app", models, workers,
+                          serves=frozenset(LEAN_MODELS))
+
+
+def ceiling_server(models: list[str], workers: int) -> Server:
+    """Parse the JSON and answer, no model: the HTTP ceiling."""
+    return uvicorn_server("ceiling", "bench.peers.ceiling:app", models, workers)
+
+
+def bentoml_batchable_server(models: list[str], workers: int) -> Server:
+    """BentoML's own `batchable=True` APIs, its defaults otherwise."""
+    served = [m for m in models if m in BATCHABLE_MODELS]
+    home = private_bentoml_home("batchable")
+    return Server("bentoml-batchable",
+                  [sys.executable, "-m", "bentoml", "serve",
+                   "bench.peers.bentoml_batchable:Batchable", "--host", "127.0.0.1",
+                   "--port", "{port}"],
+                  {"DLSERVE_MODELS": ",".join(served), "DLSERVE_WORKERS": str(workers),
+                   "BENTOML_HOME": str(home)}, "/readyz", private_home=home,
+                  serves=frozenset(served))
+
+
+def litserve_server(models: list[str], workers: int) -> Server:
+    """LitServe with its batching."""
+    return Server("litserve", [sys.executable, "-m", "bench.peers.litserve_peer", "{port}"],
+                  {"DLSERVE_MODELS": ",".join(models), "DLSERVE_WORKERS": str(workers)},
+                  "/health", serves=frozenset(LEAN_MODELS))
 
 
 def batch_stats(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -205,13 +251,27 @@ def run_wrk(url: str, requests: list[Request], *, clients: int, duration_s: floa
             threads: int = 1) -> dict[str, Any]:
     """Hold `clients` connections, each sending its next request as soon as the last is
     answered, for `duration_s`; wrk's summary with throughput and latency in ms."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".tsv", delete=False) as f:
-        for path, body in requests:
-            f.write(path.encode() + b"\t" + body + b"\n")
+    lines = b"".join(path.encode() + b"\t" + body + b"\n" for path, body in requests)
+    return _wrk(url, LUA_SCRIPT, lines, clients=clients, duration_s=duration_s, threads=threads)
+
+
+def run_wrk_mixed(url: str, requests: list[tuple[str, str, bytes]], *, clients: int,
+                  duration_s: float) -> dict[str, Any]:
+    """run_wrk for requests of any body type, (path, content type, body), with the answers
+    counted by status class (status_2xx, status_4xx, status_5xx)."""
+    records = b"".join(b"%s\n%s\n%d\n%s" % (path.encode(), kind.encode(), len(body), body)
+                       for path, kind, body in requests)
+    return _wrk(url, MIXED_SCRIPT, records, clients=clients, duration_s=duration_s)
+
+
+def _wrk(url: str, script: Path, requests: bytes, *, clients: int, duration_s: float,
+         threads: int = 1) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("wb", suffix=".requests", delete=False) as f:
+        f.write(requests)
     try:
         out = subprocess.run(
             [find_wrk(), f"-t{min(threads, clients)}", f"-c{clients}", f"-d{duration_s:g}s",
-             "--timeout", "10s", "-s", str(LUA_SCRIPT), url, "--", f.name],
+             "--timeout", "10s", "-s", str(script), url, "--", f.name],
             capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
     finally:
         os.unlink(f.name)
@@ -224,4 +284,5 @@ def run_wrk(url: str, requests: list[Request], *, clients: int, duration_s: floa
         "non_2xx": raw["non_2xx"],
         "socket_errors": raw["socket_errors"] + raw["timeouts"],
         **{k: round(raw[f"{k}_us"] / 1e3, 2) for k in ("p50", "p95", "p99", "mean", "max")},
+        **{k: raw[k] for k in ("status_2xx", "status_4xx", "status_5xx") if k in raw},
     }

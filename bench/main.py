@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench import compare, inprocess, report
+from bench import compare, inprocess, perf_analyzer, profile, report, soak
 from bench.sections import BenchContext, Section
 from bench.workloads import Workload
 from dlserve import registry
@@ -17,28 +17,38 @@ from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
 # In the order of the report. A new measurement is one more Section here.
-SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION)
+SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION, profile.SECTION,
+                                 perf_analyzer.SECTION, soak.SECTION)
+# Sections that run only when asked for with their own option: the soak takes an hour.
+ON_REQUEST = {"soak": "--soak MINUTES"}
 
 
-def select(only: list[str] | None, skip: list[str] | None) -> list[Section]:
+def select(only: list[str] | None, skip: list[str] | None,
+           requested: set[str]) -> list[Section]:
+    """The sections to run: --only's, or all but --skip's; an on-request section only when
+    its option (`requested`) asked for it."""
     names = [s.name for s in SECTIONS]
     unknown = [n for n in (only or []) + (skip or []) if n not in names]
     if unknown:
         raise ValueError(f"unknown bench section(s) {unknown}; choose from {', '.join(names)}")
-    return [s for s in SECTIONS if (not only or s.name in only) and s.name not in (skip or [])]
+    for name in only or []:
+        if name in ON_REQUEST and name not in requested:
+            raise ValueError(f"the {name} section needs {ON_REQUEST[name]}")
+    return [s for s in SECTIONS if (not only or s.name in only) and s.name not in (skip or [])
+            and (s.name not in ON_REQUEST or s.name in requested)]
 
 
 def run_bench(settings: Settings, *, out: Path, only: list[str] | None = None,
               skip: list[str] | None = None, hold_s: float, short_s: float,
-              rounds: int) -> Path:
+              rounds: int, soak_minutes: float = 0.0) -> Path:
     """Run the chosen sections for every model of the settings (DLSERVE_MODELS); write
     BENCHMARKS.md and benchmarks.json into `out`, keeping the last results of the sections
     not run, and return the former's path."""
-    chosen = select(only, skip)
+    chosen = select(only, skip, {"soak"} if soak_minutes > 0 else set())
     sources: dict[str, tuple[Workload, DataSource]] = {
         name: (spec.workload.load(), spec.data(settings))
         for name, spec in registry.serving(settings).items()}
-    ctx = BenchContext(settings, sources, hold_s, short_s, rounds)
+    ctx = BenchContext(settings, sources, hold_s, short_s, rounds, soak_minutes)
     path = out / "benchmarks.json"
     results: dict[str, Any] = {}
     if len(chosen) < len(SECTIONS) and path.is_file():

@@ -13,6 +13,20 @@ from typing import Any
 from dlserve.settings import Settings
 
 KEEPALIVE_DEFAULT = Settings.model_fields["keepalive_requests"].default
+FRAMEWORKS = ("bentoml-batchable", "litserve")  # the serving frameworks among the peers
+PEER_NOTES = {
+    "naive": "FastAPI + pydantic, one model run per request (`bench/peers/naive.py`)",
+    "lean": "Starlette + orjson, one model run per request, hand-written "
+            "(`bench/peers/lean.py`)",
+    "ceiling": "Starlette + orjson, parses the JSON and runs no model: the HTTP ceiling "
+               "(`bench/peers/ceiling.py`)",
+    "bentoml-batchable": "BentoML's own `batchable=True` API, its defaults "
+                         "(`bench/peers/bentoml_batchable.py`; no recommender: its requests "
+                         "have no batch axis)",
+    "litserve": "LitServe with its batching, max_batch_size 64 (`bench/peers/litserve_peer.py`)",
+    "dlserve-unbatched": "the service with `DLSERVE_BATCHING=false`",
+    "dlserve": "the service with its defaults",
+}
 
 
 def machine() -> dict[str, Any]:
@@ -40,7 +54,7 @@ def _read(path: str) -> str:
         return ""
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -86,7 +100,7 @@ def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         out += [f"**{c['model']}** ({c['provider']}): batch 1 {c['batch_1_items_per_s']:,} "
                 f"items/s; best {c['best']['items_per_s']:,} items/s at batch "
                 f"{c['best']['batch']}.", "",
-                _table(["batch", "ms per batch", "items/s"],
+                table(["batch", "ms per batch", "items/s"],
                        [[r["batch"], r["ms_per_batch"], f"{r['items_per_s']:,}"]
                         for r in c["by_batch"]]), ""]
     if b := r.get("bucketing"):
@@ -99,7 +113,7 @@ def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
             "the runner instead sorts texts by length and runs each length bucket on its own "
             "(`dlserve/runners/sentiment.py`).",
             "",
-            _table(["batch", "padded to longest (ms)", "length buckets (ms)", "speed-up"],
+            table(["batch", "padded to longest (ms)", "length buckets (ms)", "speed-up"],
                    [[b["batch"], b["ms_padded"], b["ms_bucketed"], f"{b['speedup']}×"]]),
             "",
         ]
@@ -175,7 +189,8 @@ def _one_sided(cells: list[dict[str, Any]], workers: int) -> dict[str, str]:
 
 
 def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]:
-    """Issue 5's acceptance figures, each with the measurement and whether it is met."""
+    """The acceptance figures (against the naive peer, the lean peer, the frameworks, the
+    in-process ceiling), each with the measurement and whether it is met."""
     cells = summarise(h["runs"])
 
     def find(model: str, items: int, clients: int, server: str,
@@ -205,6 +220,22 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
                         f"{ratio:.2f}× ({ours['requests_per_s'] / base['requests_per_s']:.2f}× "
                         f"naive's median); p99 {_ms(ours['p99'])} vs {_ms(peak['p99'])} ms",
                         ratio >= 1.5 and ours["p99"] <= peak["p99"]])
+    for model in models:
+        ours, lean = find(model, 1, 64, "dlserve"), find(model, 1, 64, "lean")
+        if ours and lean and model in h.get("lean_targets", {}):
+            want, p99_factor = h["lean_targets"][model]
+            ratio = ours["requests_per_s"] / lean["requests_per_s"]
+            p99_ok = p99_factor is None or ours["p99"] <= p99_factor * lean["p99"]
+            p99_goal = f", p99 ≤ {p99_factor:g}× its p99" if p99_factor else ""
+            out.append([f"{model}: ≥ {want:g}× the lean hand-written peer{p99_goal} (1 item, "
+                        "64 clients, medians)",
+                        f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(lean['p99'])} ms",
+                        ratio >= want and p99_ok])
+        for peer in FRAMEWORKS:
+            if ours and (theirs := find(model, 1, 64, peer)):
+                ratio = ours["requests_per_s"] / theirs["requests_per_s"]
+                out.append([f"{model}: ≥ 2× {peer} (1 item, 64 clients, medians)",
+                            f"{ratio:.2f}×", ratio >= 2])
     best = {c["model"]: c["best"]["items_per_s"] for c in ceiling}
     for r in cells:
         if (r["items"] == 32 and r["clients"] == 64 and r["server"] == "dlserve"
@@ -220,6 +251,28 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
     return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
 
 
+def render_peers(cells: list[dict[str, Any]]) -> list[str]:
+    """One table per model: every server on the cell all of them ran (one item per
+    request, 64 clients), against dlserve and against the HTTP ceiling."""
+    out = ["### Against every peer, one item per request, 64 clients", ""]
+    for model in dict.fromkeys(r["model"] for r in cells):
+        held = [r for r in cells if r["model"] == model and r["items"] == 1
+                and r["clients"] == 64]
+        ours = next((r for r in held if r["server"] == "dlserve"), None)
+        top = next((r for r in held if r["server"] == "ceiling"), None)
+        if ours is None or len(held) < 4:
+            continue
+        rows = [[r["server"], f"{r['requests_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p99"]),
+                 r["non_2xx"] + r["socket_errors"],
+                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×",
+                 f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—"]
+                for r in sorted(held, key=lambda r: -r["requests_per_s"])]
+        out += [f"**{model}**", "",
+                table(["server", "requests/s", "p50 ms", "p99 ms", "non-2xx",
+                       "dlserve ÷ server", "share of the ceiling"], rows), ""]
+    return out
+
+
 def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     ceiling = sections.get("inprocess", {}).get("ceiling", [])
     cells = summarise(h["runs"])
@@ -227,7 +280,7 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     header = ["model", "items/request", "clients", "server", "runs", "requests/s", "items/s",
               "p50 ms", "p95 ms", "p99 ms", "non-2xx", "mean batch", "vs naive"]
     out = [
-        "## Over HTTP: dlserve against a naive FastAPI server",
+        "## Over HTTP: dlserve against the servers people pick",
         "",
         f"Load generator: {h['load_generator']}, one thread, one keep-alive connection per "
         "client; each client sends its next request as soon as the last is answered "
@@ -236,29 +289,32 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         "machine's cores with the server under test, alike for every server.",
         "",
         f"Servers, each with {h['workers']} worker process(es) and the same models, runners "
-        "and ONNX Runtime settings: **naive**, a plain FastAPI + uvicorn app with one ONNX "
-        "Runtime run per request (`bench/naive_server.py`); **dlserve-unbatched**, "
-        "the service with `DLSERVE_BATCHING=false`; **dlserve**, the service with its "
-        "defaults. They take turns cell by cell, in rotating order. Payloads: MNIST test "
-        "images as JSON arrays of 0-255 integers (or `images_base64`), SST-2 dev sentences, "
-        "one u1.base user's ratings per recommend request (85 on average, k = 10). "
-        "\"mean batch\" is items per model run, read from `/metrics` (`dlserve_batch_items`).",
+        "and ONNX Runtime settings (`bench/peers/`): "
+        + "; ".join(f"**{name}**, {note}" for name, note in PEER_NOTES.items()) + ". "
+        "They take turns cell by cell, in rotating order; the peers other than naive run the "
+        "cells the targets are judged on (one item per request, 64 clients). Payloads: MNIST "
+        "test images as JSON arrays of 0-255 integers (or `images_base64`), SST-2 dev "
+        "sentences, one u1.base user's ratings per recommend request (85 on average, "
+        "k = 10). \"mean batch\" is items per model run, read from `/metrics` "
+        "(`dlserve_batch_items`).",
         "",
         "### Targets",
         "",
-        "Throughput is judged as dlserve's median round against the naive server's best "
-        "round (its median beside it): in a round where every connection lands on one worker "
-        "of a server, that server serves about half as much (\"Round by round\" below), and "
-        "such a round of the naive server must not flatter dlserve.",
+        "Against the naive server, throughput is judged as dlserve's median round against "
+        "its best round (its median beside it): in a round where every connection lands on "
+        "one worker of a server, that server serves about half as much (\"Round by round\" "
+        "below), and such a round of the naive server must not flatter dlserve. Against the "
+        "other peers, medians against medians.",
         "",
-        _table(["target", "measured", ""], targets(h, ceiling)),
+        table(["target", "measured", ""], targets(h, ceiling)),
         "",
+        *render_peers(cells),
         "### Every cell",
         "",
         "Where a cell ran more than one round, each figure is the median over its rounds "
         "(non-2xx: the sum).",
         "",
-        _table(header, _run_rows(cells, naive)),
+        table(header, _run_rows(cells, naive)),
         "",
     ]
     if rounds := _round_rows(cells):
@@ -280,7 +336,7 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 "and the split evens out within seconds; the naive server keeps uvicorn's "
                 f"behaviour. Runs in which one process held every connection: {one_sided}.",
                 "",
-                _table(["model", "clients", "server", *(f"round {i + 1}" for i in range(most)),
+                table(["model", "clients", "server", *(f"round {i + 1}" for i in range(most)),
                         "median"], rounds),
                 ""]
     if rows := h.get("worker_runs"):
@@ -289,7 +345,7 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 "Digits, one image per request, 64 clients: the default (one worker per core) "
                 "against one worker, for both servers.",
                 "",
-                _table(["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
+                table(["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
                        [[r["workers"], r["server"], f"{r['requests_per_s']:,.0f}",
                          _ms(r["p50"]), _ms(r["p99"]), r["non_2xx"] + r["socket_errors"]]
                         for r in rows]),
@@ -306,7 +362,7 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
                 "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
                 "a shorter wait.",
                 "",
-                _table(header, _run_rows(summarise(rows), {})),
+                table(header, _run_rows(summarise(rows), {})),
                 ""]
     out += ["### Where the time goes",
             "",

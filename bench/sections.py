@@ -27,6 +27,7 @@ class BenchContext:
     hold_s: float  # seconds of each held run (the cells targets are judged on)
     short_s: float  # seconds of every other run
     rounds: int  # runs of each held cell per server
+    soak_minutes: float = 0.0  # the soak section's length; 0: no soak
 
 
 @dataclass(frozen=True)

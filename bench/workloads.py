@@ -27,6 +27,8 @@ LONG_TOKENS = 200
 # user by design).
 Request = tuple[str, bytes]
 MakePart = Callable[[int], Any]  # n → n items, as the runner's run_batch takes them
+Mixed = tuple[str, str, bytes]  # path, content type, body
+JSON = "application/json"
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,13 @@ class Workload:
     # model-specific in-process measurements, merged into the results by name
     extra: Callable[[Any, DataSource], dict[str, Any]] | None = None
     p50_target_ms: float = 5.0  # one client, one item per request
+    # dlserve's throughput against the lean hand-written peer (one item, 64 clients), and
+    # the most its p99 may be, as a multiple of the lean peer's (None: no p99 target)
+    lean_target: tuple[float, float | None] = (1.2, None)
     overload: bool = False  # the model whose queue the "beyond capacity" run fills
+    # (data, how many) → (path, content type, body) of every route, valid and invalid:
+    # the soak's mixed traffic
+    mixed: Callable[[DataSource, int], list[Mixed]] | None = None
 
 
 def cycle(items: list[Any]) -> MakePart:
@@ -111,8 +119,67 @@ def recommender_requests(source: DataSource, items: int, count: int,
     return out
 
 
-DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"))
+def _infer(model: str, inputs: list[dict[str, Any]], **parameters: Any) -> Mixed:
+    body: dict[str, Any] = {"inputs": inputs}
+    if parameters:
+        body["parameters"] = parameters
+    return (f"/v2/models/{model}/infer", JSON, orjson.dumps(body))
+
+
+def digits_mixed(source: DataSource, count: int) -> list[Mixed]:
+    """Per image: arrays, base64, a PNG file, protocol tensors; and four bad requests."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    images = load_mnist(source.folder, "test").images[:count]
+    out: list[Mixed] = []
+    for image in images:
+        png = BytesIO()
+        Image.fromarray(image).save(png, "PNG")
+        out += [("/digits/predict", JSON, orjson.dumps({"images": [image.tolist()]})),
+                ("/digits/predict", JSON, orjson.dumps(
+                    {"images_base64": [base64.b64encode(image.tobytes()).decode()]})),
+                ("/digits/predict_image", "image/png", png.getvalue()),
+                _infer("digits", [{"name": "pixels", "shape": [1, 28, 28], "datatype": "UINT8",
+                                   "data": image.ravel().tolist()}])]
+    return out + [("/digits/predict", JSON, b"{}"),
+                  ("/digits/predict", JSON, orjson.dumps({"images": [[[0] * 27] * 28]})),
+                  ("/digits/predict_image", "image/png", b"not an image"),
+                  _infer("digits", [{"name": "pixels", "shape": [1], "datatype": "INT64",
+                                     "data": [0]}])]
+
+
+def sentiment_mixed(source: DataSource, count: int) -> list[Mixed]:
+    texts = load_sst2(source.folder, "dev").texts[:count]
+    out = [("/sentiment/predict", JSON, orjson.dumps({"texts": [t]})) for t in texts]
+    out += [_infer("sentiment", [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                  "data": [t]}]) for t in texts]
+    return out + [("/sentiment/predict", JSON, orjson.dumps({"texts": ["   "]})),
+                  ("/sentiment/predict", JSON, b"not json")]
+
+
+def recommender_mixed(source: DataSource, count: int) -> list[Mixed]:
+    out: list[Mixed] = []
+    for path, body in recommender_requests(source, 1, count):
+        ratings = orjson.loads(body)["ratings"]
+        out += [(path, JSON, body),
+                ("/recommender/predict", JSON, orjson.dumps(
+                    {"ratings": ratings, "movie_ids": [1, 2, 3]})),
+                _infer("recommender", [
+                    {"name": "rated_movie_ids", "shape": [len(ratings)], "datatype": "INT64",
+                     "data": [r["movie_id"] for r in ratings]},
+                    {"name": "ratings", "shape": [len(ratings)], "datatype": "FP32",
+                     "data": [r["rating"] for r in ratings]}], k=10)]
+    return out + [("/recommender/recommend", JSON, orjson.dumps(
+        {"ratings": [{"movie_id": 999999, "rating": 5}], "k": 10})),
+        ("/recommender/recommend", JSON, orjson.dumps({"ratings": [], "k": 0}))]
+
+
+DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"),
+                  mixed=digits_mixed, lean_target=(0.6, 1.5))
 SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
-                     sentiment_requests, extra=sentiment_bucketing, overload=True)
+                     sentiment_requests, extra=sentiment_bucketing, overload=True,
+                     mixed=sentiment_mixed)
 RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
-                       p50_target_ms=10.0)
+                       p50_target_ms=10.0, mixed=recommender_mixed)

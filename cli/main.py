@@ -101,7 +101,7 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.rounds < 1:
         raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
     print(run_bench(settings, out=args.out, only=args.only, skip=args.skip, hold_s=args.hold_s,
-                    short_s=args.short_s, rounds=args.rounds))
+                    short_s=args.short_s, rounds=args.rounds, soak_minutes=args.soak))
     return 0
 
 
@@ -155,6 +155,9 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
                         "their last results from benchmarks.json")
     b.add_argument("--skip", type=_names, metavar="SECTION[,SECTION]",
                    help="run every section but these (e.g. --skip http: no servers, no wrk)")
+    b.add_argument("--soak", type=float, default=0.0, metavar="MINUTES",
+                   help="also run the soak section: MINUTES of mixed traffic on every route, "
+                        "memory, descriptors, p99 and errors sampled every minute")
     b.set_defaults(func=cmd_bench)
     return p
 

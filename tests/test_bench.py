@@ -61,20 +61,24 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DLSERVE_MODELS", "digits")
     monkeypatch.setenv("DLSERVE_WORKERS", "2")
-    out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "1",
-                  "--rounds", "2")
+    out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "2",
+                  "--rounds", "2", "--skip", "profile,perf_analyzer")
     assert out.stdout.strip().endswith("BENCHMARKS.md")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     runs = results["sections"]["http"]["runs"]
-    # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients), and
-    # a second round of the held cell (1 item, 64 clients)
-    assert len(runs) == 27 + 3
+    # 3 servers × (1 item, 32 items as JSON, 32 items as base64) × (1, 16, 64 clients), a
+    # second round of the held cell (1 item, 64 clients), which the 4 peers also run twice
+    core = ("naive", "dlserve-unbatched", "dlserve")
+    peers = ("lean", "ceiling", "bentoml-batchable", "litserve")
+    assert len(runs) == 27 + 3 + 4 * 2
     held = [r for r in runs if r["items"] == 1 and r["clients"] == 64]
     assert sorted((r["server"], r["round"]) for r in held) == sorted(
-        (s, n) for s in ("naive", "dlserve-unbatched", "dlserve") for n in (1, 2))
-    # Half-way through each run, the server's processes held all 64 connections between them.
-    assert all(sum(r["connections"]) in range(60, 65) for r in held), held
-    assert {r["server"] for r in runs} == {"naive", "dlserve-unbatched", "dlserve"}
+        (s, n) for s in core + peers for n in (1, 2))
+    # Half-way through each run, the server's processes held all 64 connections between them
+    # (the servers that take part in every cell: the balance figures are theirs).
+    splits = {(r["server"], r["round"]): r["connections"] for r in held if r["server"] in core}
+    assert all(sum(split) in range(60, 65) for split in splits.values()), splits
+    assert {r["server"] for r in runs if r not in held} == set(core)
     for r in runs:
         assert r["requests"] > 0, r
         assert r["non_2xx"] == 0 and r["socket_errors"] == 0, r
@@ -85,14 +89,15 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     # 32-image requests run at least 32 images per model call: batches are whole requests.
     assert all(r["mean_batch"] >= 32 for r in runs if r["server"] == "dlserve"
                and r["items"] == 32)
-    # Unbatched, every model run is exactly one request; the naive peer has no /metrics.
+    # Unbatched, every model run is exactly one request; the peers have no such metric.
     assert all(r["mean_batch"] == r["items"] for r in runs if r["server"] == "dlserve-unbatched")
-    assert all(r["mean_batch"] is None for r in runs if r["server"] == "naive")
+    assert all(r["mean_batch"] is None for r in runs if r["server"] in ("naive", *peers))
     assert {r["workers"] for r in results["sections"]["http"]["worker_runs"]} == {1, 2}
     md = (tmp_path / "BENCHMARKS.md").read_text()
     for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every cell",
-                    "### Round by round", "### Worker processes"):
+                    "### Against every peer", "### Round by round", "### Worker processes"):
         assert heading in md
+    assert "digits: ≥ 0.6× the lean hand-written peer" in md and "≥ 2× litserve" in md
     # A section run alone keeps the others' last results.
     dlserve("bench", "--out", str(tmp_path), "--only", "inprocess")
     again = json.loads((tmp_path / "benchmarks.json").read_text())["sections"]
@@ -102,4 +107,4 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     assert "## Over HTTP" in (tmp_path / "BENCHMARKS.md").read_text()
     # Every server the bench started is gone.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "bench.naive_server" not in ps
+    assert "bench.peers.naive" not in ps

@@ -7,7 +7,7 @@ checks and answers) and the same runners (session factory, preprocessing, tokeni
 rating encoding), so only the serving layer differs, which is what the benchmark
 compares. Run it with
 
-    DLSERVE_MODELS=digits uvicorn bench.naive_server:app --port 8000
+    DLSERVE_MODELS=digits uvicorn bench.peers.naive:app --port 8000
 
 It is a baseline for measurements, not a second product: no metrics, no readiness checks.
 """
