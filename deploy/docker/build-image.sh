@@ -64,7 +64,18 @@ fi
 
 # 3. The build: the wheelhouse served on a free port of 127.0.0.1, which the build reaches
 #    through the host's network; pip inside installs from it and from nothing else.
-port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+#    The same port every time when it is free: the build arguments are part of Docker's
+#    cache key, so a new port would reinstall every package.
+port=$("$PYTHON" - <<'PY'
+import socket
+s = socket.socket()
+try:
+    s.bind(("127.0.0.1", 38517))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+PY
+)
 "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$port" >/dev/null 2>&1 &
 server=$!
 # BentoML 1.4 copies the Bento into a temporary build context and then refuses to read
