@@ -78,6 +78,11 @@ PY
 )
 "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WHEELHOUSE" "$port" >/dev/null 2>&1 &
 server=$!
+until "$PYTHON" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/')" \
+        2>/dev/null; do
+    kill -0 $server || { log "could not serve $WHEELHOUSE on port $port"; exit 1; }
+    sleep 0.2
+done
 # BentoML 1.4 copies the Bento into a temporary build context and then refuses to read
 # the Dockerfile template there unless that folder lies under the working directory:
 # so the build runs in a folder of its own that holds its temporary files too.
