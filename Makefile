@@ -6,7 +6,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: serve test bench bench-tools perf-analyzer install lint clean
+.PHONY: serve test bench bench-tools perf-analyzer monitoring-tools container-tools \
+	container-test install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,29 @@ bench-tools:
 perf-analyzer:
 	bench/install-perf-analyzer.sh
 
-test: install bench-tools
+# Debian packages the deployment tests use: Prometheus and promtool (tests/test_monitoring.py);
+# a Docker engine, debootstrap (the offline base image) and docker-compose (its validation of
+# deploy/compose). A test whose tool is missing is skipped, saying so.
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+monitoring-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(APT_INSTALL) prometheus >/dev/null; } || \
+	  echo "warning: could not install prometheus; the monitoring tests will be skipped"
+
+container-tools:
+	@command -v dockerd >/dev/null && command -v debootstrap >/dev/null && \
+	  command -v docker-compose >/dev/null || { \
+	  $(APT_INSTALL) docker.io debootstrap docker-compose >/dev/null; } || \
+	  echo "warning: could not install docker.io; the container tests will be skipped"
+
+# `make test` runs the container test when an earlier build left its caches (the base image
+# and the wheels: then about 2 minutes); this builds the image whatever the caches hold
+# (a first build: about 5 minutes more), runs it, and leaves the caches for the next time.
+container-test: install container-tools
+	DLSERVE_CONTAINER_TEST=1 $(BIN)/python -m pytest tests/test_container.py
+
+test: install bench-tools monitoring-tools container-tools
 	$(BIN)/python -m pytest
 
 bench: install bench-tools perf-analyzer

@@ -132,6 +132,9 @@ class DLServe:
         self.batchers: dict[str, AdaptiveBatcher] = {}
         self.ready = self.draining = False
         self.load_error: str | None = None
+        self.metrics.worker_starts.labels(worker=str(bentoml.server_context.worker_index)).inc()
+        for name in SERVED:
+            self.metrics.model_ready.labels(model=name).set(0)
         install_drain(self.begin_drain, settings.drain_delay_s, settings.drain_timeout_s)
         # Loading off the event loop lets /livez answer while models load (/readyz: 503).
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
@@ -146,6 +149,7 @@ class DLServe:
                 self.metrics.model_info.labels(
                     model=name, version=runner.stored.version,
                     sha256=runner.manifest.onnx_sha256, provider=runner.provider).set(1)
+                self.metrics.model_ready.labels(model=name).set(1)
                 log.info("%s: loaded %s on %s", name, runner.tag, runner.provider)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -198,6 +202,7 @@ class DLServe:
             max_queue_items=settings.max_queue_items,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             on_batch=on_batch,
+            on_wait=self.metrics.queue_seconds.labels(model=runner.name).observe,
         )
 
     async def wait_until_loaded(self) -> bool:

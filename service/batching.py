@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -41,6 +41,7 @@ class _Pending:
     payload: Any
     items: int
     future: asyncio.Future[Any]
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 class AdaptiveBatcher:
@@ -53,6 +54,7 @@ class AdaptiveBatcher:
         max_queue_items: int,
         max_wait_s: float = 0.0,
         on_batch: Callable[[int, float], None] | None = None,
+        on_wait: Callable[[float], None] | None = None,
     ) -> None:
         self.name = name
         self._run_batch = run_batch
@@ -60,6 +62,7 @@ class AdaptiveBatcher:
         self.max_queue_items = max_queue_items
         self.max_wait_s = max_wait_s
         self._on_batch = on_batch
+        self._on_wait = on_wait  # each request's time in the queue, when its batch starts
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0
         # perf_counter() when the batch now running started; None while the model is idle
@@ -101,6 +104,9 @@ class AdaptiveBatcher:
                 if not batch:
                     continue
                 started = self.running_since = time.perf_counter()
+                if self._on_wait is not None:
+                    for p in batch:
+                        self._on_wait(started - p.queued_at)
                 try:
                     results = await loop.run_in_executor(
                         self._executor, self._run_batch, [p.payload for p in batch])

@@ -23,6 +23,9 @@ class Metrics:
     items_predicted: Any  # Counter[model]
     errors: Any  # Counter[model, reason]
     model_info: Any  # Gauge[model, version, sha256, provider] = 1
+    queue_seconds: Any  # Histogram[model]: a request's wait in the batcher's queue
+    model_ready: Any  # Gauge[model]: 1 once loaded and warmed up in every live worker
+    worker_starts: Any  # Counter[worker]: worker processes started, by worker id
 
 
 @cache
@@ -46,4 +49,16 @@ def get_metrics() -> Metrics:
         model_info=Gauge(
             "dlserve_model_info", "Loaded model: version, ONNX SHA-256, execution provider",
             ["model", "version", "sha256", "provider"], multiprocess_mode="livemax"),
+        queue_seconds=Histogram(
+            "dlserve_queue_seconds", "Time a request waits in its model's queue for a model run",
+            ["model"], buckets=LATENCY_BUCKETS),
+        # livemin: 0 while any live worker has not loaded the model.
+        model_ready=Gauge(
+            "dlserve_model_ready", "1 when the model is loaded and warmed up in every worker",
+            ["model"], multiprocess_mode="livemin"),
+        # A worker that replaces a dead one gets the same id (circus reuses the lowest
+        # free one), so a restart shows as that worker's count going from 1 to 2, while a
+        # server starting up only adds series at 1: increase() > 0 means a restart.
+        worker_starts=Counter(
+            "dlserve_worker_starts", "Worker processes started, by worker id", ["worker"]),
     )

@@ -113,6 +113,20 @@ def recommender_model(data_dir: Path) -> str:
     return quick_model("recommender")
 
 
+@pytest.fixture(scope="session")
+def bento(digits_model: str, sentiment_model: str, recommender_model: str) -> Path:
+    """`bentoml build` of this checkout, with the three models; returns the Bento's folder.
+    (Locking its packages reaches PyPI, as a real build does.)"""
+    bentoml = Path(sys.executable).with_name("bentoml")
+    result = subprocess.run([str(bentoml), "build", str(ROOT), "--output", "tag"],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    path = subprocess.run([str(bentoml), "get", tag, "-o", "path"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    return Path(path)
+
+
 @contextlib.contextmanager
 def start_server(log_dir: Path, *, ready: bool = True, **env: str) -> Iterator[Server]:
     """A real `bentoml serve` of the service (dlserve bench's Server) on a free port, with

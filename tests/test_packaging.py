@@ -1,6 +1,7 @@
 """What the serving image carries: the files bentofile.yaml includes are enough to start the
-service, and nothing of training, export, the data readers, evaluation, the bench or the
-CLI comes with them."""
+service, nothing of training, export, the data readers, evaluation, the bench or the CLI
+comes with them, and the one package list (service/requirements.txt) brings in every
+package the service imports; `bentoml build` makes a Bento of it all."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
 
@@ -28,22 +33,100 @@ def test_the_bento_takes_only_the_core_and_the_service() -> None:
     assert tops == {"dlserve", "service"}, tops
 
 
-def test_the_service_starts_from_the_bento_files_alone(digits_model: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def serving_imports(digits_model: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """What importing the service from the Bento's files alone loads, in a fresh
+    interpreter: each module's file within site-packages, or else its name. (Every
+    registered model's module is imported whichever are served; digits is the one whose
+    model the store holds here.)"""
+    tmp_path = tmp_path_factory.mktemp("bento-files")
     for path in bento_files():
         dest = tmp_path / path.relative_to(ROOT)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dest)
     # The project is installed in editable mode, whose import hook would find any package
     # of this checkout; drop it, so that only the copied files can be imported.
+    # Printed: the file of each module the import loads (not those the interpreter had
+    # already loaded), relative to site-packages when it comes from an installed package.
     code = (
-        "import sys\n"
+        "import os, sys, sysconfig\n"
         "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "before = set(sys.modules)\n"
         "import service.app\n"
         "assert service.app.__file__.startswith(sys.argv[1]), service.app.__file__\n"
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {NOT_SERVING!r})\n"
-        "assert not bad, bad\n"
-        "print('ok')\n")
+        "site = sysconfig.get_paths()['purelib']\n"
+        "for name in sorted(set(sys.modules) - before):\n"
+        "    where = getattr(sys.modules[name], '__file__', None) or ''\n"
+        "    print(os.path.relpath(where, site) if where.startswith(site) else name)\n")
     env = {**os.environ, "DLSERVE_MODELS": "digits", "PYTHONPATH": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout.split()
+
+
+def test_the_service_starts_from_the_bento_files_alone(serving_imports: list[str]) -> None:
+    loaded = {name.split(".")[0] for name in serving_imports if "/" not in name}
+    assert {"service", "dlserve"} <= loaded
+    assert not loaded & set(NOT_SERVING), sorted(loaded & set(NOT_SERVING))
+
+
+def requirement_closure(requirements: list[Requirement]) -> set[str]:
+    """Every distribution that installing `requirements` brings in (as installed here)."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = list(requirements)
+    while todo:
+        req = todo.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        for line in metadata.requires(req.name) or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": extra})
+                                         for extra in (*req.extras, "")):
+                todo.append(sub)
+    return {name for name, _ in seen}
+
+
+def serving_requirements() -> list[Requirement]:
+    """service/requirements.txt, the list bentofile.yaml gives the Bento."""
+    spec = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    lines = (ROOT / spec["python"]["requirements_txt"]).read_text().splitlines()
+    return [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+
+
+def test_the_package_list_brings_in_every_package_the_service_imports(
+        serving_imports: list[str]) -> None:
+    """An import the list misses (as `onnx` once was: the image stopped at start-up with
+    No module named 'onnx') fails here, without building an image."""
+    provided = {str(file) for name in requirement_closure(serving_requirements())
+                for file in metadata.distribution(name).files or []}
+    owners = metadata.packages_distributions()
+    missing = {file.split("/")[0] for file in serving_imports
+               if "/" in file and file not in provided}
+    assert not missing, "the service imports from these, which service/requirements.txt " \
+        f"does not bring in: {sorted({d for top in missing for d in owners.get(top, [top])})}"
+
+
+def test_the_project_depends_on_the_serving_list() -> None:
+    """pyproject.toml reads its dependencies from the same file (no second copy)."""
+    declared = {canonicalize_name(Requirement(r).name) for r in metadata.requires("dlserve")
+                if "extra ==" not in r}
+    assert {canonicalize_name(r.name) for r in serving_requirements()} <= declared
+
+
+def test_bentoml_build_makes_a_bento_with_the_models_and_the_locked_list(bento: Path) -> None:
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    models = {m["tag"].split(":")[0] for s in info.get("services", []) for m in s["models"]}
+    models |= {m["tag"].split(":")[0] for m in info.get("models", [])}
+    assert models == set(os.environ["DLSERVE_MODELS"].split(",")), info
+    locked = {canonicalize_name(Requirement(line).name)
+              for line in (bento / "env/python/requirements.lock.txt").read_text().splitlines()
+              if line.strip() and not line.startswith(("#", "-"))}
+    assert {canonicalize_name(r.name) for r in serving_requirements()} <= locked
+    dockerfile = (bento / "env/docker/Dockerfile").read_text()
+    for line in ("USER bentoml", "EXPOSE 3000", "HEALTHCHECK", "ARG BASE_IMAGE", "ARG VARIANT"):
+        assert line in dockerfile, line
+    assert {p.relative_to(bento / "src").parts[0] for p in (bento / "src").rglob("*.py")} \
+        == {"dlserve", "service"}

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, StrictFloat
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.preprocess.images import SIDE, decode_image, to_mnist
@@ -25,7 +25,16 @@ FIELD = "images"
 FIELD_B64 = "images_base64"
 
 
+def example_image() -> str:
+    """A "1" (a vertical stroke) as `images_base64` takes it: the schema's example."""
+    image = np.zeros((28, 28), np.uint8)
+    image[5:23, 13:16] = 255
+    return base64.b64encode(image.tobytes()).decode()
+
+
 class DigitsRequest(BaseModel):
+    # The OpenAPI document's example (the container test sends it as it is).
+    model_config = ConfigDict(json_schema_extra={"example": {FIELD_B64: [example_image()]}})
     images: list[list[list[StrictFloat]]] | None = Field(
         None, description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")
     images_base64: list[str] | None = Field(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.ratings import UserRatings, rating_level
@@ -29,13 +29,20 @@ class RatingIn(BaseModel):
     rating: StrictFloat = Field(description="1 to 5 stars; half stars are rounded up")
 
 
+EXAMPLE_RATINGS = [{"movie_id": 50, "rating": 5}, {"movie_id": 172, "rating": 4.5}]
+
+
 class RecommendRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "ratings": EXAMPLE_RATINGS, "k": 5}})
     ratings: list[RatingIn] = Field(
         description="the user's ratings; empty for a new user (cold start)")
     k: StrictInt = Field(10, description="how many movies to recommend")
 
 
 class PredictRatingsRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "ratings": EXAMPLE_RATINGS, "movie_ids": [1, 181]}})
     ratings: list[RatingIn] = Field(description="the user's ratings")
     movie_ids: list[StrictInt] = Field(description="movies to predict")
 

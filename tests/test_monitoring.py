@@ -1,0 +1,174 @@
+"""Monitoring as code, checked for real: the alert rules pass promtool's unit tests, and a
+real Prometheus scraping a real dlserve under load evaluates every dashboard query and
+every alert expression without error, with data.
+
+Prometheus and promtool come from Debian's `prometheus` package (`make monitoring-tools`);
+without them these tests are skipped, saying so."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from bench.http import Server, free_port, stop_process_group, wait_ready
+from tests.conftest import ROOT, start_server
+from tests.routes import RouteCase, post, route_cases
+
+MONITORING = ROOT / "deploy" / "monitoring"
+ALERTS = MONITORING / "alerts.yml"
+DASHBOARD = MONITORING / "dashboard.json"
+# Grafana's per-panel rate window; Prometheus here scrapes every second.
+RATE_INTERVAL = "15s"
+# An alert expression is `<signal> <comparison> <threshold>` (alerts.yml says so).
+COMPARISON = re.compile(r"^(?P<signal>.+?)\s*(>|<|>=|<=|==|!=)\s*[0-9.e+-]+\s*$", re.S)
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (Debian package prometheus: make monitoring-tools)")
+    return path
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
+            for rule in group["rules"]]
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of every panel, Grafana's variables filled in."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [(panel["title"], target["expr"].replace("$__rate_interval", RATE_INTERVAL))
+            for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_alert_rules_pass_promtools_unit_tests() -> None:
+    promtool = tool("promtool")
+    checked = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=MONITORING,
+                            capture_output=True, text=True, timeout=120)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_the_dashboard_covers_what_operators_watch() -> None:
+    """The panels the README promises, each with a Prometheus query."""
+    exprs = " ".join(expr for _, expr in dashboard_queries())
+    for metric in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds",
+                   "dlserve_errors_total", "dlserve_batch_items", "dlserve_inference_seconds",
+                   "dlserve_queue_seconds", "dlserve_model_ready", "dlserve_worker_starts_total"):
+        assert metric in exprs, metric
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in exprs
+
+
+@pytest.fixture(scope="module")
+def prometheus(digits_model: str, sentiment_model: str, recommender_model: str,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Server]]:
+    """A real dlserve (2 workers) and a real Prometheus scraping it every second with the
+    alert rules loaded; yields (Prometheus URL, server)."""
+    binary = tool("prometheus")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    with start_server(tmp, DLSERVE_WORKERS="2") as server:
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            # Labelled as a GPU server: it runs on the CPU, so the GPU-fallback alert's
+            # signal is there for real (and the alert goes pending).
+            "scrape_configs": [{"job_name": "dlserve", "static_configs": [{
+                "targets": [server.url.removeprefix("http://")],
+                "labels": {"accelerator": "gpu"}}]}],
+        }
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp / 'prometheus.yml'}",
+             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=(tmp / "prometheus.log").open("wb"), stderr=subprocess.STDOUT,
+            start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_ready(url, process, 60, "/-/ready")
+            yield url, server
+        finally:
+            stop_process_group(process)
+
+
+def query(client: httpx.Client, promql: str) -> list[dict[str, Any]]:
+    r = client.get("/api/v1/query", params={"query": promql})
+    body = r.json()
+    assert r.status_code == 200 and body["status"] == "success", f"{promql}: {body}"
+    return body["data"]["result"]
+
+
+def send_load(server: str, seconds: float) -> None:
+    """Every route's valid request, and now and then its bad one, for `seconds`."""
+    with httpx.Client(base_url=server, timeout=30) as client:
+        cases: list[RouteCase] = route_cases(client.get("/docs.json").json())
+        deadline = time.monotonic() + seconds
+        sent = 0
+        while time.monotonic() < deadline:
+            for case in cases:
+                assert post(client, case, case.valid).status_code == 200, case.path
+                if sent % 10 == 0:
+                    assert post(client, case, case.bad).status_code == 400, case.path
+            sent += 1
+
+
+@pytest.fixture(scope="module")
+def loaded(prometheus: tuple[str, Server]) -> Iterator[httpx.Client]:
+    """Prometheus, once it holds 5 s of the server under load (and a few scrapes after)."""
+    url, server = prometheus
+    send_load(server.url, 5.0)
+    with httpx.Client(base_url=url, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if query(client, 'count_over_time(up{job="dlserve"}[1m]) >= 8') and query(
+                    client, 'up{job="dlserve"} == 1'):
+                break
+            time.sleep(0.5)
+        time.sleep(3)  # scrapes after the last request, so that rates cover all of it
+        yield client
+
+
+def test_prometheus_evaluates_every_dashboard_query_with_data(loaded: httpx.Client) -> None:
+    empty = [title for title, expr in dashboard_queries() if not query(loaded, expr)]
+    assert not empty, f"panels whose query returned no data: {empty}"
+
+
+def test_prometheus_evaluates_every_alert_expression(loaded: httpx.Client) -> None:
+    """Each expression evaluates without error, its signal (the part before the threshold)
+    has data, and Prometheus's rule manager reports every rule healthy."""
+    no_data = []
+    for rule in alert_rules():
+        query(loaded, rule["expr"])
+        match = COMPARISON.match(rule["expr"])
+        assert match, f"{rule['alert']}: not `<signal> <comparison> <threshold>`"
+        if not query(loaded, match["signal"]):
+            no_data.append(rule["alert"])
+    assert not no_data, f"alerts whose signal returned no data: {no_data}"
+    groups = loaded.get("/api/v1/rules").json()["data"]["groups"]
+    health = {r["name"]: (r["health"], r.get("lastError") or "")
+              for g in groups for r in g["rules"]}
+    assert health == {r["alert"]: ("ok", "") for r in alert_rules()}, health
+
+
+def test_a_gpu_labelled_server_on_the_cpu_raises_the_fallback_alert(loaded: httpx.Client) -> None:
+    """The real rule manager: the server is labelled accelerator=gpu and runs on the CPU."""
+    alerts = loaded.get("/api/v1/alerts").json()["data"]["alerts"]
+    fallback = {a["labels"]["model"] for a in alerts
+                if a["labels"]["alertname"] == "DlserveGPUFallback"}
+    assert fallback == set(os.environ["DLSERVE_MODELS"].split(",")), alerts
+    quiet = {a["labels"]["alertname"] for a in alerts} - {"DlserveGPUFallback"}
+    assert not quiet, f"alerts raised on a healthy server: {quiet}"
