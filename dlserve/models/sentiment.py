@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
@@ -14,6 +14,8 @@ FIELD = "texts"
 
 
 class SentimentRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {
+        "texts": ["A fast, funny, highly enjoyable movie.", "Dull and far too long."]}})
     texts: list[str] = Field(
         description="English texts, any length (only the first tokens are read; see "
                     "DLSERVE_MAX_TEXT_CHARS for the longest accepted)")
