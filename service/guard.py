@@ -5,7 +5,8 @@ refuses at once, before the body is read into memory, with a JSON `{"error": ...
 names the problem and the setting behind the limit:
 
 - 401 without the right `Authorization: Bearer <key>` when DLSERVE_API_KEY is set
-  (compared in constant time; the open paths, by default the probes and /metrics, need none);
+  (compared in constant time; the open paths, by default the probes and /metrics, and the
+  docs and demo pages' own files (service/pages.py) need none);
 - 415 for any pickle body, on every route, and for a body type the route does not take
   (each route's content types are declared once, in its registry entry);
 - 413 for a body over DLSERVE_MAX_BODY_BYTES: from Content-Length before reading anything,
@@ -18,9 +19,10 @@ read within the limit; everything else (GET /models, the probes, /metrics, the d
 goes on to BentoML. Answering here rather than in BentoML's endpoint skips its router,
 its input model, its context and its serialisation: digits, one JSON image per request,
 64 clients, 2 workers, 3 rounds of 20 s side by side, went from 4,572 to 8,330 requests/s
-(median) and p99 from 24 to 14 ms. BentoML's metrics middleware still sees every request. On the way out, it closes about one keep-alive connection in
-DLSERVE_KEEPALIVE_REQUESTS (`edit_responses` says why). One layer does all of it because
-every ASGI layer costs each request a call and a wrapped send(). The timeout is here, not
+(median) and p99 from 24 to 14 ms. BentoML's metrics middleware still sees every request.
+On the way out, it closes about one keep-alive connection in DLSERVE_KEEPALIVE_REQUESTS
+(`edit_responses` says why). One layer does all of it because every ASGI layer costs each
+request a call and a wrapped send(). The timeout is here, not
 BentoML's (`traffic.timeout`), for the same reason: BentoML's spawns a task and a timer per
 request and never cancels the timer; `asyncio.timeout` here costs a timer, cancelled on
 answer. One layer instead of three, and this timeout, served 4 % more single-image digits
@@ -42,6 +44,7 @@ from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
 from service import predict
 from service.metrics import get_metrics
+from service.pages import is_page
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -70,6 +73,7 @@ class RequestGuard:
         settings = settings or get_settings()
         self.api_key = settings.api_key.encode()
         self.open_paths = frozenset(settings.open_paths)
+        self.pages_open = settings.docs
         self.max_body = settings.max_body_bytes
         self.max_concurrency = settings.max_concurrency
         self.recycle_every = settings.keepalive_requests
@@ -169,7 +173,7 @@ class RequestGuard:
                 {"Retry-After": "1"})
 
     def check_key(self, path: str, headers: dict[bytes, bytes]) -> Refusal | None:
-        if not self.api_key or path in self.open_paths:
+        if not self.api_key or path in self.open_paths or (self.pages_open and is_page(path)):
             return None
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         # compare_digest takes as long whatever the key's first wrong byte: no timing oracle.
