@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: serve test bench bench-tools install lint clean
+.PHONY: serve test bench bench-tools browser-tools install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,15 @@ bench-tools:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; } || \
 	  echo "warning: could not install wrk; the benchmark test will be skipped"
 
-test: install bench-tools
+# Chromium, for the browser tests of the docs and demo pages (tests/test_pages.py), from
+# Debian's packages: Playwright drives the system's browser and never downloads its own.
+browser-tools:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser tests will be skipped"
+
+test: install bench-tools browser-tools
 	$(BIN)/python -m pytest
 
 bench: install bench-tools
