@@ -132,9 +132,10 @@ def description(served: dict[str, ModelSpec], settings: Settings, tags: dict[str
         f"| `{name}` | {spec.summary} | `{tags.get(name, 'loading')}` | "
         f"{', '.join(f'`{r.path}`' for r in (*spec.routes, *spec.lookups))} |"
         for name, spec in served.items())
+    open_paths = ", ".join(f"`{p}`" for p in settings.open_paths)
     key = ("**This server requires an API key**: send `Authorization: Bearer <key>` on every "
-           f"route except {', '.join(f'`{p}`' for p in settings.open_paths)}; without it, "
-           "401. Use *Authorize* to try the routes here."
+           f"route{f' except {open_paths}' if open_paths else ''}; without it, 401. Use "
+           "*Authorize* to try the routes here."
            if settings.api_key else
            "No API key is set on this server (`DLSERVE_API_KEY`): every route is open.")
     batching = (" Requests that arrive together run as one batch (adaptive batching)."
