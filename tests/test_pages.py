@@ -289,7 +289,7 @@ def test_the_demo_recommends_movies_other_than_those_rated(browser: Any, server:
         expect(page.locator("#recommender-meta")).to_contain_text(re_answer("recommender"))
         page.get_by_label("Find a movie by title").fill("")
         page.get_by_label("A movie review, in English").fill(
-            "I just loved every minute of this film.")
+            "It all adds up to good fun.")
         page.get_by_role("button", name="Classify").click()
         draw(page, [[(0.25, 0.22), (0.75, 0.22), (0.42, 0.85)]])
         expect(page.locator("#digit")).to_have_text("7")
