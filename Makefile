@@ -6,8 +6,8 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: serve test bench bench-tools perf-analyzer monitoring-tools container-tools \
-	container-test install lint clean
+.PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
+	container-tools container-test install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,7 +53,15 @@ container-tools:
 container-test: install container-tools
 	DLSERVE_CONTAINER_TEST=1 $(BIN)/python -m pytest tests/test_container.py
 
-test: install bench-tools monitoring-tools container-tools
+# Chromium, for the browser tests of the docs and demo pages (tests/test_pages.py), from
+# Debian's packages: Playwright drives the system's browser and never downloads its own.
+browser-tools:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "warning: could not install chromium; the browser tests will be skipped"
+
+test: install bench-tools browser-tools monitoring-tools container-tools
 	$(BIN)/python -m pytest
 
 bench: install bench-tools perf-analyzer

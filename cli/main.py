@@ -90,6 +90,9 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     command = [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
                "--working-dir", str(PROJECT_ROOT), "--port", str(settings.port)]
     log.info("starting: %s", " ".join(command))
+    if settings.docs:
+        log.info("once it is up: API docs on http://localhost:%d/, a demo page on "
+                 "http://localhost:%d/demo", settings.port, settings.port)
     env = {**os.environ, "DLSERVE_MODELS": ",".join(settings.models),
            "DLSERVE_PORT": str(settings.port), "DLSERVE_WORKERS": str(settings.workers)}
     return subprocess.call(command, env=env)

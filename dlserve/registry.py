@@ -17,7 +17,7 @@ command that runs it.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -109,6 +109,28 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """One GET route that answers from a loaded model's own data without running it (the
+    recommender's movie search): its query parameters and response types, and `answer`.
+
+    `answer(runner, query)` takes the parsed query; a query the type refuses is a 400
+    naming the parameter, before `answer` is called.
+    """
+
+    path: str
+    summary: str
+    query: type[BaseModel]
+    response: type[BaseModel]
+    answer: Callable[[Any, Any], BaseModel]
+
+    def parse(self, params: Mapping[str, str]) -> BaseModel:
+        try:
+            return self.query.model_validate(dict(params))
+        except ValidationError as exc:
+            raise InputError(describe_validation_errors(exc.errors(include_url=False))) from None
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     task: str
@@ -125,6 +147,7 @@ class ModelSpec:
     workload: Ref[Any]  # bench.workloads.Workload: inputs for `dlserve bench`
     # Its Open Inference Protocol interface (/v2/models/<name>/infer); None: not offered.
     tensors: Tensors | None = None
+    lookups: tuple[Lookup, ...] = ()  # GET routes beside the predict routes
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     # When set, every route except open_paths needs `Authorization: Bearer <key>` (else 401).
     api_key: str = Field("", repr=False, json_schema_extra=SECURITY)
     open_paths: CommaList = Field(HEALTH_PATHS, json_schema_extra=SECURITY)
+    # The API docs (/, /docs, /docs.json) and the demo page (/demo); false: all 404. The
+    # pages' own files need no API key (they hold no data; what they show comes from the
+    # API, which does), but /docs.json does. See service/pages.py.
+    docs: bool = Field(True, json_schema_extra=SECURITY)
     # On SIGTERM a worker first reports not-ready for drain_delay_s while still serving (so
     # load balancers stop sending it traffic), then stops accepting and finishes in-flight
     # requests; it exits at the latest drain_timeout_s after the signal.

@@ -6,8 +6,10 @@ loads the models from BentoML's model store, warms them up, and only then report
 on /readyz. The routes are the registry's (`dlserve.registry`): each model's module
 declares them with their request and response types, and this module declares each to
 BentoML with exactly those types, so /docs.json, /schema.json and BentoML's own client
-describe what the route really parses and returns. Requests are served by
-service/predict.py, reached through the guard (service/guard.py). Imports no torch.
+describe what the route really parses and returns (service/openapi.py makes the document
+dlserve's own; service/pages.py serves it with the docs and demo pages). Requests are
+served by service/predict.py, reached through the guard (service/guard.py). Imports no
+torch.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Annotated, Any
 import bentoml
 from bentoml.validators import ContentType
 from starlette.applications import Starlette
-from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
@@ -32,7 +33,7 @@ from dlserve import registry
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
-from service import connections, predict, protocol
+from service import connections, info, openapi, pages, predict, protocol
 from service.batching import AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_timeout
 from service.guard import RequestGuard
@@ -45,15 +46,24 @@ settings = get_settings()
 SERVED = registry.serving(settings)
 
 
-async def list_models(_: Request) -> Response:
-    service = bentoml.get_current_service()
-    return predict.json_response({"models": [r.describe() for r in service.runners.values()]})
+# GET /models and each model's lookups (service/info.py), and the Open Inference
+# Protocol's routes (service/protocol.py; the guard answers their POSTs itself).
+OPERATIONS = info.operations(SERVED) + protocol.operations()
 
 
-# GET /models and the Open Inference Protocol's GET routes, mounted after BentoML's own
-# routes (APIs, /livez, /readyz, /metrics).
-extra_routes = Starlette(routes=[StarletteRoute("/models", list_models, methods=["GET"]),
-                                 *protocol.ROUTES])
+def api_document(service: Any) -> dict[str, Any]:
+    """/docs.json: BentoML's OpenAPI document of this service, made dlserve's own."""
+    return openapi.document(DLServe.openapi_spec.asdict(), served=SERVED, operations=OPERATIONS,
+                            settings=settings,
+                            tags={name: r.tag for name, r in service.runners.items()})
+
+
+# Mounted after BentoML's own routes (APIs, /livez, /readyz, /metrics), which it never
+# shadows, and before BentoML's docs page and /docs.json, which the pages replace
+# (service/pages.py; tests/test_pages.py fails if a BentoML upgrade changes that order).
+extra_routes = Starlette(routes=[
+    *(StarletteRoute(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS),
+    *pages.routes(settings, api_document)])
 
 
 def tune_gc() -> None:

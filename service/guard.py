@@ -5,7 +5,8 @@ refuses at once, before the body is read into memory, with a JSON `{"error": ...
 names the problem and the setting behind the limit:
 
 - 401 without the right `Authorization: Bearer <key>` when DLSERVE_API_KEY is set
-  (compared in constant time; the open paths, by default the probes and /metrics, need none);
+  (compared in constant time; the open paths, by default the probes and /metrics, and the
+  docs and demo pages' own files (service/pages.py) need none);
 - 415 for any pickle body, on every route, and for a body type the route does not take
   (each route's content types are declared once, in its registry entry);
 - 413 for a body over DLSERVE_MAX_BODY_BYTES: from Content-Length before reading anything,
@@ -50,6 +51,7 @@ from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
 from service import predict, protocol
 from service.metrics import get_metrics
+from service.pages import is_page
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -82,6 +84,7 @@ class RequestGuard:
         settings = settings or get_settings()
         self.api_key = settings.api_key.encode()
         self.open_paths = frozenset(settings.open_paths)
+        self.pages_open = settings.docs
         self.max_body = settings.max_body_bytes
         self.max_concurrency = settings.max_concurrency
         self.recycle_every = settings.keepalive_requests
@@ -201,7 +204,7 @@ class RequestGuard:
                 {"Retry-After": "1"})
 
     def check_key(self, path: str, headers: dict[bytes, bytes]) -> Refusal | None:
-        if not self.api_key or path in self.open_paths:
+        if not self.api_key or path in self.open_paths or (self.pages_open and is_page(path)):
             return None
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         # compare_digest takes as long whatever the key's first wrong byte: no timing oracle.

@@ -16,19 +16,21 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 import bentoml
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from dlserve import __version__, protocol
 from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from dlserve.registry import Prepared
 from service import predict
+from service.openapi import PREDICT_ERRORS, Operation
 
 if TYPE_CHECKING:
     from service.app import DLServe
 
 INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+TAG = "open inference protocol"
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
 CONTENT_TYPES = ("", predict.JSON, "application/octet-stream")
@@ -110,15 +112,20 @@ async def server_metadata(_: Request) -> Response:
 
 
 async def live(_: Request) -> Response:
-    alive = _service().load_error is None
-    return predict.json_response({"live": alive}, 200 if alive else 503)
+    service = _service()
+    if service.load_error is not None:
+        return predict.json_response({"error": f"this worker cannot serve: "
+                                      f"{service.load_error}"}, 503)
+    return predict.json_response({"live": True})
 
 
 async def ready(_: Request) -> Response:
     service = _service()
-    up = service.ready and not service.draining
-    return predict.json_response({"ready": up}, 200 if up else 503,
-                                 None if up else {"Retry-After": "1"})
+    if not service.ready or service.draining:
+        return predict.json_response(
+            {"error": "draining" if service.draining else "the models are still loading"},
+            503, {"Retry-After": "1"})
+    return predict.json_response({"ready": True})
 
 
 def _loaded(request: Request) -> Any | Response:
@@ -131,8 +138,8 @@ def _loaded(request: Request) -> Any | Response:
         return _not_served(name)
     runner = service.runners.get(name)
     if runner is None:
-        return predict.json_response({"error": f"model {name} is still loading",
-                                      "ready": False}, 503, {"Retry-After": "1"})
+        return predict.json_response({"error": f"model {name} is still loading"}, 503,
+                                     {"Retry-After": "1"})
     try:
         _check_version(runner, version)
     except NotFound as exc:
@@ -165,14 +172,99 @@ async def model_ready(request: Request) -> Response:
     return predict.json_response({"name": runner.name, "ready": True})
 
 
-ROUTES = [
-    Route("/v2", server_metadata, methods=["GET"]),
-    Route("/v2/health/live", live, methods=["GET"]),
-    Route("/v2/health/ready", ready, methods=["GET"]),
-    Route("/v2/models/{name}", model_metadata, methods=["GET"]),
-    Route("/v2/models/{name}/versions/{version}", model_metadata, methods=["GET"]),
-    Route("/v2/models/{name}/ready", model_ready, methods=["GET"]),
-    Route("/v2/models/{name}/config", model_config, methods=["GET"]),
-    Route("/v2/models/{name}/versions/{version}/config", model_config, methods=["GET"]),
-    Route("/v2/models/{name}/versions/{version}/ready", model_ready, methods=["GET"]),
-]
+async def infer_endpoint(request: Request) -> Response:
+    """POST .../infer as a mounted route: the guard answers these itself, so this serves
+    only a request that reached the app some other way, the same way."""
+    return await infer(_service(), request.path_params["name"],
+                       request.path_params.get("version"),
+                       {k.lower(): v for k, v in request.headers.raw}, await request.body())
+
+
+# The protocol's JSON shapes, for /docs.json (the routes build them with orjson).
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[MetadataTensor]
+    outputs: list[MetadataTensor]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class ModelConfig(BaseModel):
+    """Triton's model configuration, the fields its tools read."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    platform: str
+    max_batch_size: int
+    input: list[dict[str, Any]]
+    output: list[dict[str, Any]]
+
+
+class ResponseOutput(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+NAME = {"name": "a served model's name (GET /models)"}
+VERSION = {**NAME, "version": "the model store's version (the tag after the colon)"}
+
+
+def operations() -> list[Operation]:
+    """Every route of the protocol, for the app to mount and /docs.json to describe."""
+    ops = [Operation("GET", "/v2", "Server metadata: name, version, extensions", TAG,
+                     ServerMetadata, server_metadata),
+           Operation("GET", "/v2/health/live", "200 while the worker can serve", TAG, Live,
+                     live, errors=(503,)),
+           Operation("GET", "/v2/health/ready", "200 once every model is loaded; 503 while "
+                     "loading or draining", TAG, Ready, ready, errors=(503,))]
+    for base, params in (("/v2/models/{name}", NAME),
+                         ("/v2/models/{name}/versions/{version}", VERSION)):
+        ops += [
+            Operation("GET", base, "The model's input and output tensors", TAG,
+                      ModelMetadata, model_metadata, errors=(401, 404, 503),
+                      path_params=params),
+            Operation("GET", base + "/ready", "200 once the model is loaded", TAG,
+                      ModelReady, model_ready, errors=(401, 404, 503), path_params=params),
+            Operation("GET", base + "/config", "Triton's model configuration (for its tools)",
+                      TAG, ModelConfig, model_config, errors=(401, 404, 503),
+                      path_params=params),
+            Operation("POST", base + "/infer", "Tensors in, tensors out: JSON, or Triton's "
+                      "binary tensor extension (Inference-Header-Content-Length)", TAG,
+                      InferResponse, infer_endpoint, request=protocol.InferRequest,
+                      errors=(*PREDICT_ERRORS, 404), path_params=params)]
+    return ops

@@ -92,7 +92,7 @@ def strict(digits_model: str, sentiment_model: str, recommender_model: str,
     with start_server(tmp_path_factory.mktemp("strict"), DLSERVE_WORKERS="1",
                       DLSERVE_API_KEY=KEY, DLSERVE_MAX_CONCURRENCY="2",
                       DLSERVE_REQUEST_TIMEOUT_S="0.3",
-                      DLSERVE_KEEPALIVE_REQUESTS="1") as running:
+                      DLSERVE_KEEPALIVE_REQUESTS="1", DLSERVE_DOCS="false") as running:
         yield running.url
 
 
@@ -115,6 +115,16 @@ def test_with_the_key_predictions_work(strict: str) -> None:
     r = httpx.post(strict + "/sentiment/predict", json=TEXT, headers=AUTH)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] in ("positive", "negative")
     assert httpx.get(strict + "/models", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/docs", "/docs.json", "/demo",
+                                  "/static/dlserve/demo.js"])
+def test_with_the_docs_turned_off_the_pages_are_404(strict: str, path: str) -> None:
+    """DLSERVE_DOCS=false: no docs, no demo, not BentoML's own docs page either; and
+    without the key, 401 like any other route (the pages are open only when on)."""
+    r = httpx.get(strict + path, headers=AUTH)
+    assert r.status_code == 404 and "DLSERVE_DOCS=false" in r.json()["error"], r.text
+    assert httpx.get(strict + path).status_code == 401
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/metrics"])

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.ratings import UserRatings, rating_level
 from dlserve.protocol import TensorDecl, Tensors, parameter
-from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
+from dlserve.registry import DataSource, Lookup, ModelSpec, Prepared, Ref, Route
 from dlserve.runners.recommender import RecommenderRunner, Rows
 from dlserve.settings import Settings
 
@@ -29,12 +29,10 @@ class RatingIn(BaseModel):
     rating: StrictFloat = Field(description="1 to 5 stars; half stars are rounded up")
 
 
-EXAMPLE_RATINGS = [{"movie_id": 50, "rating": 5}, {"movie_id": 172, "rating": 4.5}]
-
-
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
-        "ratings": EXAMPLE_RATINGS, "k": 5}})
+        "ratings": [{"movie_id": 50, "rating": 5}, {"movie_id": 172, "rating": 4.5},
+                    {"movie_id": 1, "rating": 4}], "k": 5}})
     ratings: list[RatingIn] = Field(
         description="the user's ratings; empty for a new user (cold start)")
     k: StrictInt = Field(10, description="how many movies to recommend")
@@ -42,7 +40,7 @@ class RecommendRequest(BaseModel):
 
 class PredictRatingsRequest(BaseModel):
     model_config = ConfigDict(json_schema_extra={"example": {
-        "ratings": EXAMPLE_RATINGS, "movie_ids": [1, 181]}})
+        "ratings": [{"movie_id": 50, "rating": 5}], "movie_ids": [1, 181]}})
     ratings: list[RatingIn] = Field(description="the user's ratings")
     movie_ids: list[StrictInt] = Field(description="movies to predict")
 
@@ -69,6 +67,29 @@ class PredictRatingsResponse(BaseModel):
     model: str = Field(description="model tag, recommender:<version>")
     cold_start: bool = Field(description="true when no ratings were given")
     predicted_ratings: list[PredictedRating]
+
+
+class MovieSearch(BaseModel):
+    """GET /recommender/movies's query parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field("", max_length=200,
+                       description="words of the title, in any order, case and accents; "
+                                   "empty lists the whole catalogue")
+    limit: int = Field(20, ge=1, le=100, description="most movies to list")
+
+
+class Movie(BaseModel):
+    movie_id: int
+    title: str
+    times_rated: int = Field(description="how many ratings it had in the training data")
+
+
+class MoviesResponse(BaseModel):
+    model: str = Field(description="model tag, recommender:<version>")
+    matches: int = Field(description="how many movies match, of which `movies` lists the "
+                                     "first `limit`")
+    movies: list[Movie] = Field(description="the matches, most-rated first")
 
 
 @dataclass(frozen=True)
@@ -222,6 +243,14 @@ def tensor_outputs(runner: RecommenderRunner, prepared: Prepared,
     if query.movies is not None:
         out["predicted_ratings"] = expected[query.movies].astype(np.float32)
     return out
+def find_movies(runner: RecommenderRunner, search: MovieSearch) -> MoviesResponse:
+    """The catalogue's movies whose title matches, for a client to pick ids to rate."""
+    cat = runner.catalogue
+    found = cat.find(search.query)
+    return MoviesResponse(
+        model=runner.tag, matches=len(found),
+        movies=[Movie(movie_id=int(cat.movie_ids[i]), title=cat.titles[i],
+                      times_rated=int(cat.popularity[i])) for i in found[:search.limit]])
 
 
 def movielens(settings: Settings) -> DataSource:
@@ -259,4 +288,9 @@ MODEL = ModelSpec(
     export=Ref("export.recommender:export"),
     evaluate=Ref("evaluation.recommender:evaluate"),
     workload=Ref("bench.workloads:RECOMMENDER"),
+    lookups=(
+        Lookup("/recommender/movies",
+               "Search the catalogue by title: the movie ids the other routes take",
+               MovieSearch, MoviesResponse, find_movies),
+    ),
 )

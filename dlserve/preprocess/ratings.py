@@ -11,7 +11,9 @@ gaps, onto those positions.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -71,6 +73,20 @@ class Catalogue:
         at = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
         return np.where(sorted_ids[at] == ids, self._order[at], -1)
 
+    def find(self, query: str) -> np.ndarray:
+        """Positions of the movies whose title holds every word of `query` (any case,
+        accents ignored: "miserables" finds "Misérables"), most-rated first; every movie
+        for an empty query."""
+        words = fold(query).split()
+        hits = [i for i, title in enumerate(self._folded_titles)
+                if all(w in title for w in words)]
+        found = np.asarray(hits, dtype=np.int64)
+        return found[np.argsort(-self.popularity[found], kind="stable")]
+
+    @cached_property
+    def _folded_titles(self) -> list[str]:
+        return [fold(t) for t in self.titles]
+
     def to_json(self) -> dict[str, Any]:
         return {"movie_ids": self.movie_ids.tolist(), "titles": self.titles,
                 "popularity": self.popularity.tolist()}
@@ -79,6 +95,12 @@ class Catalogue:
     def from_json(cls, raw: dict[str, Any]) -> Catalogue:
         return cls(np.asarray(raw["movie_ids"]), list(raw["titles"]),
                    np.asarray(raw["popularity"]))
+
+
+def fold(text: str) -> str:
+    """Lower case without accents, for matching titles as people type them."""
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def by_user(ratings: Ratings, catalogue: Catalogue) -> dict[int, UserRatings]:
