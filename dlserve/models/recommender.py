@@ -195,4 +195,5 @@ MODEL = ModelSpec(
     export=Ref("export.recommender:export"),
     evaluate=Ref("evaluation.recommender:evaluate"),
     workload=Ref("bench.workloads:RECOMMENDER"),
+    scoring=Ref("scoring.recommender:SCORER"),
 )
