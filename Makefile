@@ -6,7 +6,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN = $(VENV)/bin
 
-.PHONY: serve test bench bench-tools install lint clean
+.PHONY: serve test bench bench-tools ray-tools install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,14 +26,20 @@ bench-tools:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk >/dev/null; } || \
 	  echo "warning: could not install wrk; the benchmark test will be skipped"
 
-test: install bench-tools
+# Ray Data, for `dlserve score --engine ray` (the `ray` extra) and its test.
+ray-tools: install
+	@$(BIN)/python -c 'import ray.data' 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet -e '.[ray]' || \
+	  echo "warning: could not install Ray; the Ray engine's test will be skipped"
+
+test: install bench-tools ray-tools
 	$(BIN)/python -m pytest
 
-bench: install bench-tools
+bench: install bench-tools ray-tools
 	$(BIN)/dlserve bench
 
 lint: install
-	$(BIN)/ruff check dlserve readers training export evaluation service cli bench tests
+	$(BIN)/ruff check dlserve readers training export evaluation service cli bench scoring tests
 
 clean:
 	rm -rf $(VENV) artifacts

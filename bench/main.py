@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench import compare, inprocess, report
+from bench import batch, compare, inprocess, report
 from bench.sections import BenchContext, Section
 from bench.workloads import Workload
 from dlserve import registry
@@ -17,7 +17,7 @@ from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
 # In the order of the report. A new measurement is one more Section here.
-SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION)
+SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION, batch.SECTION)
 
 
 def select(only: list[str] | None, skip: list[str] | None) -> list[Section]:

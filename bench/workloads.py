@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,15 @@ MakePart = Callable[[int], Any]  # n → n items, as the runner's run_batch take
 
 
 @dataclass(frozen=True)
+class BatchInput:
+    """A file for `dlserve score`, written by the bench, and the job options it needs
+    (scoring.adapters.Job's fields: {"k": 10} is `--k 10`)."""
+
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Workload:
     # (runner, data) → make_part, for the in-process ceiling
     parts: Callable[[Any, DataSource], MakePart]
@@ -41,6 +51,10 @@ class Workload:
     extra: Callable[[Any, DataSource], dict[str, Any]] | None = None
     p50_target_ms: float = 5.0  # one client, one item per request
     overload: bool = False  # the model whose queue the "beyond capacity" run fills
+    # (data, folder, rows) → a batch-scoring input of about that many rows, for the bench's
+    # batch section; its items are those of `parts`, so the engine compares with the ceiling
+    batch: Callable[[DataSource, Path, int], BatchInput] | None = None
+    batch_rows: int = 10_000  # rows the batch section scores (a tenth of them for the RSS)
 
 
 def cycle(items: list[Any]) -> MakePart:
@@ -111,8 +125,47 @@ def recommender_requests(source: DataSource, items: int, count: int,
     return out
 
 
-DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"))
+def digits_batch(source: DataSource, folder: Path, rows: int) -> BatchInput:
+    """A Parquet file of raw pixels (`id`, `pixels`: 784 uint8), MNIST test images repeated."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = load_mnist(source.folder, "test").images.reshape(-1, 784)
+    pixels = np.resize(images, (rows, 784))
+    path = folder / f"digits-{rows}.parquet"
+    pq.write_table(pa.table({"id": np.arange(rows), "pixels": pa.FixedSizeListArray.from_arrays(
+        pa.array(pixels.reshape(-1)), 784)}), path, row_group_size=10_000)
+    return BatchInput(path)
+
+
+def sentiment_batch(source: DataSource, folder: Path, rows: int) -> BatchInput:
+    """A CSV of SST-2 dev sentences (`id`, `text`), repeated."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    texts = load_sst2(source.folder, "dev").texts
+    path = folder / f"sentiment-{rows}.csv"
+    pacsv.write_csv(pa.table({"id": np.arange(rows),
+                              "text": [texts[i % len(texts)] for i in range(rows)]}), path)
+    return BatchInput(path)
+
+
+def recommender_batch(source: DataSource, folder: Path, rows: int) -> BatchInput:
+    """u1.base's ratings of its first users, `rows` users, in u.data's layout (TSV, no
+    header), scored per user (top 10)."""
+    train = load_movielens(source.folder).train
+    users = np.unique(train.users)
+    mine = np.isin(train.users, np.resize(users, min(rows, len(users))))
+    path = folder / f"recommender-{rows}.data"
+    path.write_text("".join(f"{u}\t{m}\t{r}\t0\n" for u, m, r in zip(
+        train.users[mine], train.movies[mine], train.levels[mine], strict=True)))
+    return BatchInput(path, {"k": 10})
+
+
+DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"),
+                  batch=digits_batch, batch_rows=100_000)
 SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
-                     sentiment_requests, extra=sentiment_bucketing, overload=True)
+                     sentiment_requests, extra=sentiment_bucketing, overload=True,
+                     batch=sentiment_batch, batch_rows=5_000)
 RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
-                       p50_target_ms=10.0)
+                       p50_target_ms=10.0, batch=recommender_batch, batch_rows=943)

@@ -25,6 +25,8 @@ import pyarrow as pa
 
 from dlserve.errors import InputError
 from dlserve.settings import Settings
+from scoring.errors import ScoringError
+from scoring.formats import TableInput
 
 T = TypeVar("T")
 
@@ -94,6 +96,12 @@ class Plan(ABC):
     @abstractmethod
     def score(self, runner: Any, chunk: pa.Table) -> Scored:
         """Answers for a chunk whose rows all have an id."""
+
+    def ray_source(self) -> tuple[TableInput, list[str], str | None]:
+        """What Ray Data reads for this job (after `prepare`): the table, its columns, and
+        the one among them holding input row numbers (None: Ray's rejects have none)."""
+        raise ScoringError("--engine ray reads Parquet, CSV or JSON Lines tables; score this "
+                           "input with the local engine, or write it to Parquet first")
 
     def output_schema(self) -> pa.Schema:
         return pa.schema([pa.field(self.id_column, self.id_type), *self.passthrough,

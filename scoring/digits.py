@@ -133,6 +133,9 @@ class TablePlan(DigitsPlan):
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         return self.table.chunks([self.id_column, self.column], chunk_rows)
 
+    def ray_source(self) -> tuple[TableInput, list[str], str | None]:
+        return self.table, [self.id_column, self.column], None
+
 
 class IdxPlan(DigitsPlan):
     """An MNIST IDX image file; the id is the image's position in it."""

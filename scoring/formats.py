@@ -68,9 +68,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _csv_format(path: Path, delimiter: str, headerless: tuple[str, ...],
-                types: dict[str, pa.DataType]) -> ds.CsvFileFormat:
-    """CSV/TSV; a file whose first line is all numbers has no header row (MovieLens's
+def _csv_options(path: Path, delimiter: str, headerless: tuple[str, ...],
+                 types: dict[str, pa.DataType]) -> dict[str, Any]:
+    """pyarrow's CSV options for a file (the local engine's dataset and Ray's reader take
+    the same ones); a file whose first line is all numbers has no header row (MovieLens's
     u.data), and its columns get the adapter's names for such files."""
     sample = next((p for p in sorted(path.rglob("*")) if p.is_file()), path) \
         if path.is_dir() else path
@@ -82,19 +83,10 @@ def _csv_format(path: Path, delimiter: str, headerless: tuple[str, ...],
                                "row")
         names = [*headerless[: len(fields)], *(f"column{i}" for i in
                                                 range(len(headerless), len(fields)))]
-    return ds.CsvFileFormat(
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        read_options=pacsv.ReadOptions(column_names=names),
-        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True))
-
-
-def _dataset_format(path: Path, fmt: str, headerless: tuple[str, ...],
-                    types: dict[str, pa.DataType]) -> Any:
-    if fmt == "parquet":
-        return ds.ParquetFileFormat()
-    if fmt == "jsonl":
-        return ds.JsonFileFormat()
-    return _csv_format(path, "\t" if fmt == "tsv" else ",", headerless, types)
+    return {"parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            "read_options": pacsv.ReadOptions(column_names=names),
+            "convert_options": pacsv.ConvertOptions(column_types=types,
+                                                    strings_can_be_null=True)}
 
 
 @dataclass(frozen=True)
@@ -104,6 +96,7 @@ class TableInput:
     path: Path
     format: str
     dataset: ds.Dataset
+    csv_options: dict[str, Any]  # for CSV and TSV: how pyarrow parses it
 
     @property
     def schema(self) -> pa.Schema:
@@ -154,15 +147,23 @@ def open_table(path: Path, fmt: str, *, headerless: tuple[str, ...] = (),
         raise ScoringError(f"input {path}: no such file or folder")
     if not os.access(path, os.R_OK):
         raise ScoringError(f"input {path}: not readable (permission denied)")
+    csv_options: dict[str, Any] = {}
     try:
-        dataset = ds.dataset(str(path), format=_dataset_format(path, fmt, headerless,
-                                                               types or {}))
+        if fmt == "parquet":
+            file_format: Any = ds.ParquetFileFormat()
+        elif fmt == "jsonl":
+            file_format = ds.JsonFileFormat()
+        else:
+            csv_options = _csv_options(path, "\t" if fmt == "tsv" else ",", headerless,
+                                       types or {})
+            file_format = ds.CsvFileFormat(**csv_options)
+        dataset = ds.dataset(str(path), format=file_format)
         if not dataset.files:
             raise ScoringError(f"input {path}: the folder holds no {fmt} files")
         dataset.head(1)  # parse the start now: a wrong format fails here, not mid-job
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise ScoringError(f"input {path}: cannot be read as {fmt} ({exc})") from exc
-    return TableInput(path, fmt, dataset)
+    return TableInput(path, fmt, dataset, csv_options)
 
 
 def require_columns(table: TableInput, wanted: dict[str, str], how: str) -> None:

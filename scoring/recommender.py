@@ -193,11 +193,14 @@ class TopKPlan(Plan):
             write_parquet_atomically(self.grouped, users)
         self.rows = pq.ParquetFile(self.grouped).metadata.num_rows
 
-    def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
+    def ray_source(self) -> tuple[TableInput, list[str], str | None]:
         assert self.grouped is not None, "prepare() first"
-        users = open_table(self.grouped, "parquet")
-        for chunk in users.chunks([self.id_column, "movie_ids", "ratings", FIRST_ROW],
-                                  chunk_rows):
+        columns = [self.id_column, "movie_ids", "ratings", FIRST_ROW]
+        return open_table(self.grouped, "parquet"), columns, FIRST_ROW
+
+    def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
+        users, columns, _ = self.ray_source()
+        for chunk in users.chunks(columns, chunk_rows):
             yield chunk.set_column(chunk.schema.get_field_index(ROW), ROW,
                                    chunk.column(FIRST_ROW))
 
@@ -261,9 +264,13 @@ class PairsPlan(Plan):
             users.column(0).to_pylist(), users.column("movie_ids").to_pylist(),
             users.column("ratings").to_pylist(), strict=True)}
 
-    def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
+    def ray_source(self) -> tuple[TableInput, list[str], str | None]:
         columns = dict.fromkeys([self.id_column, self.names["user_id"], self.names["movie_id"]])
-        return self.table.chunks(list(columns), chunk_rows)
+        return self.table, list(columns), None
+
+    def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
+        table, columns, _ = self.ray_source()
+        return table.chunks(columns, chunk_rows)
 
     def score(self, runner: Any, chunk: pa.Table) -> Scored:
         user_col, movie_col = self.names["user_id"], self.names["movie_id"]

@@ -13,7 +13,7 @@ import pyarrow as pa
 from dlserve.models import sentiment
 from dlserve.settings import Settings
 from scoring.adapters import Job, Plan, Scored, check_each, reason
-from scoring.formats import detect, fingerprint, open_table, require_columns
+from scoring.formats import TableInput, detect, fingerprint, open_table, require_columns
 
 FIELDS = pa.schema([pa.field("label", pa.string()),
                     pa.field("positive_probability", pa.float64())])
@@ -41,6 +41,9 @@ class SentimentPlan(Plan):
 
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         return self.table.chunks([self.id_column, self.text], chunk_rows)
+
+    def ray_source(self) -> tuple[TableInput, list[str], str | None]:
+        return self.table, [self.id_column, self.text], None
 
     def score(self, runner: Any, chunk: pa.Table) -> Scored:
         texts = chunk.column(self.text).to_pylist()

@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-NOT_SERVING = ("torch", "training", "export", "readers", "evaluation", "bench", "cli", "tests")
+NOT_SERVING = ("torch", "training", "export", "readers", "evaluation", "bench", "cli", "tests",
+               "scoring", "pyarrow", "ray")
 
 
 def bento_files() -> list[Path]:
