@@ -119,7 +119,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                                workload.batch_rows // 10, workload.batch_rows],
                            "rss_growth": round(rss[1] / rss[0] - 1, 3)})
             plans.append((name, full))
-        startup = start_ray(actors)
+        startup = start_ray(actors) if plans else None
         if startup is not None:
             import ray
 

@@ -157,10 +157,11 @@ def open_table(path: Path, fmt: str, *, headerless: tuple[str, ...] = (),
             csv_options = _csv_options(path, "\t" if fmt == "tsv" else ",", headerless,
                                        types or {})
             file_format = ds.CsvFileFormat(**csv_options)
+        # Opening reads the schema (Parquet's footer; the first block of CSV and JSON), so
+        # a file in another format fails here, not mid-job.
         dataset = ds.dataset(str(path), format=file_format)
         if not dataset.files:
             raise ScoringError(f"input {path}: the folder holds no {fmt} files")
-        dataset.head(1)  # parse the start now: a wrong format fails here, not mid-job
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
         raise ScoringError(f"input {path}: cannot be read as {fmt} ({exc})") from exc
     return TableInput(path, fmt, dataset, csv_options)

@@ -8,6 +8,7 @@ big the input, and a killed job re-scores at most the chunk in hand.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,29 +66,46 @@ def score_chunk(plan: Plan, runner: Any, chunk: pa.Table) -> tuple[pa.Table, pa.
 
 def run(plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int,
         max_rejects: int | None, quiet: bool) -> Counts:
+    """Score every chunk not done yet, then assemble the output. Reading the next chunk and
+    committing the last one happen in two helper threads while the model runs (pyarrow
+    releases the GIL while it reads and writes), one chunk ahead and one behind at most."""
     started = time.perf_counter()
     plan.prepare(runner, work.path)
     done = work.done()
     rows = written = 0
     rejected = work.prepare_rejects()
+    chunks = plan.chunks(chunk_rows)
     with tqdm(total=plan.rows, unit=f" {plan.unit}", unit_scale=True, dynamic_ncols=True,
-              disable=True if quiet else None, desc=runner.tag) as bar:
-        for index, chunk in enumerate(plan.chunks(chunk_rows)):
+              disable=True if quiet else None, desc=runner.tag) as bar, \
+            ThreadPoolExecutor(1, "score-read") as reader, \
+            ThreadPoolExecutor(1, "score-commit") as committer:
+        ahead: Future[pa.Table | None] = reader.submit(next, chunks, None)
+        behind: Future[None] | None = None
+        index = 0
+        while (chunk := ahead.result()) is not None:
+            ahead = reader.submit(next, chunks, None)
             if index in done:
                 n_written, n_rejected = done[index]
             else:
                 part, rejects = score_chunk(plan, runner, chunk)
-                work.commit(index, part, rejects)
+                if behind is not None:
+                    behind.result()
+                behind = committer.submit(work.commit, index, part, rejects)
                 n_written, n_rejected = len(part), len(rejects)
             rows, written, rejected = (rows + len(chunk), written + n_written,
                                        rejected + n_rejected)
             bar.update(len(chunk))
             bar.set_postfix(rejects=rejected, refresh=False)
             if max_rejects is not None and rejected > max_rejects:
+                if behind is not None:
+                    behind.result()
                 raise TooManyRejects(
                     f"stopped: {rejected} rejected rows is more than --max-rejects "
                     f"{max_rejects}; the reasons are in {work.path}/rejects-*.parquet. The "
                     "work done is kept: the same command with a higher --max-rejects goes on "
                     "from here")
+            index += 1
+        if behind is not None:
+            behind.result()
     work.assemble(plan.output_schema(), plan.rejects_schema())
     return Counts(rows, written, rejected, time.perf_counter() - started, len(done), plan.unit)

@@ -101,16 +101,17 @@ def _start(job: Job, actors: int) -> bool:
         return False
     # The actors open the same model store and settings as this process.
     env = {k: v for k, v in os.environ.items() if k.startswith((PREFIX, "BENTOML_"))}
+    # Inside a Ray job (a KubeRay RayJob's entrypoint) RAY_ADDRESS names the cluster.
+    address = job.ray_address or os.environ.get("RAY_ADDRESS")
     try:
-        if job.ray_address:
-            ray.init(address=job.ray_address, runtime_env={"env_vars": env},
-                     log_to_driver=False)
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
             return False
         # One logical CPU per actor plus one for Ray Data's read and write tasks.
         ray.init(num_cpus=actors + 1, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; all mean "no cluster"
-        where = job.ray_address or "a local Ray"
+        where = address or "a local Ray"
         raise ScoringError(f"--engine ray: cannot start or reach {where} ({exc})") from None
     return True
 

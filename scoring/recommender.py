@@ -101,15 +101,18 @@ def group(runner: Any, table: TableInput, names: dict[str, str], id_type: pa.Dat
         no_user = users.is_null().to_numpy(zero_copy_only=False)
         no_movie = chunk.column(movie).is_null().to_numpy(zero_copy_only=False)
         filled = np.where(no_movie, -1, np.nan_to_num(movies, nan=-1)).astype(np.int64)
+        no_rating = chunk.column(rating).is_null().to_numpy(zero_copy_only=False)
         unknown = ~no_movie & (runner.catalogue.positions(filled) < 0)
-        bad_rating = ~no_movie & ~unknown & ~_valid_ratings(stars)
-        for i in np.flatnonzero(no_user | no_movie | unknown | bad_rating):
+        bad_rating = ~no_movie & ~unknown & ~no_rating & ~_valid_ratings(stars)
+        refuse = no_user | no_movie | no_rating | unknown | bad_rating
+        for i in np.flatnonzero(refuse):
             why = (f"{user}: missing; every row needs an id" if no_user[i]
                    else f"{movie}: missing" if no_movie[i]
                    else _unknown_movie(runner, int(filled[i]), movie) if unknown[i]
+                   else f"{rating}: missing" if no_rating[i]
                    else _bad_rating(runner, float(stars[i]), rating))
             refused.append((users[int(i)].as_py(), int(rows[i]), where + why))
-        ok = ~(no_user | no_movie | unknown | bad_rating)
+        ok = ~refuse
         kept.append(pa.table({"user": users.filter(pa.array(ok)),
                               "movie": pa.array(filled[ok]), "stars": pa.array(stars[ok]),
                               "row": pa.array(rows[ok])}))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json  # noqa: F401 - pa.json
 import pyarrow.parquet as pq
+import pytest
 
 from readers.mnist import load_mnist
 from readers.movielens import load_movielens
@@ -242,3 +244,27 @@ def test_a_job_killed_twice_at_random_points_finishes_with_every_row_once(
     scored = read(out)
     assert scored.column("id").to_pylist() == list(range(30_000))
     assert scored.equals(read(tmp_path / "whole.parquet"))
+
+
+def test_the_bench_batch_section_compares_the_engine_with_the_ceiling(
+        digits_model: str, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bench's batch section on 2,000 images (the real bench scores 100,000); the Ray
+    engine's part is left out here (tests/test_score_ray.py runs the Ray engine)."""
+    from bench import batch
+    from bench.sections import BenchContext
+    from bench.workloads import DIGITS
+    from dlserve.registry import DataSource
+    from dlserve.settings import load_settings
+
+    monkeypatch.setattr(batch, "start_ray", lambda actors: None)
+    settings = load_settings(models="digits")
+    ctx = BenchContext(settings, {"digits": (replace(DIGITS, batch_rows=2_000),
+                                             DataSource(data_dir, None))}, 1, 1, 1)
+    results = batch.run(ctx)
+    (row,) = results["models"]
+    assert row["model"] == "digits" and row["rows"] == 2_000 and row["rejected"] == 0
+    assert row["rows_per_s"] > 0 and row["ceiling_items_per_s"] > 0
+    assert row["ratio"] == pytest.approx(row["rows_per_s"] / row["ceiling_items_per_s"],
+                                         abs=1e-3)
+    assert row["rss_rows"] == [200, 2_000] and all(m > 50 for m in row["rss_mib"])
+    assert "## Batch scoring" in "\n".join(batch.render(results, {}))
