@@ -46,10 +46,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomically(path: Path, table: pa.Table) -> None:
+def write_parquet_atomically(path: Path, table: pa.Table, *,
+                             row_group_rows: int | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     writer = TableWriter(tmp, "parquet", table.schema)
-    writer.write(table)
+    for batch in table.to_batches(max_chunksize=row_group_rows):
+        writer.write(pa.Table.from_batches([batch]))
     writer.close()
     os.replace(tmp, path)
 

@@ -100,12 +100,16 @@ def _start(job: Job, actors: int) -> bool:
     if ray.is_initialized():
         return False
     # The actors open the same model store and settings as this process.
-    env = {k: v for k, v in os.environ.items() if k.startswith((PREFIX, "BENTOML_"))}
+    # The actors score with this process's settings (limits, providers, threads); on a
+    # local Ray they also open its model store, while a cluster's nodes have their own.
+    settings_env = {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+    env = {**settings_env, **{k: v for k, v in os.environ.items() if k.startswith("BENTOML_")}}
     # Inside a Ray job (a KubeRay RayJob's entrypoint) RAY_ADDRESS names the cluster.
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+            ray.init(address=address, runtime_env={"env_vars": settings_env},
+                     log_to_driver=False)
             return False
         # One logical CPU per actor plus one for Ray Data's read and write tasks.
         ray.init(num_cpus=actors + 1, include_dashboard=False, log_to_driver=False,

@@ -40,6 +40,7 @@ HEADERLESS = ("user_id", "movie_id", "rating", "timestamp")  # u.data's columns
 GROUPED = "grouped.parquet"
 FIRST_ROW = "first_row"
 READ_ROWS = 1_000_000  # ratings read at a time while grouping
+RAY_BLOCK_USERS = 100
 RECOMMENDATION = pa.struct([pa.field("movie_id", pa.int64()), pa.field("title", pa.string()),
                             pa.field("predicted_rating", pa.float64())])
 TOP_K_FIELDS = pa.schema([pa.field("cold_start", pa.bool_()), pa.field("ranking", pa.string()),
@@ -193,7 +194,8 @@ class TopKPlan(Plan):
         if not self.grouped.exists():
             users, rejects = group(runner, self.table, self.names, self.id_type)
             write_parquet_atomically(workdir / PRE_REJECTS, rejects)
-            write_parquet_atomically(self.grouped, users)
+            # Row groups of a few users: the blocks Ray Data hands its actors.
+            write_parquet_atomically(self.grouped, users, row_group_rows=RAY_BLOCK_USERS)
         self.rows = pq.ParquetFile(self.grouped).metadata.num_rows
 
     def ray_source(self) -> tuple[TableInput, list[str], str | None]:
