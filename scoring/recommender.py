@@ -57,7 +57,7 @@ def _open(path: Path, fmt: str | None, job: Job, roles: tuple[str, ...]
     names = {role: column_role(job, role, ROLES[role], table.schema.names) for role in roles}
     require_columns(table, names, HOW)
     movie_type = table.schema.field(names["movie_id"]).type
-    if not pa.types.is_integer(movie_type):
+    if not (pa.types.is_integer(movie_type) or pa.types.is_null(movie_type)):  # null: empty
         raise ScoringError(f"input {path}: column {names['movie_id']!r} holds {movie_type}; "
                            "movie ids are whole numbers")
     return table, names
@@ -87,63 +87,81 @@ def _valid_ratings(stars: np.ndarray) -> np.ndarray:
         return np.isfinite(stars) & (stars >= 1) & (stars <= 5) & (stars * 2 == np.round(stars * 2))
 
 
-def group(runner: Any, table: TableInput, names: dict[str, str], id_type: pa.DataType,
-          where: str = "") -> tuple[pa.Table, pa.Table]:
-    """A ratings table → (one row per user: id, movie_ids, ratings, first_row; in user
-    order) and the rows refused (id, row, reason), checked as the HTTP API checks them."""
+Refused = list[tuple[Any, int, str]]  # (user id, row, reason)
+
+
+def _checked(runner: Any, chunk: pa.Table, names: dict[str, str]) -> tuple[pa.Table, Refused]:
+    """A chunk of ratings → the rows the HTTP API would take (user, movie, stars, row),
+    and the others with the API's reason."""
     user, movie, rating = names["user_id"], names["movie_id"], names["rating"]
-    kept: list[pa.Table] = []
-    refused: list[tuple[Any, int, str]] = []
-    for chunk in table.chunks([user, movie, rating], READ_ROWS):
-        users = chunk.column(user)
-        movies = chunk.column(movie).to_numpy(zero_copy_only=False)
-        stars = pc.cast(chunk.column(rating), pa.float64()).to_numpy(zero_copy_only=False)
-        rows = chunk.column(ROW).to_numpy()
-        no_user = users.is_null().to_numpy(zero_copy_only=False)
-        no_movie = chunk.column(movie).is_null().to_numpy(zero_copy_only=False)
-        filled = np.where(no_movie, -1, np.nan_to_num(movies, nan=-1)).astype(np.int64)
-        no_rating = chunk.column(rating).is_null().to_numpy(zero_copy_only=False)
-        unknown = ~no_movie & (runner.catalogue.positions(filled) < 0)
-        bad_rating = ~no_movie & ~unknown & ~no_rating & ~_valid_ratings(stars)
-        refuse = no_user | no_movie | no_rating | unknown | bad_rating
-        for i in np.flatnonzero(refuse):
-            why = (f"{user}: missing; every row needs an id" if no_user[i]
-                   else f"{movie}: missing" if no_movie[i]
-                   else _unknown_movie(runner, int(filled[i]), movie) if unknown[i]
-                   else f"{rating}: missing" if no_rating[i]
-                   else _bad_rating(runner, float(stars[i]), rating))
-            refused.append((users[int(i)].as_py(), int(rows[i]), where + why))
-        ok = ~refuse
-        kept.append(pa.table({"user": users.filter(pa.array(ok)),
-                              "movie": pa.array(filled[ok]), "stars": pa.array(stars[ok]),
-                              "row": pa.array(rows[ok])}))
-    ratings = pa.concat_tables(kept).sort_by([("user", "ascending"), ("movie", "ascending"),
-                                              ("row", "ascending")])
-    # A movie rated twice by one user: the first rating counts, later ones are refused.
+    users = chunk.column(user)
+    movies = chunk.column(movie).to_numpy(zero_copy_only=False)
+    stars = pc.cast(chunk.column(rating), pa.float64()).to_numpy(zero_copy_only=False)
+    rows = chunk.column(ROW).to_numpy()
+    no_user = users.is_null().to_numpy(zero_copy_only=False)
+    no_movie = chunk.column(movie).is_null().to_numpy(zero_copy_only=False)
+    no_rating = chunk.column(rating).is_null().to_numpy(zero_copy_only=False)
+    filled = np.where(no_movie, -1, np.nan_to_num(movies, nan=-1)).astype(np.int64)
+    unknown = ~no_movie & (runner.catalogue.positions(filled) < 0)
+    bad_rating = ~no_movie & ~unknown & ~no_rating & ~_valid_ratings(stars)
+    refuse = no_user | no_movie | no_rating | unknown | bad_rating
+    refused = [(users[int(i)].as_py(), int(rows[i]),
+                f"{user}: missing; every row needs an id" if no_user[i]
+                else f"{movie}: missing" if no_movie[i]
+                else _unknown_movie(runner, int(filled[i]), movie) if unknown[i]
+                else f"{rating}: missing" if no_rating[i]
+                else _bad_rating(runner, float(stars[i]), rating))
+               for i in np.flatnonzero(refuse)]
+    ok = ~refuse
+    return pa.table({"user": users.filter(pa.array(ok)), "movie": pa.array(filled[ok]),
+                     "stars": pa.array(stars[ok]), "row": pa.array(rows[ok])}), refused
+
+
+def _first_ratings(ratings: pa.Table, movie: str) -> tuple[pa.Table, Refused]:
+    """A movie rated twice by one user: the first rating counts, later ones are refused
+    (the HTTP API refuses a request that rates a movie twice)."""
+    ratings = ratings.sort_by([("user", "ascending"), ("movie", "ascending"),
+                               ("row", "ascending")])
     same = np.zeros(len(ratings), dtype=bool)
     if len(ratings) > 1:
         u, m = ratings.column("user"), ratings.column("movie")
         same[1:] = (pc.equal(u.slice(1), u.slice(0, len(u) - 1)).to_numpy(zero_copy_only=False)
                     & pc.equal(m.slice(1), m.slice(0, len(m) - 1)).to_numpy(
                         zero_copy_only=False))
-    row_of = ratings.column("row").to_numpy()
+    rows, movies = ratings.column("row").to_numpy(), ratings.column("movie").to_numpy()
     first = np.maximum.accumulate(np.where(~same, np.arange(len(same)), 0))
-    for i in np.flatnonzero(same):
-        refused.append((ratings.column("user")[int(i)].as_py(), int(row_of[i]),
-                        where + f"{movie}: movie {ratings.column('movie')[int(i)]} is rated "
-                        f"twice (also at row {row_of[first[i]]}); send one rating per movie"))
-    ratings = ratings.filter(pa.array(~same)).sort_by([("user", "ascending"),
-                                                       ("row", "ascending")])
-    grouped = ratings.group_by("user", use_threads=False).aggregate(
-        [("movie", "list"), ("stars", "list"), ("row", "min")])
+    refused = [(ratings.column("user")[int(i)].as_py(), int(rows[i]),
+                f"{movie}: movie {movies[i]} is rated twice (also at row {rows[first[i]]}); "
+                "send one rating per movie") for i in np.flatnonzero(same)]
+    return ratings.filter(pa.array(~same)), refused
+
+
+def group(runner: Any, table: TableInput, names: dict[str, str], id_type: pa.DataType,
+          where: str = "") -> tuple[pa.Table, pa.Table]:
+    """A ratings table → (one row per user: id, movie_ids, ratings, first_row; in user
+    order) and the rows refused (id, row, reason), checked as the HTTP API checks them."""
+    user = names["user_id"]
+    kept: list[pa.Table] = []
+    refused: Refused = []
+    for chunk in table.chunks([user, names["movie_id"], names["rating"]], READ_ROWS):
+        ok, bad = _checked(runner, chunk, names)
+        kept.append(ok)
+        refused += bad
+    empty = pa.table({"user": pa.array([], id_type), "movie": pa.array([], pa.int64()),
+                      "stars": pa.array([], pa.float64()), "row": pa.array([], pa.int64())})
+    ratings, repeated = _first_ratings(
+        pa.concat_tables([t.cast(empty.schema) for t in kept] or [empty]), names["movie_id"])
+    grouped = ratings.sort_by([("user", "ascending"), ("row", "ascending")]) \
+        .group_by("user", use_threads=False) \
+        .aggregate([("movie", "list"), ("stars", "list"), ("row", "min")])
     grouped = pa.table({user: grouped.column("user").cast(id_type),
                         "movie_ids": grouped.column("movie_list"),
                         "ratings": grouped.column("stars_list"),
                         FIRST_ROW: grouped.column("row_min")})
-    refused.sort(key=lambda r: r[1])
+    refused = sorted(refused + repeated, key=lambda r: r[1])
     rejects = pa.table({user: pa.array([r[0] for r in refused], id_type),
                         "row": pa.array([r[1] for r in refused], pa.int64()),
-                        "reason": pa.array([r[2] for r in refused], pa.string())})
+                        "reason": pa.array([where + r[2] for r in refused], pa.string())})
     return grouped, rejects
 
 
