@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.inprocess import median_seconds
 from bench.sections import BenchContext, Section
 from bench.workloads import BatchInput
 from dlserve import registry
@@ -37,16 +36,16 @@ REPEATS = 3  # engine runs per model; the report takes the median
 CEILING_ITEMS = 20_480
 
 
-def ceiling(runner: Any, make_part: Any, rows: int) -> float:
-    """Items/s of runner.run_batch alone, BATCH items a call."""
-    n = min(rows, CEILING_ITEMS) // BATCH * BATCH or BATCH
-    pool = make_part(n)
-
-    def run_all() -> None:
-        for i in range(0, n, BATCH):
+def ceiling_pass(runner: Any, pool: Any, items: int) -> float:
+    """Items/s of runner.run_batch alone over `items` items (the pool, cycled), BATCH items
+    a call."""
+    started = time.perf_counter()
+    done = 0
+    while done < items:
+        for i in range(0, len(pool), BATCH):
             runner.run_batch([pool[i: i + BATCH]])
-
-    return n / median_seconds(run_all, repeats=REPEATS, min_time_s=0.5)
+        done += len(pool)
+    return done / (time.perf_counter() - started)
 
 
 def job_for(name: str, data: BatchInput, out: Path, engine: str = "local") -> Job:
@@ -54,31 +53,52 @@ def job_for(name: str, data: BatchInput, out: Path, engine: str = "local") -> Jo
                overwrite=True, quiet=True, **data.options)
 
 
-def engine_rate(ctx: BenchContext, job: Job) -> dict[str, Any]:
-    rates = []
+def engine_pass(ctx: BenchContext, job: Job) -> Any:
+    counts = scoring.run(job, ctx.settings)
+    assert counts is not None
+    return counts
+
+
+def side_by_side(ctx: BenchContext, runner: Any, make_part: Any, job: Job,
+                 rows: int) -> dict[str, Any]:
+    """The ceiling and the local engine, taking turns REPEATS times over the same number of
+    items (the machine's load changes; turns see the same), medians of each."""
+    pool = make_part(max(BATCH, min(CEILING_ITEMS, rows) // BATCH * BATCH))
+    ceiling_pass(runner, pool[:BATCH], BATCH)  # warm-up
+    tops, rates = [], []
     for _ in range(REPEATS):
-        counts = scoring.run(job, ctx.settings)
-        assert counts is not None
+        counts = engine_pass(ctx, job)
         rates.append(counts.rows / counts.seconds)
-    return {"rows_per_s": round(statistics.median(rates)), "rows": counts.rows,
-            "rejected": counts.rejected, "unit": counts.unit}
+        tops.append(ceiling_pass(runner, pool, counts.rows))
+    top, rate = statistics.median(tops), statistics.median(rates)
+    return {"rows_per_s": round(rate), "rows": counts.rows, "rejected": counts.rejected,
+            "unit": counts.unit, "ceiling_items_per_s": round(top),
+            "ratio": round(rate / top, 3), "ratio_by_turn": [
+                round(r / t, 3) for r, t in zip(rates, tops, strict=True)]}
+
+
+# `dlserve score` in a process that reports its peak RSS at the end: VmHWM, the high-water
+# mark of its own memory since exec (wait4's ru_maxrss would also count the RSS this
+# process had when it forked the child).
+RSS_PROBE = """import re, sys
+from cli.main import main
+code = main(sys.argv[1:])
+status = open("/proc/self/status").read()
+print("VmHWM", re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1))
+sys.exit(code)
+"""
 
 
 def peak_rss_mib(name: str, data: BatchInput, out: Path) -> float:
-    """Peak RSS of a `dlserve score` process scoring the input, from the kernel."""
-    cli = Path(sys.executable).with_name("dlserve")
+    """Peak RSS of a `dlserve score` process scoring the input."""
     options = {"batch_size": BATCH, **data.options}
     flags = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    errors = out.with_suffix(".log")
-    with open(errors, "wb") as log_file:
-        proc = subprocess.Popen([str(cli), "score", name, str(data.path), str(out),
-                                 "--quiet", "--overwrite", *flags],
-                                stdout=subprocess.DEVNULL, stderr=log_file)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-    if proc.returncode != 0:
-        raise RuntimeError(f"dlserve score {name} failed: {errors.read_text()[-2000:]}")
-    return usage.ru_maxrss / 1024
+    result = subprocess.run([sys.executable, "-c", RSS_PROBE, "score", name, str(data.path),
+                             str(out), "--quiet", "--overwrite", *flags],
+                            capture_output=True, text=True, timeout=3600)
+    if result.returncode != 0:
+        raise RuntimeError(f"dlserve score {name} failed: {result.stderr[-2000:]}")
+    return int(result.stdout.split("VmHWM")[-1]) / 1024
 
 
 def start_ray(actors: int) -> float | None:
@@ -107,14 +127,13 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             full = workload.batch(source, folder, workload.batch_rows)
             tenth = workload.batch(source, folder, max(1, workload.batch_rows // 10))
             runner = registry.load_runner(name, ctx.settings)
-            log.info("bench: %s batch scoring, local engine", name)
-            local = engine_rate(ctx, job_for(name, full, folder / f"{name}.parquet"))
-            top = ceiling(runner, workload.parts(runner, source), workload.batch_rows)
+            log.info("bench: %s batch scoring, local engine and ceiling", name)
+            local = side_by_side(ctx, runner, workload.parts(runner, source),
+                                 job_for(name, full, folder / f"{name}.parquet"),
+                                 workload.batch_rows)
             rss = [peak_rss_mib(name, data, folder / f"{name}-rss.parquet")
                    for data in (tenth, full)]
             models.append({"model": name, "provider": runner.provider, **local,
-                           "ceiling_items_per_s": round(top),
-                           "ratio": round(local["rows_per_s"] / top, 3),
                            "rss_mib": [round(r) for r in rss], "rss_rows": [
                                workload.batch_rows // 10, workload.batch_rows],
                            "rss_growth": round(rss[1] / rss[0] - 1, 3)})
@@ -128,7 +147,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                     log.info("bench: %s batch scoring, Ray engine", name)
                     ray_job = replace(job_for(name, full, folder / f"{name}-ray.parquet", "ray"),
                                       ray_actors=actors)
-                    row["ray_rows_per_s"] = engine_rate(ctx, ray_job)["rows_per_s"]
+                    row["ray_rows_per_s"] = round(statistics.median(
+                        c.rows / c.seconds for c in (engine_pass(ctx, ray_job)
+                                                     for _ in range(REPEATS))))
             finally:
                 ray.shutdown()
     return {"batch_size": BATCH, "models": models, "ray_actors": actors,

@@ -85,18 +85,25 @@ class DigitsPlan(Plan):
         else:
             lengths = col.value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
         sized = present[lengths[present] == PIXELS]
-        rows: list[Any] = []
-        if len(sized):
-            flat = col.take(pa.array(sized)).flatten().to_numpy(zero_copy_only=False)
-            rows = list(flat.reshape(len(sized), SIDE, SIDE))
         odd = present[lengths[present] != PIXELS]
-        positions = [*sized.tolist(), *odd.tolist()]
-        rows += [np.asarray(col[int(i)].as_py(), dtype=object) for i in odd]
-        ok, bad, pixels = check_each(
-            rows, lambda xs: digits.parse_images(xs, max_items=max(1, len(xs))),
-            lambda exc: reason(exc, "images", self.column))
-        return ([positions[i] for i in ok], [(positions[i], r) for i, r in bad],
+        check = self._check(lambda xs: digits.parse_images(xs, max_items=max(1, len(xs))))
+        # Refused by shape, every one of them (parse_images says how).
+        _, refused, _ = check([np.asarray(col[int(i)].as_py(), dtype=object) for i in odd])
+        bad = [(int(odd[i]), why) for i, why in refused]
+        taken = col if len(sized) == len(col) else col.take(pa.array(sized))
+        values = taken.flatten()
+        if pa.types.is_uint8(values.type) and values.null_count == 0:
+            # uint8 pixels are 0-255 by their type: nothing to check, as in /digits/predict's
+            # compact form (parse_images_base64); the runner takes them as they are.
+            return sized.tolist(), bad, values.to_numpy().reshape(len(sized), SIDE, SIDE)
+        rows = list(values.to_numpy(zero_copy_only=False).reshape(len(sized), SIDE, SIDE))
+        ok, refused, pixels = check(rows)
+        return ([int(sized[i]) for i in ok], sorted(bad + [(int(sized[i]), r) for i, r in refused]),
                 pixels if pixels is not None else np.empty((0, SIDE, SIDE), np.float32))
+
+    def _check(self, parse: Any) -> Any:
+        return lambda rows: check_each(rows, parse,
+                                       lambda exc: reason(exc, "images", self.column))
 
     def _images(self, col: pa.Array, present: np.ndarray
                 ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:

@@ -144,7 +144,10 @@ def run(job: Job, plan: Plan, runner: Any, work: WorkDir, settings: Settings) ->
         context.enable_progress_bars = False  # ours is the one progress bar
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         log.info("ray: %d actor(s), %s", actors, "one GPU each" if gpu else "CPU")
-        scored = _read(table, columns, 4 * actors).map_batches(
+        # One Parquet file is read as one block; blocks of a chunk's rows spread the work.
+        blocks = _read(table, columns, 4 * actors).repartition(
+            target_num_rows_per_block=job.chunk_rows)
+        scored = blocks.map_batches(
             ScoreBatches, fn_constructor_args=(plan, runner.tag, settings, row_column),
             batch_format="pyarrow", batch_size=job.chunk_rows,
             compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
