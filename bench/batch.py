@@ -123,27 +123,33 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         for name, (workload, source) in ctx.sources.items():
             if workload.batch is None:
                 continue
-            log.info("bench: %s batch input, %d rows", name, workload.batch_rows)
-            full = workload.batch(source, folder, workload.batch_rows)
-            tenth = workload.batch(source, folder, max(1, workload.batch_rows // 10))
+            log.info("bench: %s batch inputs, %d rows", name, workload.batch_rows)
+            inputs = workload.batch(source, folder, workload.batch_rows)
             runner = registry.load_runner(name, ctx.settings)
-            log.info("bench: %s batch scoring, local engine and ceiling", name)
-            local = side_by_side(ctx, runner, workload.parts(runner, source),
-                                 job_for(name, full, folder / f"{name}.parquet"),
-                                 workload.batch_rows)
-            rss = [peak_rss_mib(name, data, folder / f"{name}-rss.parquet")
-                   for data in (tenth, full)]
-            models.append({"model": name, "provider": runner.provider, **local,
-                           "rss_mib": [round(r) for r in rss], "rss_rows": [
-                               workload.batch_rows // 10, workload.batch_rows],
-                           "rss_growth": round(rss[1] / rss[0] - 1, 3)})
-            plans.append((name, full))
+            make_part = workload.parts(runner, source)
+            for n, data in enumerate(inputs):
+                log.info("bench: %s batch scoring (%s), local engine and ceiling", name,
+                         data.layout)
+                row = {"model": name, "layout": data.layout, "provider": runner.provider,
+                       **side_by_side(ctx, runner, make_part,
+                                      job_for(name, data, folder / f"{name}-{n}.parquet"),
+                                      workload.batch_rows)}
+                if n == 0:  # memory and Ray: for the first layout
+                    tenth = workload.batch(source, folder,
+                                           max(1, workload.batch_rows // 10))[0]
+                    rss = [peak_rss_mib(name, d, folder / f"{name}-rss.parquet")
+                           for d in (tenth, data)]
+                    row.update({"rss_mib": [round(r) for r in rss],
+                                "rss_rows": [workload.batch_rows // 10, workload.batch_rows],
+                                "rss_growth": round(rss[1] / rss[0] - 1, 3)})
+                    plans.append((name, data, row))
+                models.append(row)
         startup = start_ray(actors) if plans else None
         if startup is not None:
             import ray
 
             try:
-                for (name, full), row in zip(plans, models, strict=True):
+                for name, full, row in plans:
                     log.info("bench: %s batch scoring, Ray engine", name)
                     ray_job = replace(job_for(name, full, folder / f"{name}-ray.parquet", "ray"),
                                       ray_actors=actors)
@@ -157,30 +163,36 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
-    rows = [[m["model"], m["provider"].removesuffix("ExecutionProvider"),
+    rows = [[m["model"], m["layout"], m["provider"].removesuffix("ExecutionProvider"),
              f"{m['rows']:,} {m['unit']}", f"{m['ceiling_items_per_s']:,}",
-             f"{m['rows_per_s']:,}", f"{m['ratio']:.0%}",
+             f"{m['rows_per_s']:,}", f"{m['ratio']:.0%} "
+             f"({', '.join(f'{x:.0%}' for x in m['ratio_by_turn'])})",
              f"{m['ray_rows_per_s']:,}" if m.get("ray_rows_per_s") else "—",
-             f"{m['rss_mib'][0]:,} / {m['rss_mib'][1]:,}", f"{m['rss_growth']:+.0%}"]
+             f"{m['rss_mib'][0]:,} / {m['rss_mib'][1]:,}" if "rss_mib" in m else "—",
+             f"{m['rss_growth']:+.0%}" if "rss_mib" in m else "—"]
             for m in r["models"]]
     out = [
         "## Batch scoring (`dlserve score`)",
         "",
-        f"Each model's batch input, generated at run time: MNIST test images repeated into a "
-        f"Parquet file of raw pixels, SST-2 dev sentences repeated into a CSV, u1.base users' "
-        f"ratings in u.data's layout (scored per user, top 10). The ceiling is the runner "
-        f"alone in this process (`run_batch`, {r['batch_size']} items a call, one ONNX "
-        f"Runtime thread); the engines score the file with `--batch-size "
-        f"{r['batch_size']}` and their rows/s is the job's own time (read, check, run, "
-        f"format, write, rename), median of {REPEATS} runs. The Ray engine runs "
-        f"{r['ray_actors']} actors on a local Ray started once beforehand"
-        + (f" (start-up {r['ray_startup_s']} s, not counted)" if r["ray_startup_s"] else
+        "Each model's batch input, generated at run time: MNIST test images repeated into "
+        "Parquet files of raw pixels (784 uint8 per row as lists, the layout the target is "
+        "judged on, and as 784 bytes), SST-2 dev sentences repeated into a CSV, u1.base "
+        "users' ratings in u.data's layout (scored per user, top 10). The ceiling is the "
+        f"runner alone in this process (`run_batch`, {r['batch_size']} items a call, one "
+        f"ONNX Runtime thread); the local engine scores the file with `--batch-size "
+        f"{r['batch_size']}`, and its rows/s is the job's own time (read, check, run, "
+        "format, write, final rename). Engine runs and ceiling passes over the same number "
+        f"of items take turns, {REPEATS} each; the table gives the medians and each turn's "
+        "ratio. The Ray engine (median of "
+        f"{REPEATS} runs) uses {r['ray_actors']} actors on a local Ray started once beforehand"
+        + (f" (start-up {r['ray_startup_s']} s, not counted; each run still starts its "
+           "actors and loads the model in each)" if r["ray_startup_s"] else
            " (Ray not installed: not measured)")
-        + ". Peak RSS is that of a whole `dlserve score` process, for a tenth of the rows "
-        "and for all of them.",
+        + ". Peak RSS is the high-water mark of a whole `dlserve score` process, for a tenth "
+        "of the rows and for all of them.",
         "",
-        report._table(["model", "provider", "rows", "ceiling (items/s)", "local engine "
-                       "(rows/s)", "of ceiling", "Ray engine (rows/s)",
+        report._table(["model", "input", "provider", "rows", "ceiling (items/s)",
+                       "local engine (rows/s)", "of ceiling (each turn)", "Ray engine (rows/s)",
                        "peak RSS MiB (tenth / all)", "RSS growth"], rows),
         ""]
     return out

@@ -1,15 +1,17 @@
 """Batch scoring for the digits model: what `dlserve score digits` reads and writes.
 
 Inputs: a table with a `pixels` column (784 values 0-255 per row, row by row: a list or
-fixed-size list, as pyarrow writes a NumPy array) or an `image` column (PNG/JPEG bytes);
-an MNIST IDX image file (the id is the image's index); or a folder of image files (the id
-is the file's path in the folder). Pixels go through `/digits/predict`'s checks
-(`parse_images`), image bytes through `/digits/predict_image`'s (`prepare_file`), and the
-answer's fields are the HTTP answer's: `digit`, `confidence`, `probabilities`.
+fixed-size list, as pyarrow writes a NumPy array, or 784 bytes) or an `image` column
+(PNG/JPEG bytes); an MNIST IDX image file (the id is the image's index); or a folder of
+image files (the id is the file's path in the folder). Pixel lists go through
+`/digits/predict`'s checks (`parse_images`; uint8 ones, like 784 bytes, need none, as in the
+route's base64 form), image bytes through `/digits/predict_image`'s (`prepare_file`), and
+the answer's fields are the HTTP answer's: `digit`, `confidence`, `probabilities`.
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from dlserve.errors import InputError
 from dlserve.models import digits
@@ -44,6 +47,11 @@ def _is_idx(path: Path) -> bool:
         with gzip.open(path) as g:
             head = g.read(4)
     return head == IDX_MAGIC
+
+
+def _is_bytes(kind: pa.DataType) -> bool:
+    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
+        or pa.types.is_fixed_size_binary(kind)
 
 
 class DigitsPlan(Plan):
@@ -76,10 +84,29 @@ class DigitsPlan(Plan):
                 pa.array(probabilities.reshape(-1), pa.float64()), 10).cast(
                 pa.list_(pa.float64()))}, rejects)
 
+    def _bytes(self, col: pa.Array, present: np.ndarray
+               ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+        """Rows of 784 bytes (raw uint8 pixels) → [N, 28, 28], as /digits/predict's compact
+        form takes them (its base64 strings are these bytes); another length is refused in
+        that form's words."""
+        lengths = pc.binary_length(col).fill_null(0).to_numpy(zero_copy_only=False)
+        sized = present[lengths[present] == PIXELS]
+        bad = []
+        for i in present[lengths[present] != PIXELS]:
+            try:
+                digits.parse_images_base64([base64.b64encode(col[int(i)].as_py()).decode()],
+                                           max_items=1)
+            except InputError as exc:
+                bad.append((int(i), reason(exc, "images_base64", self.column)))
+        raw = b"".join(col.take(pa.array(sized)).to_pylist())
+        return sized.tolist(), bad, np.frombuffer(raw, np.uint8).reshape(len(sized), SIDE, SIDE)
+
     def _pixels(self, col: pa.Array, present: np.ndarray
                 ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
         """Rows of 784 values → [N, 28, 28] through /digits/predict's checks; a row of
         another length is refused with that route's shape message."""
+        if _is_bytes(col.type):
+            return self._bytes(col, present)
         if pa.types.is_fixed_size_list(col.type):
             lengths = np.full(len(col), col.type.list_size)
         else:
