@@ -112,8 +112,7 @@ class TableInput:
     def chunks(self, columns: list[str], chunk_rows: int) -> Iterator[pa.Table]:
         """The chosen columns plus ROW, in chunks of exactly chunk_rows rows (the last may
         be shorter), in file order."""
-        batches = self.dataset.to_batches(columns=columns, batch_size=chunk_rows,
-                                          batch_readahead=READAHEAD, fragment_readahead=1)
+        batches = self._batches(columns, chunk_rows)
         pending: list[pa.RecordBatch] = []
         held, start = 0, 0
         try:
@@ -130,6 +129,20 @@ class TableInput:
         if held:
             yield _numbered(pa.Table.from_batches(pending, schema=self.chunk_schema(columns)),
                             start)
+
+    def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+        """Record batches of at most `rows` rows, in file order. Parquet is read file by
+        file with ParquetFile: the dataset scanner decodes ahead, and peaked at 220-320
+        MiB over the start on 100,000 rows of 784-value lists, against a flat 140."""
+        if self.format != "parquet":
+            yield from self.dataset.to_batches(columns=columns, batch_size=rows,
+                                               batch_readahead=READAHEAD,
+                                               fragment_readahead=1)
+            return
+        for path in self.dataset.files:
+            with pq.ParquetFile(path) as parquet:
+                yield from parquet.iter_batches(batch_size=rows, columns=columns,
+                                                use_threads=False)
 
     def chunk_schema(self, columns: list[str]) -> pa.Schema:
         return pa.schema([self.schema.field(c) for c in columns])
