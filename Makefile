@@ -7,7 +7,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 
 .PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
-	container-tools container-test install lint clean
+	container-tools container-test ray-tools install lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,14 +61,20 @@ browser-tools:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "warning: could not install chromium; the browser tests will be skipped"
 
-test: install bench-tools browser-tools monitoring-tools container-tools
+# Ray Data, for `dlserve score --engine ray` (the `ray` extra) and its test.
+ray-tools: install
+	@$(BIN)/python -c 'import ray.data' 2>/dev/null || \
+	  $(BIN)/python -m pip install --quiet -e '.[ray]' || \
+	  echo "warning: could not install Ray; the Ray engine's test will be skipped"
+
+test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/python -m pytest
 
 bench: install bench-tools perf-analyzer
 	$(BIN)/dlserve bench
 
 lint: install
-	$(BIN)/ruff check dlserve readers training export evaluation service cli bench tests
+	$(BIN)/ruff check dlserve readers training export evaluation service cli bench scoring tests
 
 clean:
 	rm -rf $(VENV) artifacts .tools

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,16 @@ JSON = "application/json"
 
 
 @dataclass(frozen=True)
+class BatchInput:
+    """A file for `dlserve score`, written by the bench, and the job options it needs
+    (scoring.adapters.Job's fields: {"k": 10} is `--k 10`)."""
+
+    path: Path
+    layout: str  # how the report names it: "Parquet, pixels as lists of 784 uint8"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Workload:
     # (runner, data) → make_part, for the in-process ceiling
     parts: Callable[[Any, DataSource], MakePart]
@@ -49,6 +60,11 @@ class Workload:
     # (data, how many) → (path, content type, body) of every route, valid and invalid:
     # the soak's mixed traffic
     mixed: Callable[[DataSource, int], list[Mixed]] | None = None
+    # (data, folder, rows) → batch-scoring inputs of about that many rows (the first is the
+    # one the targets are judged on), for the bench's batch section; their items are those
+    # of `parts`, so the engine compares with the ceiling
+    batch: Callable[[DataSource, Path, int], list[BatchInput]] | None = None
+    batch_rows: int = 10_000  # rows the batch section scores (a tenth of them for the RSS)
 
 
 def cycle(items: list[Any]) -> MakePart:
@@ -176,10 +192,60 @@ def recommender_mixed(source: DataSource, count: int) -> list[Mixed]:
         ("/recommender/recommend", JSON, orjson.dumps({"ratings": [], "k": 0}))]
 
 
+def digits_batch(source: DataSource, folder: Path, rows: int) -> list[BatchInput]:
+    """Parquet files of raw pixels (`id`, `pixels`), MNIST test images repeated: 784 uint8
+    values per row as pyarrow writes a NumPy array (a fixed-size list), and the same pixels
+    as 784 bytes (a binary column: a tenth of the decoding)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = load_mnist(source.folder, "test").images.reshape(-1, 784)
+    pixels = np.resize(images, (rows, 784))
+    layouts = {
+        "lists": ("Parquet, pixels as lists of 784 uint8", pa.FixedSizeListArray.from_arrays(
+            pa.array(pixels.reshape(-1)), 784)),
+        "bytes": ("Parquet, pixels as 784 bytes", pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(784), rows, [None, pa.py_buffer(pixels.tobytes())])),
+    }
+    out = []
+    for name, (layout, column) in layouts.items():
+        path = folder / f"digits-{name}-{rows}.parquet"
+        pq.write_table(pa.table({"id": np.arange(rows), "pixels": column}), path,
+                       row_group_size=10_000)
+        out.append(BatchInput(path, layout))
+    return out
+
+
+def sentiment_batch(source: DataSource, folder: Path, rows: int) -> list[BatchInput]:
+    """A CSV of SST-2 dev sentences (`id`, `text`), repeated."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    texts = load_sst2(source.folder, "dev").texts
+    path = folder / f"sentiment-{rows}.csv"
+    pacsv.write_csv(pa.table({"id": np.arange(rows),
+                              "text": [texts[i % len(texts)] for i in range(rows)]}), path)
+    return [BatchInput(path, "CSV, id and text")]
+
+
+def recommender_batch(source: DataSource, folder: Path, rows: int) -> list[BatchInput]:
+    """u1.base's ratings of its first users, `rows` users, in u.data's layout (TSV, no
+    header), scored per user (top 10)."""
+    train = load_movielens(source.folder).train
+    users = np.unique(train.users)
+    mine = np.isin(train.users, np.resize(users, min(rows, len(users))))
+    path = folder / f"recommender-{rows}.data"
+    path.write_text("".join(f"{u}\t{m}\t{r}\t0\n" for u, m, r in zip(
+        train.users[mine], train.movies[mine], train.levels[mine], strict=True)))
+    return [BatchInput(path, "u.data layout (TSV, no header), top 10 per user", {"k": 10})]
+
+
 DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"),
-                  mixed=digits_mixed, lean_target=(0.6, 1.5))
+                  mixed=digits_mixed, lean_target=(0.6, 1.5), batch=digits_batch,
+                  batch_rows=100_000)
 SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
                      sentiment_requests, extra=sentiment_bucketing, overload=True,
-                     mixed=sentiment_mixed)
+                     mixed=sentiment_mixed, batch=sentiment_batch, batch_rows=5_000)
 RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
-                       p50_target_ms=10.0, mixed=recommender_mixed)
+                       p50_target_ms=10.0, mixed=recommender_mixed, batch=recommender_batch,
+                       batch_rows=943)

@@ -1,4 +1,4 @@
-"""`dlserve`: train, export, eval, serve and bench the models (see README for each command).
+"""`dlserve`: train, export, eval, serve, bench and batch-score the models (see README).
 
 Every command works on any model in the registry (`dlserve.registry`), by name. Heavy
 imports (torch, bentoml, the data readers) happen inside the command that needs them, so
@@ -108,6 +108,42 @@ def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
+    from scoring import job as scoring
+    from scoring.adapters import Job
+    from scoring.errors import ScoringError
+    from scoring.local import TooManyRejects
+
+    job = Job(model=args.model, input=args.input, output=args.output, model_tag=args.model_tag,
+              engine=args.engine, input_format=args.input_format,
+              output_format=args.output_format, id_column=args.id_column,
+              columns=dict(args.column or []), k=args.k, ratings=args.ratings,
+              ratings_format=args.ratings_format, batch_size=args.batch_size,
+              chunk_rows=args.chunk_rows,
+              max_rejects=args.max_rejects, overwrite=args.overwrite, quiet=args.quiet,
+              ray_address=args.ray_address, ray_actors=args.ray_actors)
+    try:
+        counts = scoring.run(job, settings)
+    except TooManyRejects as exc:
+        print(f"dlserve: {exc}", file=sys.stderr)
+        return 1
+    except ScoringError as exc:
+        print(f"dlserve: error: {exc}", file=sys.stderr)
+        return 2
+    if counts is None:
+        print(scoring.exists_message(job), file=sys.stderr)
+    elif not args.quiet:
+        print(scoring.summary(counts, job))
+    return 0
+
+
+def _column(raw: str) -> tuple[str, str]:
+    role, sep, name = raw.partition("=")
+    if not sep or not role or not name:
+        raise argparse.ArgumentTypeError(f"expected ROLE=NAME (e.g. text=review), got {raw!r}")
+    return role.strip(), name.strip()
+
+
 def _names(raw: str) -> list[str]:
     return [n.strip() for n in raw.split(",") if n.strip()]
 
@@ -162,6 +198,48 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
                    help="also run the soak section: MINUTES of mixed traffic on every route, "
                         "memory, descriptors, p99 and errors sampled every minute")
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("score", help="batch-score a file (Parquet, CSV, JSON Lines) with a model "
+                       "from the store; resumable; see README, \"Batch scoring\"")
+    c.add_argument("model", choices=models)
+    c.add_argument("input", type=Path, help="file or folder to score")
+    c.add_argument("output", type=Path,
+                   help="file to write (.parquet, .csv or .jsonl; Parquet if the name says "
+                        "nothing); rejected rows go beside it, to NAME.rejects.EXT")
+    c.add_argument("--model-tag", help="the model version to use (default: the latest; a "
+                   "resumed job keeps the version it started with)")
+    c.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local: this process (default); ray: Ray Data, locally or on a cluster")
+    c.add_argument("--input-format", help="parquet, csv, tsv or jsonl (default: from the "
+                   "file name)")
+    c.add_argument("--output-format", help="parquet, csv, tsv or jsonl (default: from the "
+                   "file name, else parquet)")
+    c.add_argument("--id-column", help="the input's id column, copied to each output row "
+                   "(default: id; the recommender: user_id)")
+    c.add_argument("--column", type=_column, action="append", metavar="ROLE=NAME",
+                   help="the input column for a role when it is named otherwise: pixels, "
+                        "image, text, user_id, movie_id, rating (repeatable)")
+    c.add_argument("--k", type=int, default=10,
+                   help="recommender: recommendations per user (default: 10)")
+    c.add_argument("--ratings", type=Path, help="recommender: the users' ratings table, "
+                   "to predict the INPUT's user_id, movie_id pairs from")
+    c.add_argument("--ratings-format", help="the format of --ratings (default: from its name)")
+    c.add_argument("--batch-size", type=int, default=256,
+                   help="items per model run (default: 256)")
+    c.add_argument("--chunk-rows", type=int, default=10_000,
+                   help="rows per checkpointed chunk: a killed job re-scores at most one "
+                        "(default: 10,000; for the recommender's top-k, users)")
+    c.add_argument("--max-rejects", type=int,
+                   help="stop with exit status 1 once more rows than this are rejected "
+                        "(default: no limit)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output (and discard another job's partial work)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
+    c.add_argument("--ray-address", help="--engine ray: an existing cluster (default: start "
+                   "a local Ray)")
+    c.add_argument("--ray-actors", type=int, help="--engine ray: model actors (default: one "
+                   "per CPU, or per GPU on CUDA)")
+    c.set_defaults(func=cmd_score)
     return p
 
 

@@ -3,10 +3,11 @@
 A model module (dlserve/models/digits.py, ...) defines `MODEL = ModelSpec(...)`: the
 model's name, its runner (arrays in, arrays out), its HTTP routes with the request and
 response types they really parse and return, its Open Inference Protocol tensors, where
-its data set is, and what trains, exports, evaluates and benchmarks it. The CLI, the
-service and the bench read `available()`; none of them names a model. Adding a model is
-one more module listed in BUILTIN (or named in DLSERVE_MODEL_MODULES, for one that lives
-elsewhere), plus its training and export code: README, "Adding a model".
+its data set is, and what trains, exports, evaluates, benchmarks and batch-scores it. The
+CLI, the service, the bench and batch scoring read `available()`; none of them names a
+model. Adding a model is one more module listed in BUILTIN (or named in
+DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its training and export code:
+README, "Adding a model".
 
 This module is part of the torch-free core that the serving image carries. Code the core
 must not import (training and export need PyTorch; evaluation, data readers and the bench
@@ -148,6 +149,9 @@ class ModelSpec:
     # Its Open Inference Protocol interface (/v2/models/<name>/infer); None: not offered.
     tensors: Tensors | None = None
     lookups: tuple[Lookup, ...] = ()  # GET routes beside the predict routes
+    # scoring.adapters.Scorer: the columns `dlserve score` reads and writes for this model
+    # (None: the model has no batch scoring, and `dlserve score` says so)
+    scoring: Ref[Any] | None = None
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

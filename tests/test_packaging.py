@@ -19,7 +19,8 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
 
-NOT_SERVING = ("torch", "training", "export", "readers", "evaluation", "bench", "cli", "tests")
+NOT_SERVING = ("torch", "training", "export", "readers", "evaluation", "bench", "cli", "tests",
+               "scoring", "pyarrow", "ray")
 
 
 def bento_files() -> list[Path]:

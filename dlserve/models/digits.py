@@ -168,12 +168,19 @@ def prepare_file(runner: DigitsRunner, body: bytes, settings: Settings) -> Prepa
     return Prepared(to_mnist(decode_image(body, max_pixels=settings.max_image_pixels))[None], 1)
 
 
-def predictions(probs: np.ndarray) -> list[DigitPrediction]:
-    """[N, 10] probabilities → one prediction each, probabilities rounded to 6 decimals."""
+def prediction_arrays(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[N, 10] probabilities → each prediction's digit, confidence and probabilities
+    (rounded to 6 decimals), as arrays: the HTTP answer's fields and batch scoring's columns."""
     digits = probs.argmax(axis=1)
     rounded = np.round(probs.astype(np.float64), 6)
-    return [DigitPrediction(digit=int(d), confidence=float(row[d]), probabilities=row.tolist())
-            for d, row in zip(digits, rounded, strict=True)]
+    return digits, rounded[np.arange(len(digits)), digits], rounded
+
+
+def predictions(probs: np.ndarray) -> list[DigitPrediction]:
+    """[N, 10] probabilities → one prediction each."""
+    digits, confidence, rounded = prediction_arrays(probs)
+    return [DigitPrediction(digit=int(d), confidence=float(c), probabilities=row.tolist())
+            for d, c, row in zip(digits, confidence, rounded, strict=True)]
 
 
 def respond(runner: DigitsRunner, prepared: Prepared, probs: np.ndarray) -> DigitsResponse:
@@ -227,4 +234,5 @@ MODEL = ModelSpec(
     export=Ref("export.digits:export"),
     evaluate=Ref("evaluation.digits:evaluate"),
     workload=Ref("bench.workloads:DIGITS"),
+    scoring=Ref("scoring.digits:SCORER"),
 )

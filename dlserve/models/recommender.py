@@ -293,4 +293,5 @@ MODEL = ModelSpec(
                "Search the catalogue by title: the movie ids the other routes take",
                MovieSearch, MoviesResponse, find_movies),
     ),
+    scoring=Ref("scoring.recommender:SCORER"),
 )

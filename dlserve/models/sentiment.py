@@ -110,4 +110,5 @@ MODEL = ModelSpec(
     export=Ref("export.sentiment:export"),
     evaluate=Ref("evaluation.sentiment:evaluate"),
     workload=Ref("bench.workloads:SENTIMENT"),
+    scoring=Ref("scoring.sentiment:SCORER"),
 )
