@@ -191,7 +191,7 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         + ". Peak RSS is the high-water mark of a whole `dlserve score` process, for a tenth "
         "of the rows and for all of them.",
         "",
-        report._table(["model", "input", "provider", "rows", "ceiling (items/s)",
+        report.table(["model", "input", "provider", "rows", "ceiling (items/s)",
                        "local engine (rows/s)", "of ceiling (each turn)", "Ray engine (rows/s)",
                        "peak RSS MiB (tenth / all)", "RSS growth"], rows),
         ""]

@@ -61,6 +61,8 @@ class Tensors:
     prepare: Callable[[Any, dict[str, np.ndarray], dict[str, Any], Settings], Prepared]
     answer: Callable[[Any, Prepared, Any], dict[str, np.ndarray]]
     parameters: dict[str, str] = field(default_factory=dict)  # request parameters it reads
+    # A JSON infer request that works when pasted: /docs.json shows it for this model.
+    example: dict[str, Any] = field(default_factory=dict)
 
     def metadata(self, name: str, version: str, platform: str) -> dict[str, Any]:
         return {"name": name, "versions": [version], "platform": platform,

@@ -77,6 +77,9 @@ class Operation:
     request: type[BaseModel] | None = None
     errors: tuple[int, ...] = (401, 429, 504)
     path_params: dict[str, str] = field(default_factory=dict)  # name → description
+    # For a route of every model (`{name}` in its path): each served model's request
+    # example, shown by name in the docs page's example list; None where it has none.
+    example: Callable[[ModelSpec], dict[str, Any] | None] | None = None
 
 
 def document(base: dict[str, Any], *, served: dict[str, ModelSpec],
@@ -101,7 +104,7 @@ def document(base: dict[str, Any], *, served: dict[str, ModelSpec],
             post.update(tags=[name], summary=route.summary,
                         responses={"200": post["responses"]["200"], **errors(PREDICT_ERRORS)})
     for op in operations:
-        paths.setdefault(op.path, {})[op.method.lower()] = operation(op, schemas)
+        paths.setdefault(op.path, {})[op.method.lower()] = operation(op, schemas, served)
     for path, description in HEALTH.items():
         if path in paths:
             paths[path]["get"].update(tags=[HEALTH_TAG], description=description)
@@ -183,7 +186,8 @@ def schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
+def operation(op: Operation, schemas: dict[str, Any],
+              served: dict[str, ModelSpec]) -> dict[str, Any]:
     described: dict[str, Any] = {
         "tags": [op.tag], "summary": op.summary,
         "operationId": f"dlserve__{op.method.lower()}_{op.path.strip('/').replace('/', '_')}",
@@ -193,14 +197,19 @@ def operation(op: Operation, schemas: dict[str, Any]) -> dict[str, Any]:
     }
     described["parameters"] = [
         {"name": name, "in": "path", "required": True, "description": about,
-         "schema": {"type": "string"}} for name, about in op.path_params.items()]
+         "schema": {"type": "string", **({"enum": list(served)} if name == "name" else {})}}
+        for name, about in op.path_params.items()]
     if op.query is not None:
         described["parameters"] += parameters(op.query)
     if not described["parameters"]:
         del described["parameters"]
     if op.request is not None:
-        described["requestBody"] = {"required": True, "content": {
-            "application/json": {"schema": schema(op.request, schemas)}}}
+        media: dict[str, Any] = {"schema": schema(op.request, schemas)}
+        examples = {name: {"summary": name, "value": value} for name, spec in served.items()
+                    if op.example and (value := op.example(spec)) is not None}
+        if examples:
+            media["examples"] = examples
+        described["requestBody"] = {"required": True, "content": {"application/json": media}}
     return described
 
 

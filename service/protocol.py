@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from dlserve import __version__, protocol
 from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
-from dlserve.registry import Prepared
+from dlserve.registry import ModelSpec, Prepared
 from service import predict
 from service.openapi import PREDICT_ERRORS, Operation
 
@@ -244,6 +244,10 @@ NAME = {"name": "a served model's name (GET /models)"}
 VERSION = {**NAME, "version": "the model store's version (the tag after the colon)"}
 
 
+def _example(spec: ModelSpec) -> dict[str, Any] | None:
+    return spec.tensors.example if spec.tensors and spec.tensors.example else None
+
+
 def operations() -> list[Operation]:
     """Every route of the protocol, for the app to mount and /docs.json to describe."""
     ops = [Operation("GET", "/v2", "Server metadata: name, version, extensions", TAG,
@@ -266,5 +270,5 @@ def operations() -> list[Operation]:
             Operation("POST", base + "/infer", "Tensors in, tensors out: JSON, or Triton's "
                       "binary tensor extension (Inference-Header-Content-Length)", TAG,
                       InferResponse, infer_endpoint, request=protocol.InferRequest,
-                      errors=(*PREDICT_ERRORS, 404), path_params=params)]
+                      errors=(*PREDICT_ERRORS, 404), path_params=params, example=_example)]
     return ops

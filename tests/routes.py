@@ -1,7 +1,9 @@
 """One valid and one bad request for every predict route a running server publishes, read
-from its /docs.json: a JSON route's example (each request type declares one), and for a
-file route a PNG of a digit. The bad request is an empty JSON object (a required field is
-missing) or bytes that are not an image: both a 400 naming the problem."""
+from its /docs.json: a JSON route's example (each request type declares one; a route of
+every model, `/v2/models/{name}/infer`, one per model, which gives its `{name}` and, from
+the model's tag, its `{version}`), and for a file route a PNG of a digit. The bad request
+is an empty JSON object (a required field is missing) or bytes that are not an image:
+both a 400 naming the problem."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ JSON = "application/json"
 @dataclass(frozen=True)
 class RouteCase:
     path: str
+    model: str
     content_type: str
     valid: bytes
     bad: bytes
@@ -39,6 +42,18 @@ def _schema(docs: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     return docs["components"]["schemas"][ref.rsplit("/", 1)[1]] if ref else schema
 
 
+def request_examples(docs: dict[str, Any], path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Each path `path` stands for (a template gives one per model), with its example."""
+    if "{name}" not in path:
+        schema = _schema(docs, body["schema"])
+        assert "example" in schema, f"{path}: its request type declares no example"
+        return {path: schema["example"]}
+    tags = docs["info"]["x-dlserve-models"]
+    assert body.get("examples", {}).keys() == tags.keys(), f"{path}: not one example per model"
+    return {path.format(name=name, version=tags[name].split(":")[1]): example["value"]
+            for name, example in body["examples"].items()}
+
+
 def route_cases(docs: dict[str, Any]) -> list[RouteCase]:
     """A case for every POST route of the OpenAPI document `docs`."""
     cases = []
@@ -47,13 +62,14 @@ def route_cases(docs: dict[str, Any]) -> list[RouteCase]:
             continue
         content = operations["post"]["requestBody"]["content"]
         content_type, body = next(iter(content.items()))
-        schema = _schema(docs, body["schema"])
         if content_type == JSON:
-            assert "example" in schema, f"{path}: its request type declares no example"
-            cases.append(RouteCase(path, JSON, orjson.dumps(schema["example"]), b"{}"))
+            for real, example in request_examples(docs, path, body).items():
+                model = real.split("/")[3 if real.startswith("/v2/") else 1]
+                cases.append(RouteCase(real, model, JSON, orjson.dumps(example), b"{}"))
         else:
             assert content_type.startswith("image/"), f"{path}: no request for {content_type}"
-            cases.append(RouteCase(path, "image/png", digit_png(), b"not an image"))
+            cases.append(RouteCase(path, path.split("/")[1], "image/png", digit_png(),
+                                   b"not an image"))
     return cases
 
 

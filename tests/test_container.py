@@ -163,14 +163,18 @@ def test_the_image_runs_as_a_non_root_user_with_a_health_check(
 def test_every_route_answers_a_valid_and_a_bad_request(container: tuple[str, str]) -> None:
     _, url = container
     with httpx.Client(base_url=url, timeout=30) as client:
-        cases = route_cases(client.get("/docs.json").json())
+        docs = client.get("/docs.json").json()
+        cases, tags = route_cases(docs), docs["info"]["x-dlserve-models"]
         served = registry.serving(get_settings())
-        assert {c.path for c in cases} == {r.path for spec in served.values()
-                                           for r in spec.routes}
+        protocol = {f"/v2/models/{name}{version}/infer" for name in served
+                    for version in ("", f"/versions/{tags[name].split(':')[1]}")}
+        assert {c.path for c in cases} == protocol | {r.path for spec in served.values()
+                                                      for r in spec.routes}
         for case in cases:
             ok = post(client, case, case.valid)
             assert ok.status_code == 200, f"{case.path}: {ok.text[:500]}"
-            assert ok.json()["model"].split(":")[0] == case.path.split("/")[1]
+            answer = ok.json()
+            assert answer.get("model", answer.get("model_name")).split(":")[0] == case.model
             bad = post(client, case, case.bad)
             assert bad.status_code == 400, f"{case.path}: {bad.text[:500]}"
             assert bad.json()["error"], case.path

@@ -37,6 +37,7 @@ from dlserve.models.digits import example_pixels
 from dlserve.settings import load_settings
 from tests.conftest import ROOT, start_server
 from tests.images import encode
+from tests.routes import request_examples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, and nothing of its own on the network: no updates, sync or QUIC probing.
@@ -87,12 +88,14 @@ def test_every_request_example_works_when_pasted(client: httpx.Client) -> None:
     for path, item in doc["paths"].items():
         media = item.get("post", {}).get("requestBody", {}).get("content", {})
         if "application/json" in media:
-            example = media["application/json"]["schema"].get("example")
-            assert example is not None, f"{path} has no request example"
-            r = client.post(path, json=example)
-            assert r.status_code == 200, (path, r.text)
-            answered[path] = r.json()
-    assert len(answered) == 4
+            for real, example in request_examples(doc, path, media["application/json"]).items():
+                r = client.post(real, json=example)
+                assert r.status_code == 200, (real, r.text)
+                answered[real] = r.json()
+    # 4 JSON routes; the protocol's infer, with and without the version, for each model.
+    assert len(answered) == 4 + 2 * 3
+    seven = answered["/v2/models/digits/infer"]["outputs"]
+    assert [o["data"] for o in seven if o["name"] == "digit"] == [[7]]
     assert answered["/digits/predict"]["predictions"][0]["digit"] == 7  # the example is a 7
     assert [p["label"] for p in answered["/sentiment/predict"]["predictions"]] == [
         "positive", "negative"]

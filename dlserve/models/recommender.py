@@ -282,7 +282,11 @@ MODEL = ModelSpec(
                  TensorDecl("recommended_ratings", ("FP32",), (-1,)),
                  TensorDecl("predicted_ratings", ("FP32",), (-1,))),
         prepare=prepare_tensors, answer=tensor_outputs,
-        parameters={"k": "how many movies to recommend (default 10)"}),
+        parameters={"k": "how many movies to recommend (default 10)"},
+        example={"inputs": [
+            {"name": "rated_movie_ids", "datatype": "INT64", "shape": [3], "data": [50, 172, 1]},
+            {"name": "ratings", "datatype": "FP32", "shape": [3], "data": [5, 4.5, 4]}],
+            "parameters": {"k": 5}}),
     data=movielens,
     train=Ref("training.recommender:train"),
     export=Ref("export.recommender:export"),

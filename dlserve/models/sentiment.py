@@ -104,7 +104,9 @@ MODEL = ModelSpec(
         inputs=(TensorDecl("text", ("BYTES",), (-1,)),),
         outputs=(TensorDecl("positive_probability", ("FP32",), (-1,)),
                  TensorDecl("label", ("BYTES",), (-1,))),
-        prepare=prepare_tensors, answer=tensor_outputs),
+        prepare=prepare_tensors, answer=tensor_outputs,
+        example={"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": [
+            "A fast, funny, highly enjoyable movie.", "Dull and far too long."]}]}),
     data=sst2,
     train=Ref("training.sentiment:train"),
     export=Ref("export.sentiment:export"),
