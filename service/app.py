@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from dlserve import registry
+from dlserve import registry, store
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
@@ -107,9 +107,11 @@ def bentoml_api(model: str, route: Route) -> bentoml.api:
 
 def declare_models(cls: type) -> type:
     """Declare each configured model the way BentoML expects: its routes, and a BentoModel
-    class attribute so that `bentoml build` packages the model into the Bento."""
+    class attribute so that `bentoml build` packages the model into the Bento: the latest
+    version of DLSERVE_PRECISION (BentoML's own `latest` ignores precision)."""
     for name, spec in SERVED.items():
-        setattr(cls, f"{name}_model", bentoml.models.BentoModel(f"{name}:latest"))
+        tag = store.latest(name, settings.precision) or f"{name}:latest"
+        setattr(cls, f"{name}_model", bentoml.models.BentoModel(tag))
         for route in spec.routes:
             setattr(cls, route.name, bentoml_api(name, route))
     return cls
@@ -158,9 +160,9 @@ class DLServe:
                 self.runners[name] = runner
                 self.metrics.model_info.labels(
                     model=name, version=runner.stored.version,
-                    sha256=runner.manifest.onnx_sha256, provider=runner.provider).set(1)
+                    sha256=runner.manifest.onnx_sha256, provider=runner.provider,
+                    precision=runner.manifest.precision).set(1)
                 self.metrics.model_ready.labels(model=name).set(1)
-                log.info("%s: loaded %s on %s", name, runner.tag, runner.provider)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("could not load the models: this worker stays not ready and "
@@ -236,7 +238,7 @@ class DLServe:
 
 
 # Refuse a server whose models do not match their manifests before any worker starts.
-verify_models(SERVED)
+verify_models(SERVED, settings)
 verify_metrics_dir()
 drop_bentoml_timeout()
 connections.install()
