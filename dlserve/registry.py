@@ -50,6 +50,27 @@ class Ref(Generic[T]):
 
 
 @dataclass(frozen=True)
+class Precision:
+    """How `dlserve export MODEL --precision int8|fp16` builds and judges the model's
+    variants: the evaluation metric a variant is compared on against its FP32 version, the
+    most it may lose (in the metric's own units), and how INT8 is made."""
+
+    metric: str  # a key of the model's `evaluate` result, e.g. "accuracy" or "rmse"
+    max_loss: float  # accuracy 0.003 is 0.3 points; RMSE 0.01 is 0.01
+    higher_is_better: bool = True
+    # "dynamic": weights INT8, activations quantised at run time (no data needed);
+    # "static": activations too, with ranges calibrated on `calibration`'s inputs.
+    int8: str = "dynamic"
+    # (Manifest, DataSource, how many) -> model input feeds made from training data, for
+    # "static"
+    calibration: Ref[Callable[..., list[dict[str, Any]]]] | None = None
+
+    def loss(self, reference: float, variant: float) -> float:
+        """How much worse `variant` is than `reference` (negative: better)."""
+        return reference - variant if self.higher_is_better else variant - reference
+
+
+@dataclass(frozen=True)
 class DataSource:
     """Where a model's data set is read from, and the URL that fills in missing files
     (None: nothing is downloaded, the user provides the folder)."""
@@ -152,6 +173,8 @@ class ModelSpec:
     # scoring.adapters.Scorer: the columns `dlserve score` reads and writes for this model
     # (None: the model has no batch scoring, and `dlserve score` says so)
     scoring: Ref[Any] | None = None
+    # Its FP16 and INT8 variants (None: `dlserve export --precision` refuses them)
+    precision: Precision | None = None
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

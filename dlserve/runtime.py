@@ -38,7 +38,7 @@ PREFERENCE = (TENSORRT, CUDA, CPU)
 SHORT_NAMES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 ORT_WARNING, ORT_FATAL = 2, 4
 # The token count TensorRT tunes the LSTM's engine for (its profile's "opt"): SST-2 dev
-# sentences have 19 tokens on average and 95 % have at most 34.
+# sentences have 19.6 tokens on average, 95 % at most 35 and the longest 49.
 TYPICAL_LENGTH = 32
 
 
