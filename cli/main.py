@@ -39,16 +39,18 @@ def train_model(name: str, settings: Settings, *, epochs: int | None = None, see
 
 
 def export_model(name: str, settings: Settings, *, precision: str = "fp32",
-                 allow_accuracy_loss: bool = False) -> str:
+                 allow_accuracy_loss: bool = False, int8_method: str | None = None) -> str:
     """Export the trained model (fp32), or make a variant of its newest fp32 version."""
     spec = spec_of(name, settings)
+    if int8_method is not None and precision != "int8":
+        raise ValueError(f"--int8-method {int8_method}: goes with --precision int8")
     if precision == "fp32":
         stored = spec.export.load()(settings.artifacts_dir, precision=precision)
     else:
         from export.precision import export_variant
 
         stored = export_variant(spec, settings, precision,
-                                allow_accuracy_loss=allow_accuracy_loss)
+                                allow_accuracy_loss=allow_accuracy_loss, int8_method=int8_method)
     log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
              stored.path)
     return str(stored.tag)
@@ -63,7 +65,8 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     print(export_model(args.model, settings, precision=args.precision,
-                       allow_accuracy_loss=args.allow_accuracy_loss))
+                       allow_accuracy_loss=args.allow_accuracy_loss,
+                       int8_method=args.int8_method))
     return 0
 
 
@@ -180,6 +183,9 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     e.add_argument("--allow-accuracy-loss", "--force", action="store_true",
                    help="store a variant even when it loses more accuracy than the model's "
                         "tolerance")
+    e.add_argument("--int8-method", choices=("dynamic", "static"),
+                   help="with --precision int8: dynamic or static (calibrated) quantisation "
+                        "(default: the model's own choice, see README)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")

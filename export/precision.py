@@ -137,12 +137,19 @@ def compare(plan: Precision, reference: dict[str, Any], variant: dict[str, Any]
 
 
 def export_variant(spec: ModelSpec, settings: Settings, precision: str, *,
-                   allow_accuracy_loss: bool = False) -> StoredModel:
-    """Build, check, evaluate and publish the `precision` variant of model `spec`."""
+                   allow_accuracy_loss: bool = False, int8_method: str | None = None
+                   ) -> StoredModel:
+    """Build, check, evaluate and publish the `precision` variant of model `spec`;
+    `int8_method` overrides the registry entry's INT8 method (to compare the two)."""
     plan = spec.precision
     if plan is None:
         raise ValueError(f"--precision {precision}: model {spec.name} declares no precision "
                          "variants (its registry entry has no `precision`)")
+    if int8_method is not None:
+        if int8_method == "static" and plan.calibration is None:
+            raise ValueError(f"--int8-method static: model {spec.name} declares no "
+                             "calibration inputs")
+        plan = replace(plan, int8=int8_method)
     parent = store.load(spec.name, "fp32")
     calibration = None
     if precision == "int8" and plan.int8 == "static" and plan.calibration is not None:
