@@ -54,14 +54,20 @@ class _Feeds(CalibrationDataReader):  # type: ignore[misc]
         return next(self._feeds, None)
 
 
-def _without_value_info(src: Path, dest: Path) -> Path:
-    """A copy of `src` without its intermediate shape annotations. The dynamo exporter
-    annotates the weights too, and the quantiser, which rewrites Gemm weights, then fails
-    ONNX shape inference ("Inferred shape and existing shape differ: (120) vs (84)");
-    it infers them again itself."""
+def _prepare(src: Path, dest: Path) -> Path:
+    """`src` made ready for the quantiser (ONNX Runtime's `quant_pre_process`: constant
+    folding and shape inference). The dynamo exporter feeds the LSTM weights it computes
+    at run time (Unsqueeze of the initialisers); unfolded, the quantiser leaves the LSTM in
+    FP32 and quantises only the classifier. Its shape annotations go first: they cover the
+    weights too, and the Gemm weights the quantiser rewrites then fail ONNX shape inference
+    ("Inferred shape and existing shape differ: (120) vs (84)")."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     model = onnx.load(str(src))
     del model.graph.value_info[:]
-    onnx.save(model, str(dest))
+    bare = dest.with_suffix(".bare.onnx")
+    onnx.save(model, str(bare))
+    quant_pre_process(str(bare), str(dest), skip_symbolic_shape=True)
     return dest
 
 
@@ -72,7 +78,7 @@ def quantize_int8(src: Path, dest: Path, method: str,
     for the RBM's MatMul has the wrong shape (onnx.checker: "Incompatible dimensions")."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-    src = _without_value_info(src, dest.with_suffix(".fp32.onnx"))
+    src = _prepare(src, dest.with_suffix(".fp32.onnx"))
     if method == "dynamic":
         quantize_dynamic(src, dest, weight_type=QuantType.QInt8)
     elif method == "static":
