@@ -41,6 +41,9 @@ from service.lifecycle import install_drain, verify_metrics_dir, verify_models
 from service.metrics import get_metrics
 
 log = logging.getLogger("dlserve.service")
+# BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
+# and provider at start-up, the drain) would otherwise be dropped at WARNING.
+logging.getLogger("dlserve").setLevel(logging.INFO)
 GC_GEN0_THRESHOLD = 20_000
 settings = get_settings()
 SERVED = registry.serving(settings)

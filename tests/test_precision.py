@@ -106,7 +106,8 @@ def test_the_service_serves_int8_when_told_and_fp32_by_default(
             "recommender": recommender_model}
     for precision, expected in (("int8", int8), ("fp32", fp32)):
         extra = {"DLSERVE_PRECISION": precision} if precision != "fp32" else {}
-        with start_server(tmp_path / precision, DLSERVE_WORKERS="1", **env, **extra) as running:
+        (log_dir := tmp_path / precision).mkdir()
+        with start_server(log_dir, DLSERVE_WORKERS="1", **env, **extra) as running:
             models = {m["name"]: m for m in httpx.get(running.url + "/models").json()["models"]}
             metrics = httpx.get(running.url + "/metrics").text
             for name, (path, body) in REQUESTS.items():
