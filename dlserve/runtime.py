@@ -40,6 +40,7 @@ ORT_WARNING, ORT_FATAL = 2, 4
 # The token count TensorRT tunes the LSTM's engine for (its profile's "opt"): SST-2 dev
 # sentences have 19.6 tokens on average, 95 % at most 35 and the longest 49.
 TYPICAL_LENGTH = 32
+Profile = dict[str, dict[str, tuple[int, ...]]]  # "min"/"opt"/"max" → input name → shape
 
 
 @dataclass
@@ -80,6 +81,7 @@ class SessionConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # by provider
     threads: int = 1  # intra-op threads of the CPU provider
     require_gpu: bool = False
+    profile: Profile = field(default_factory=dict)  # TensorRT's shapes, warmed up at load
 
 
 def cpu_threads(explicit: int | None, workers: int, cores: int) -> int:
@@ -89,15 +91,14 @@ def cpu_threads(explicit: int | None, workers: int, cores: int) -> int:
     return explicit if explicit is not None else max(1, cores // workers)
 
 
-def profile_shapes(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
-                   opt_batch: int, max_batch: int) -> dict[str, str]:
-    """TensorRT optimisation profile (min/opt/max) for every dynamic axis, keyed by input
-    name in the provider's syntax ("token_ids:1x1,..."). The first axis is the batch
-    (1 → `max_batch`, tuned for `opt_batch`); any other dynamic axis X is bounded by the
-    manifest's `preprocessing["max_X"]` (the LSTM's `max_tokens`), tuned for TYPICAL_LENGTH.
-    With these, TensorRT builds one engine for every shape the service can send, instead of
-    a new engine whenever a batch is larger than any seen before."""
-    shapes: dict[str, list[str]] = {"min": [], "opt": [], "max": []}
+def profile(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
+            opt_batch: int, max_batch: int) -> Profile:
+    """TensorRT's optimisation profile: each input's min, opt and max shape. The first
+    axis is the batch (1 → `max_batch`, tuned for `opt_batch`); any other dynamic axis X
+    is bounded by the manifest's `preprocessing["max_X"]` (the LSTM's `max_tokens`), tuned
+    for TYPICAL_LENGTH. With it, TensorRT builds one engine for every shape the service
+    can send, instead of a new engine whenever a batch is larger than any seen before."""
+    shapes: Profile = {"min": {}, "opt": {}, "max": {}}
     for spec in inputs:
         dims: dict[str, list[int]] = {"min": [], "opt": [], "max": []}
         for index, dim in enumerate(spec.shape):
@@ -114,8 +115,23 @@ def profile_shapes(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
             for key, value in (("min", low), ("opt", opt), ("max", high)):
                 dims[key].append(value)
         for key, values in dims.items():
-            shapes[key].append(f"{spec.name}:{'x'.join(map(str, values))}")
-    return {f"trt_profile_{key}_shapes": ",".join(parts) for key, parts in shapes.items()}
+            shapes[key][spec.name] = tuple(values)
+    return shapes
+
+
+def profile_shapes(shapes: Profile) -> dict[str, str]:
+    """The profile in the TensorRT provider's option syntax ("token_ids:1x1,...")."""
+    return {f"trt_profile_{key}_shapes": ",".join(
+                f"{name}:{'x'.join(map(str, shape))}" for name, shape in by_input.items())
+            for key, by_input in shapes.items()}
+
+
+def warm_up_profile(session: Session, shapes: Profile, dtypes: dict[str, str]) -> None:
+    """Run the session once at each of the profile's shapes (zeros), so that TensorRT has
+    built (or loaded from its cache) what those shapes need before the first request."""
+    for by_input in shapes.values():
+        session.run({name: np.zeros(shape, dtype=dtypes[name])
+                     for name, shape in by_input.items()})
 
 
 def tensorrt_options(settings: Settings, cache_dir: Path, profiles: dict[str, str]
@@ -152,11 +168,12 @@ def session_config(settings: Settings, inputs: list[TensorSpec], preprocessing: 
     """Everything `create_session` needs for one model, from the settings and its manifest."""
     max_batch = max(settings.max_batch_size, settings.max_items)
     cache_dir = settings.trt_cache_dir or default_cache_dir
-    profiles = profile_shapes(inputs, preprocessing, opt_batch=settings.max_batch_size,
-                              max_batch=max_batch)
+    shapes = profile(inputs, preprocessing, opt_batch=settings.max_batch_size,
+                     max_batch=max_batch)
     return SessionConfig(
         providers=tuple(resolve_providers(settings.providers)),
-        options={TENSORRT: tensorrt_options(settings, cache_dir, profiles),
+        profile=shapes,
+        options={TENSORRT: tensorrt_options(settings, cache_dir, profile_shapes(shapes)),
                  CUDA: cuda_options(settings)},
         threads=cpu_threads(settings.ort_threads, settings.workers,
                             len(os.sched_getaffinity(0))),

@@ -26,10 +26,12 @@ from dlserve.runtime import (
     cpu_threads,
     create_session,
     cuda_options,
+    profile,
     profile_shapes,
     resolve_providers,
     session_config,
     tensorrt_options,
+    warm_up_profile,
 )
 from dlserve.settings import SettingsError, load_settings
 
@@ -138,26 +140,47 @@ RBM_INPUTS = [TensorSpec("ratings", "float32", ["users", 1682, 5])]
 
 
 def test_tensorrt_profiles_cover_the_batch_and_token_limits() -> None:
-    assert profile_shapes(LSTM_INPUTS, {"max_tokens": 256}, opt_batch=64, max_batch=256) == {
+    lstm = profile(LSTM_INPUTS, {"max_tokens": 256}, opt_batch=64, max_batch=256)
+    assert lstm == {"min": {"token_ids": (1, 1)}, "opt": {"token_ids": (64, 32)},
+                    "max": {"token_ids": (256, 256)}}
+    assert profile_shapes(lstm) == {
         "trt_profile_min_shapes": "token_ids:1x1",
         "trt_profile_opt_shapes": "token_ids:64x32",
         "trt_profile_max_shapes": "token_ids:256x256"}
-    assert profile_shapes(RBM_INPUTS, {}, opt_batch=64, max_batch=256) == {
+    assert profile_shapes(profile(RBM_INPUTS, {}, opt_batch=64, max_batch=256)) == {
         "trt_profile_min_shapes": "ratings:1x1682x5",
         "trt_profile_opt_shapes": "ratings:64x1682x5",
         "trt_profile_max_shapes": "ratings:256x1682x5"}
     two = [TensorSpec("a", "float32", ["batch", 3]), TensorSpec("b", "float32", ["batch"])]
-    opt = profile_shapes(two, {}, opt_batch=8, max_batch=4)["trt_profile_opt_shapes"]
+    opt = profile_shapes(profile(two, {}, opt_batch=8, max_batch=4))["trt_profile_opt_shapes"]
     assert opt == "a:4x3,b:4"
     with pytest.raises(ValueError, match="dynamic axis 'tokens' has no bound"):
-        profile_shapes(LSTM_INPUTS, {}, opt_batch=64, max_batch=256)
+        profile(LSTM_INPUTS, {}, opt_batch=64, max_batch=256)
+
+
+def test_the_warm_up_runs_every_profile_shape(model: Path) -> None:
+    """On TensorRT this builds the engine before the first request; here it runs on the
+    CPU, which shows that the shapes and dtypes are valid inputs."""
+    session = create_session(model, label="add:1", config=SessionConfig((CPU,)))
+    seen = []
+    real_run = session.run
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        seen.append(feed["x"].shape)
+        return real_run(feed)
+
+    session.run = run  # type: ignore[method-assign]
+    shapes = profile([TensorSpec("x", "float32", ["n"])], {}, opt_batch=8, max_batch=32)
+    warm_up_profile(session, shapes, {"x": "float32"})
+    assert seen == [(1,), (8,), (32,)]
 
 
 def test_provider_options_come_from_the_settings(tmp_path: Path) -> None:
     settings = load_settings(trt_fp16=True, trt_cache_dir=str(tmp_path), cuda_device_id=1,
                              cudnn_conv_algo_search="EXHAUSTIVE", max_batch_size=32,
                              max_items=128, workers=2, ort_threads=None)
-    profiles = profile_shapes(LSTM_INPUTS, {"max_tokens": 100}, opt_batch=32, max_batch=128)
+    shapes = profile(LSTM_INPUTS, {"max_tokens": 100}, opt_batch=32, max_batch=128)
+    profiles = profile_shapes(shapes)
     trt = tensorrt_options(settings, tmp_path, profiles)
     assert trt == {"device_id": 1, "trt_fp16_enable": True,
                    "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path),
@@ -171,6 +194,7 @@ def test_provider_options_come_from_the_settings(tmp_path: Path) -> None:
     config = session_config(settings, LSTM_INPUTS, {"max_tokens": 100},
                             default_cache_dir=tmp_path / "beside-the-model")
     assert config.providers == (TENSORRT, CUDA, CPU) and not config.require_gpu
+    assert config.profile == shapes
     assert config.options[TENSORRT] == trt and config.options[CUDA] == cuda_options(settings)
     assert config.threads == cpu_threads(None, 2, len(os.sched_getaffinity(0)))
     # Without DLSERVE_TRT_CACHE_DIR, the caches live beside the model.

@@ -13,7 +13,13 @@ from typing import Any, Generic, Self, TypeVar
 import numpy as np
 
 from dlserve.manifest import Manifest
-from dlserve.runtime import Session, create_session, session_config
+from dlserve.runtime import (
+    TENSORRT,
+    Session,
+    create_session,
+    session_config,
+    warm_up_profile,
+)
 from dlserve.settings import Settings
 from dlserve.store import StoredModel, load
 
@@ -39,6 +45,8 @@ class Runner(Generic[Part, Result]):
         config = session_config(settings, m.inputs, m.preprocessing,
                                 default_cache_dir=stored.path / "trt-cache")
         session = create_session(stored.onnx_path, label=stored.tag, config=config)
+        if session.provider == TENSORRT:  # engines are built per shape range, on first use
+            warm_up_profile(session, config.profile, {t.name: t.dtype for t in m.inputs})
         log.info("%s: %s (%s) on %s, %d CPU thread(s)", m.name, stored.tag, m.precision,
                  session.provider, config.threads)
         return cls(stored, session)
