@@ -183,7 +183,7 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     e.add_argument("--allow-accuracy-loss", "--force", action="store_true",
                    help="store a variant even when it loses more accuracy than the model's "
                         "tolerance")
-    e.add_argument("--int8-method", choices=("dynamic", "static"),
+    e.add_argument("--int8-method", choices=registry.INT8_METHODS,
                    help="with --precision int8: dynamic or static (calibrated) quantisation "
                         "(default: the model's own choice, see README)")
     e.set_defaults(func=cmd_export)

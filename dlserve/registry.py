@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 BUILTIN = ("dlserve.models.digits", "dlserve.models.sentiment", "dlserve.models.recommender")
 JSON = "application/json"
 T = TypeVar("T")
+Int8Method = Literal["dynamic", "static"]  # see Precision.int8
+INT8_METHODS: tuple[str, ...] = get_args(Int8Method)
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Precision:
     higher_is_better: bool = True
     # "dynamic": weights INT8, activations quantised at run time (no data needed);
     # "static": activations too, with ranges calibrated on `calibration`'s inputs.
-    int8: str = "dynamic"
+    int8: Int8Method = "dynamic"
     # (Manifest, DataSource, how many) -> model input feeds made from training data, for
     # "static"
     calibration: Ref[Callable[..., list[dict[str, Any]]]] | None = None

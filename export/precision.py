@@ -31,7 +31,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from dlserve import store
 from dlserve.hashing import sha256_file
 from dlserve.manifest import MANIFEST_FILE, ONNX_FILE, PRECISIONS
-from dlserve.registry import ModelSpec, Precision
+from dlserve.registry import Int8Method, ModelSpec, Precision
 from dlserve.settings import Settings
 from dlserve.store import StoredModel
 
@@ -143,7 +143,7 @@ def compare(plan: Precision, reference: dict[str, Any], variant: dict[str, Any]
 
 
 def export_variant(spec: ModelSpec, settings: Settings, precision: str, *,
-                   allow_accuracy_loss: bool = False, int8_method: str | None = None
+                   allow_accuracy_loss: bool = False, int8_method: Int8Method | None = None
                    ) -> StoredModel:
     """Build, check, evaluate and publish the `precision` variant of model `spec`;
     `int8_method` overrides the registry entry's INT8 method (to compare the two)."""
