@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench import batch, compare, inprocess, perf_analyzer, profile, report, soak
+from bench import batch, compare, inprocess, perf_analyzer, precision, profile, report, soak
 from bench.sections import BenchContext, Section
 from bench.workloads import Workload
 from dlserve import registry
@@ -17,8 +17,9 @@ from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
 # In the order of the report. A new measurement is one more Section here.
-SECTIONS: tuple[Section, ...] = (inprocess.SECTION, compare.SECTION, batch.SECTION,
-                                 profile.SECTION, perf_analyzer.SECTION, soak.SECTION)
+SECTIONS: tuple[Section, ...] = (inprocess.SECTION, precision.SECTION, compare.SECTION,
+                                 batch.SECTION, profile.SECTION, perf_analyzer.SECTION,
+                                 soak.SECTION)
 # Sections that run only when asked for with their own option: the soak takes an hour.
 ON_REQUEST = {"soak": "--soak MINUTES"}
 

@@ -17,14 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from dlserve import registry
-from dlserve.manifest import ModelIntegrityError
+from dlserve.manifest import PRECISIONS, ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.settings import Settings, SettingsError, load_settings
 from readers.download import DataError
 
 log = logging.getLogger("dlserve")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def spec_of(name: str, settings: Settings) -> ModelSpec:
@@ -39,8 +38,19 @@ def train_model(name: str, settings: Settings, *, epochs: int | None = None, see
                              quick=quick, download_url=source.url)
 
 
-def export_model(name: str, settings: Settings, *, precision: str = "fp32") -> str:
-    stored = spec_of(name, settings).export.load()(settings.artifacts_dir, precision=precision)
+def export_model(name: str, settings: Settings, *, precision: str = "fp32",
+                 allow_accuracy_loss: bool = False, int8_method: str | None = None) -> str:
+    """Export the trained model (fp32), or make a variant of its newest fp32 version."""
+    spec = spec_of(name, settings)
+    if int8_method is not None and precision != "int8":
+        raise ValueError(f"--int8-method {int8_method}: goes with --precision int8")
+    if precision == "fp32":
+        stored = spec.export.load()(settings.artifacts_dir, precision=precision)
+    else:
+        from export.precision import export_variant
+
+        stored = export_variant(spec, settings, precision,
+                                allow_accuracy_loss=allow_accuracy_loss, int8_method=int8_method)
     log.info("exported %s (sha256 %s) to %s", stored.tag, stored.manifest.onnx_sha256,
              stored.path)
     return str(stored.tag)
@@ -54,12 +64,16 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
-    print(export_model(args.model, settings, precision=args.precision))
+    print(export_model(args.model, settings, precision=args.precision,
+                       allow_accuracy_loss=args.allow_accuracy_loss,
+                       int8_method=args.int8_method))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     spec = spec_of(args.model, settings)
+    if args.precision is not None:
+        settings = settings.model_copy(update={"precision": args.precision})
     metrics = spec.evaluate.load()(spec.load_runner(settings), spec.data(settings))
     if args.json:
         print(json.dumps(metrics))
@@ -164,11 +178,21 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export to ONNX, check, and add to the model store")
     e.add_argument("model", choices=models)
     e.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="weights precision (default: fp32; fp16 and int8 are not built yet)")
+                   help="fp32 (default): export the trained model; int8 (CPUs) or fp16 "
+                        "(GPUs): a variant of its newest fp32 version, evaluated against it")
+    e.add_argument("--allow-accuracy-loss", "--force", action="store_true",
+                   help="store a variant even when it loses more accuracy than the model's "
+                        "tolerance")
+    e.add_argument("--int8-method", choices=registry.INT8_METHODS,
+                   help="with --precision int8: dynamic or static (calibrated) quantisation "
+                        "(default: the model's own choice, see README)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")
     v.add_argument("model", choices=models)
+    v.add_argument("--precision", choices=PRECISIONS,
+                   help="evaluate the newest version of this precision (default: "
+                        "$DLSERVE_PRECISION or fp32)")
     v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     v.set_defaults(func=cmd_eval)
 

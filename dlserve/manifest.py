@@ -11,13 +11,16 @@ import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from dlserve.hashing import sha256_file
 
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 FORMAT_VERSION = 1
+# fp32: the exported model; int8 (CPUs) and fp16 (GPUs): variants made from it (export/precision.py)
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
 class ModelIntegrityError(RuntimeError):

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 BUILTIN = ("dlserve.models.digits", "dlserve.models.sentiment", "dlserve.models.recommender")
 JSON = "application/json"
 T = TypeVar("T")
+Int8Method = Literal["dynamic", "static"]  # see Precision.int8
+INT8_METHODS: tuple[str, ...] = get_args(Int8Method)
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,27 @@ class Ref(Generic[T]):
     def load(self) -> T:
         module, _, attribute = self.target.partition(":")
         return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How `dlserve export MODEL --precision int8|fp16` builds and judges the model's
+    variants: the evaluation metric a variant is compared on against its FP32 version, the
+    most it may lose (in the metric's own units), and how INT8 is made."""
+
+    metric: str  # a key of the model's `evaluate` result, e.g. "accuracy" or "rmse"
+    max_loss: float  # accuracy 0.003 is 0.3 points; RMSE 0.01 is 0.01
+    higher_is_better: bool = True
+    # "dynamic": weights INT8, activations quantised at run time (no data needed);
+    # "static": activations too, with ranges calibrated on `calibration`'s inputs.
+    int8: Int8Method = "dynamic"
+    # (Manifest, DataSource, how many) -> model input feeds made from training data, for
+    # "static"
+    calibration: Ref[Callable[..., list[dict[str, Any]]]] | None = None
+
+    def loss(self, reference: float, variant: float) -> float:
+        """How much worse `variant` is than `reference` (negative: better)."""
+        return reference - variant if self.higher_is_better else variant - reference
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,8 @@ class ModelSpec:
     # scoring.adapters.Scorer: the columns `dlserve score` reads and writes for this model
     # (None: the model has no batch scoring, and `dlserve score` says so)
     scoring: Ref[Any] | None = None
+    # Its FP16 and INT8 variants (None: `dlserve export --precision` refuses them)
+    precision: Precision | None = None
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

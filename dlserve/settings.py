@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from dlserve.manifest import Precision
 
 PREFIX = "DLSERVE_"
 # The probes and the metrics: they need no API key (by default) and are never refused for
@@ -47,9 +49,26 @@ class Settings(BaseSettings):
     # Importable modules that register more models (each defines MODEL, a ModelSpec),
     # beside the built-in ones: how a model from outside this repository is added.
     model_modules: CommaList = ()
-    # Execution providers to try, in order ("tensorrt,cuda,cpu"); empty means all of them.
+    # Execution providers to try, in order ("cuda,cpu"); "auto" (or empty): TensorRT, then
+    # CUDA, then the CPU, keeping the first that really initialises (dlserve/runtime.py).
     providers: CommaList = ()
-    ort_threads: int = Field(1, ge=1)
+    # Fail start-up, naming the model and why, rather than run on the CPU when no GPU
+    # provider works (a GPU node whose driver or libraries are broken).
+    require_gpu: bool = False
+    # Intra-op threads per ONNX Runtime session; unset: the cores divided among the
+    # workers, at least 1 (so that workers do not fight over cores).
+    ort_threads: int | None = Field(None, ge=1)
+    # Which variant of each model the service, eval, bench and score load when no version
+    # is named: the latest model-store version exported with this precision.
+    precision: Precision = "fp32"
+    # TensorRT's engine and timing caches; unset: a trt-cache folder beside each model.
+    trt_cache_dir: Path | None = None
+    # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).
+    trt_fp16: bool = False
+    cuda_device_id: int = Field(0, ge=0)
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = \
+        "kSameAsRequested"
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     # Worker processes, each with its own copy of the models and its own batcher. One per
     # core served best on the benchmark machine (BENCHMARKS.md, "Worker processes").
     workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
@@ -140,10 +159,21 @@ class Settings(BaseSettings):
     def _lower_case(cls, names: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(n.lower() for n in names)
 
-    @field_validator("data_dir", "artifacts_dir", mode="after")
+    @field_validator("providers", mode="after")
     @classmethod
-    def _expand_user(cls, path: Path) -> Path:
-        return path.expanduser()
+    def _auto(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        if "auto" in names and len(names) > 1:
+            raise ValueError("auto stands alone: either auto or a list such as cuda,cpu")
+        if names != ("auto",):
+            from dlserve.runtime import resolve_providers
+
+            resolve_providers(names)  # a ValueError names the unknown ones
+        return () if names == ("auto",) else names
+
+    @field_validator("data_dir", "artifacts_dir", "trt_cache_dir", mode="after")
+    @classmethod
+    def _expand_user(cls, path: Path | None) -> Path | None:
+        return path.expanduser() if path is not None else None
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -156,6 +186,9 @@ class Settings(BaseSettings):
                              f"{', '.join(known)}")
         if not self.models:
             object.__setattr__(self, "models", tuple(known))
+        if self.require_gpu and self.providers and set(self.providers) <= {"cpu"}:
+            raise ValueError(f"{PREFIX}REQUIRE_GPU=true but {PREFIX}PROVIDERS="
+                             f"{','.join(self.providers)} lists no GPU provider")
         if self.drain_delay_s >= self.drain_timeout_s:
             raise ValueError(f"{PREFIX}DRAIN_DELAY_S: must be less than "
                              f"{PREFIX}DRAIN_TIMEOUT_S")

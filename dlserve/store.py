@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dlserve.manifest import (
     MANIFEST_FILE,
@@ -39,7 +40,7 @@ def publish(manifest: Manifest, onnx_file: Path) -> StoredModel:
 
     with bentoml.models.create(
         manifest.name,
-        labels={"framework": "onnx", "task": manifest.task},
+        labels={"framework": "onnx", "task": manifest.task, "precision": manifest.precision},
         metadata=manifest.summary(),
     ) as model:
         dest = Path(model.path)
@@ -49,29 +50,52 @@ def publish(manifest: Manifest, onnx_file: Path) -> StoredModel:
     return load(tag)
 
 
-def exists(name: str) -> bool:
+def _precision(model: Any) -> str:
+    # Versions exported before precision variants existed are FP32 and say so only in
+    # their metadata (the manifest summary), not in a label.
+    return str(model.info.labels.get("precision") or model.info.metadata.get("precision", "fp32"))
+
+
+def latest(name: str, precision: str = "fp32") -> str | None:
+    """The tag of the newest version of `name` exported with `precision`, if any.
+
+    BentoML's `name:latest` is the newest version whatever its precision, so an INT8
+    export would silently replace the FP32 model everywhere; versions are filtered here."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     try:  # BentoML raises NotFound, rather than listing nothing, when no version exists
-        return any(m.tag.name == name for m in bentoml.models.list(name))
+        versions = [m for m in bentoml.models.list(name) if m.tag.name == name]
     except NotFound:
-        return False
+        return None
+    matching = [m for m in versions if _precision(m) == precision]
+    newest = max(matching, key=lambda m: m.info.creation_time, default=None)
+    return str(newest.tag) if newest is not None else None
 
 
-def load(tag: str) -> StoredModel:
-    """Find a model (`name` means its latest version) and check it against its manifest."""
+def exists(name: str, precision: str = "fp32") -> bool:
+    return latest(name, precision) is not None
+
+
+def load(tag: str, precision: str = "fp32") -> StoredModel:
+    """Find a model and check it against its manifest: `name:version` is that version,
+    a bare `name` the latest version exported with `precision`."""
     import bentoml
     from bentoml.exceptions import NotFound
 
-    if ":" not in tag:
-        tag += ":latest"
-    try:
-        model = bentoml.models.get(tag)
-    except NotFound:
-        name = tag.partition(":")[0]
+    name = tag.partition(":")[0]
+    found = tag if ":" in tag and not tag.endswith(":latest") else latest(name, precision)
+    if found is None:
+        flag = "" if precision == "fp32" else f" --precision {precision}"
         raise ModelIntegrityError(
-            f"model {tag} is not in the model store; run `dlserve export {name}` "
+            f"model {name} ({precision}) is not in the model store; run `dlserve export "
+            f"{name}{flag}` (or, for fp32, `dlserve serve`, which trains and exports what is "
+            "missing)")
+    try:
+        model = bentoml.models.get(found)
+    except NotFound:
+        raise ModelIntegrityError(
+            f"model {found} is not in the model store; run `dlserve export {name}` "
             "(or `dlserve serve`, which trains and exports what is missing)"
         ) from None
     path = Path(model.path)

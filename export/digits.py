@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
-from dlserve.manifest import TensorSpec
+import numpy as np
+
+from dlserve.manifest import Manifest, TensorSpec
+from dlserve.preprocess.images import normalize
+from dlserve.registry import DataSource
 from dlserve.store import StoredModel
 from export.onnx_export import ExportSpec, export_and_publish
+from readers.mnist import load_mnist
 from training.common import load_trained
 from training.digits import DigitsRun, build_model, example_inputs
 
 PARITY_BATCHES = (1, 7, 64)
+CALIBRATION_BATCH = 32
 
 
 def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
@@ -33,3 +40,14 @@ def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
         parity_cases=[example_inputs(b, seed=b) for b in PARITY_BATCHES],
     )
     return export_and_publish(model, spec, precision=precision)
+
+
+def calibration(manifest: Manifest, source: DataSource, n: int) -> list[dict[str, Any]]:
+    """`n` training images, drawn at random and preprocessed as the runner does, in model
+    input feeds: the activation ranges of the static INT8 variant (export/precision.py)."""
+    train = load_mnist(source.folder, "train", base_url=source.url)
+    rows = np.random.default_rng(0).choice(len(train.labels), n, replace=False)
+    prep = manifest.preprocessing
+    x = normalize(train.images[rows], prep["mean"], prep["std"])
+    name = manifest.inputs[0].name
+    return [{name: x[i: i + CALIBRATION_BATCH]} for i in range(0, n, CALIBRATION_BATCH)]

@@ -29,7 +29,7 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from dlserve import registry
+from dlserve import registry, store
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
@@ -41,6 +41,9 @@ from service.lifecycle import install_drain, verify_metrics_dir, verify_models
 from service.metrics import get_metrics
 
 log = logging.getLogger("dlserve.service")
+# BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
+# and provider at start-up, the drain) would otherwise be dropped at WARNING.
+logging.getLogger("dlserve").setLevel(logging.INFO)
 GC_GEN0_THRESHOLD = 20_000
 settings = get_settings()
 SERVED = registry.serving(settings)
@@ -107,9 +110,11 @@ def bentoml_api(model: str, route: Route) -> bentoml.api:
 
 def declare_models(cls: type) -> type:
     """Declare each configured model the way BentoML expects: its routes, and a BentoModel
-    class attribute so that `bentoml build` packages the model into the Bento."""
+    class attribute so that `bentoml build` packages the model into the Bento: the latest
+    version of DLSERVE_PRECISION (BentoML's own `latest` ignores precision)."""
     for name, spec in SERVED.items():
-        setattr(cls, f"{name}_model", bentoml.models.BentoModel(f"{name}:latest"))
+        tag = store.latest(name, settings.precision) or f"{name}:latest"
+        setattr(cls, f"{name}_model", bentoml.models.BentoModel(tag))
         for route in spec.routes:
             setattr(cls, route.name, bentoml_api(name, route))
     return cls
@@ -158,9 +163,9 @@ class DLServe:
                 self.runners[name] = runner
                 self.metrics.model_info.labels(
                     model=name, version=runner.stored.version,
-                    sha256=runner.manifest.onnx_sha256, provider=runner.provider).set(1)
+                    sha256=runner.manifest.onnx_sha256, provider=runner.provider,
+                    precision=runner.manifest.precision).set(1)
                 self.metrics.model_ready.labels(model=name).set(1)
-                log.info("%s: loaded %s on %s", name, runner.tag, runner.provider)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("could not load the models: this worker stays not ready and "
@@ -236,7 +241,7 @@ class DLServe:
 
 
 # Refuse a server whose models do not match their manifests before any worker starts.
-verify_models(SERVED)
+verify_models(SERVED, settings)
 verify_metrics_dir()
 drop_bentoml_timeout()
 connections.install()

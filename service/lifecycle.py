@@ -2,9 +2,11 @@
 
 - `verify_models` and `verify_metrics_dir` run when the service module is imported, which
   `bentoml serve` does in its main process before it starts any worker. A missing,
-  truncated or altered model, or a metrics directory that cannot be written, stops the
-  server there, naming the file and the fix. (Checked only in the workers, the
-  failure would make each worker crash at start-up and be restarted, forever.)
+  truncated or altered model, a model with no version of DLSERVE_PRECISION, one that no
+  GPU provider can run under DLSERVE_REQUIRE_GPU, or a metrics directory that cannot be
+  written, stops the server there, naming the file (or model) and the fix. (Checked only
+  in the workers, the failure would make each worker crash at start-up and be restarted,
+  forever.)
 - Workers load and warm their models on a background thread (service/app.py), so that
   /livez answers 200 at once and /readyz 503 until every model is ready.
 - `install_drain`: on SIGTERM a worker reports not-ready at once but keeps serving for the
@@ -20,22 +22,29 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from dlserve import store
 from dlserve.manifest import ModelIntegrityError
+from dlserve.registry import ModelSpec
+from dlserve.runtime import GPURequired
+from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.service")
 
 
-def verify_models(names: Iterable[str]) -> None:
-    """Check every model against its manifest (SHA-256, external data); exit if one fails."""
-    for name in names:
+def verify_models(served: dict[str, ModelSpec], settings: Settings) -> None:
+    """Check every model against its manifest (SHA-256, external data), in the precision
+    DLSERVE_PRECISION names; under DLSERVE_REQUIRE_GPU also open it, to see that a GPU
+    provider really works for it. Exit, naming the model and why, if one fails."""
+    for name, spec in served.items():
         try:
-            store.load(name)
-        except ModelIntegrityError as exc:
+            stored = store.load(name, settings.precision)
+            if settings.require_gpu:
+                spec.runner.open(stored, settings)
+        except (ModelIntegrityError, GPURequired) as exc:
             log.error("cannot start: %s", exc)
             raise SystemExit(f"dlserve: cannot start: {exc}") from None
 

@@ -22,7 +22,7 @@ class Metrics:
     preprocess_seconds: Any  # Histogram[model]: request parsing and preprocessing
     items_predicted: Any  # Counter[model]
     errors: Any  # Counter[model, reason]
-    model_info: Any  # Gauge[model, version, sha256, provider] = 1
+    model_info: Any  # Gauge[model, version, sha256, provider, precision] = 1
     queue_seconds: Any  # Histogram[model]: a request's wait in the batcher's queue
     model_ready: Any  # Gauge[model]: 1 once loaded and warmed up in every live worker
     worker_starts: Any  # Counter[worker]: worker processes started, by worker id
@@ -47,8 +47,9 @@ def get_metrics() -> Metrics:
         errors=Counter(
             "dlserve_errors", "Requests refused or failed, by reason", ["model", "reason"]),
         model_info=Gauge(
-            "dlserve_model_info", "Loaded model: version, ONNX SHA-256, execution provider",
-            ["model", "version", "sha256", "provider"], multiprocess_mode="livemax"),
+            "dlserve_model_info", "Loaded model: version, ONNX SHA-256, execution provider, "
+            "precision", ["model", "version", "sha256", "provider", "precision"],
+            multiprocess_mode="livemax"),
         queue_seconds=Histogram(
             "dlserve_queue_seconds", "Time a request waits in its model's queue for a model run",
             ["model"], buckets=LATENCY_BUCKETS),

@@ -22,9 +22,6 @@ from tests.conftest import ROOT
 OVERLAYS = ("cpu", "gpu")
 # Kubernetes 1.25 is the oldest the validator ships schemas for.
 VERSIONS = ("1.25.0", kubernetes_validate.latest_version())
-# Settings the manifests already set that another change adds to dlserve/settings.py:
-# DLSERVE_TRT_CACHE_DIR, the TensorRT cache folder (execution-provider work).
-PENDING_SETTINGS = {"DLSERVE_TRT_CACHE_DIR"}
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
@@ -108,7 +105,7 @@ def test_the_pod_runs_as_the_service_expects(overlay: str) -> None:
     deployment = one(overlay, "Deployment")
     pod, c = deployment["spec"]["template"]["spec"], container(overlay)
     settings = env(overlay)
-    known = {PREFIX + name.upper() for name in Settings.model_fields} | PENDING_SETTINGS
+    known = {PREFIX + name.upper() for name in Settings.model_fields}
     assert {n for n in settings if n.startswith(PREFIX)} <= known, "a DLSERVE_ name that " \
         "the service does not read"
     # Workers follow the CPU request.

@@ -101,13 +101,6 @@ def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str,
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def test_export_refuses_a_precision_it_cannot_build_yet(digits_model: str) -> None:
-    result = dlserve("export", "digits", "--precision", "int8", check=False)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "--precision int8: this version builds fp32 only" in result.stderr
-    assert store.load("digits").tag == digits_model  # nothing new was stored
-
-
 def test_a_manifest_of_another_format_is_refused(digits_model: str) -> None:
     stored = store.load("digits")
     path = stored.path / "manifest.json"

@@ -7,15 +7,23 @@ looks like, and how an answer is written, is the model's contract (dlserve/model
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Generic, Self, TypeVar
 
 import numpy as np
 
 from dlserve.manifest import Manifest
-from dlserve.runtime import Session, create_session
+from dlserve.runtime import (
+    TENSORRT,
+    Session,
+    create_session,
+    session_config,
+    warm_up_profile,
+)
 from dlserve.settings import Settings
 from dlserve.store import StoredModel, load
 
+log = logging.getLogger("dlserve.runners")
 Part = TypeVar("Part")  # one request's prepared input: an array, a list of token ids, ...
 Result = TypeVar("Result")  # one part's output
 
@@ -27,11 +35,20 @@ class Runner(Generic[Part, Result]):
 
     @classmethod
     def load(cls, name: str, settings: Settings) -> Self:
-        """The latest stored version of model `name`, opened on the best execution provider."""
-        stored = load(name)
-        session = create_session(
-            stored.onnx_path, label=stored.tag, providers=settings.providers,
-            threads=settings.ort_threads, cache_dir=stored.path / "trt-cache")
+        """Model `name` (its latest version of DLSERVE_PRECISION) or `name:version`, opened
+        on the best execution provider the settings allow."""
+        return cls.open(load(name, settings.precision), settings)
+
+    @classmethod
+    def open(cls, stored: StoredModel, settings: Settings) -> Self:
+        m = stored.manifest
+        config = session_config(settings, m.inputs, m.preprocessing,
+                                default_cache_dir=stored.path / "trt-cache")
+        session = create_session(stored.onnx_path, label=stored.tag, config=config)
+        if session.provider == TENSORRT:  # engines are built per shape range, on first use
+            warm_up_profile(session, config.profile, {t.name: t.dtype for t in m.inputs})
+        log.info("%s: %s (%s) on %s, %d CPU thread(s)", m.name, stored.tag, m.precision,
+                 session.provider, config.threads)
         return cls(stored, session)
 
     @property
