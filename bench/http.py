@@ -145,7 +145,9 @@ class Server:
                 shutil.rmtree(self.private_home, ignore_errors=True)  # the link, not the models
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
+        # Generous: right after a cell far past capacity (32 texts × 64 clients, unbatched)
+        # a worker still runs the requests wrk left behind, and a 5 s scrape timed out.
+        with urllib.request.urlopen(self.url + "/metrics", timeout=60) as r:
             return r.read().decode()
 
     def connection_split(self) -> list[int]:
