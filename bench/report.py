@@ -222,7 +222,7 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
                         ratio >= 1.5 and ours["p99"] <= peak["p99"]])
     for model in models:
         ours, lean = find(model, 1, 64, "dlserve"), find(model, 1, 64, "lean")
-        if ours and lean and model in h.get("lean_targets", {}):
+        if ours and lean and lean["requests_per_s"] and model in h.get("lean_targets", {}):
             want, p99_factor = h["lean_targets"][model]
             ratio = ours["requests_per_s"] / lean["requests_per_s"]
             p99_ok = p99_factor is None or ours["p99"] <= p99_factor * lean["p99"]
@@ -232,7 +232,8 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
                         f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(lean['p99'])} ms",
                         ratio >= want and p99_ok])
         for peer in FRAMEWORKS:
-            if ours and (theirs := find(model, 1, 64, peer)):
+            # a peer that answered nothing in a run has no ratio (it shows as 0 in its table)
+            if ours and (theirs := find(model, 1, 64, peer)) and theirs["requests_per_s"]:
                 ratio = ours["requests_per_s"] / theirs["requests_per_s"]
                 out.append([f"{model}: ≥ 2× {peer} (1 item, 64 clients, medians)",
                             f"{ratio:.2f}×", ratio >= 2])
@@ -264,7 +265,7 @@ def render_peers(cells: list[dict[str, Any]]) -> list[str]:
             continue
         rows = [[r["server"], f"{r['requests_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p99"]),
                  r["non_2xx"] + r["socket_errors"],
-                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×",
+                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×" if r['requests_per_s'] else "—",
                  f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—"]
                 for r in sorted(held, key=lambda r: -r["requests_per_s"])]
         out += [f"**{model}**", "",
