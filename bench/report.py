@@ -265,7 +265,8 @@ def render_peers(cells: list[dict[str, Any]]) -> list[str]:
             continue
         rows = [[r["server"], f"{r['requests_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p99"]),
                  r["non_2xx"] + r["socket_errors"],
-                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×" if r['requests_per_s'] else "—",
+                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×"
+                 if r["requests_per_s"] else "—",
                  f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—"]
                 for r in sorted(held, key=lambda r: -r["requests_per_s"])]
         out += [f"**{model}**", "",
