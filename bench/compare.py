@@ -1,8 +1,9 @@
 """The side-by-side HTTP benchmark: the naive FastAPI peer, dlserve without adaptive
 batching, and dlserve as configured, on the same payloads, interleaved cell by cell.
 
-All three servers run at once (idle ones cost nothing) and take turns under load, in a
-rotating order, so that slow drifts of a shared machine hit every server alike. The cells
+Every server is started once and they take turns under load, in a rotating order, so that
+slow drifts of a shared machine hit every server alike; the ones not under load are paused
+(SIGSTOP), since some spin while idle (LitServe's inference loops poll their queues). The cells
 the targets are judged on (64 clients, single items, and mixed) run several rounds, and
 the report takes medians: one run can be off by 2× when a burst of new connections all
 lands on one worker of a server (BENCHMARKS.md, "Connection balance").
@@ -110,10 +111,12 @@ def run_cells(servers: list[http.Server], cells: list[Cell], sources: Sources,
             shift = turn % len(taking_part)
             turn += 1
             for server in taking_part[shift:] + taking_part[:shift]:
+                server.resume()
                 log.info("bench: %s %s × %d items, %d clients, %g s (round %d of %d)",
                          server.name, cell.model, cell.items, cell.clients, cell.duration_s,
                          round_, cell.rounds)
                 result = measure(server, requests, cell.clients, cell.duration_s)
+                server.pause()
                 result["items_per_s"] = round(result["requests_per_s"] * cell.items, 1)
                 rows.append({**asdict(cell), "round": round_, "server": server.name, **result})
     return rows
@@ -125,6 +128,8 @@ def with_servers(servers: list[http.Server], body: Any) -> Any:
         for server in servers:
             log.info("bench: starting %s", server.name)
             server.start()
+            log.info("bench: %s uses %.2f cores while idle", server.name, server.measure_idle())
+            server.pause()
         return body()
     finally:
         for server in servers:
@@ -171,7 +176,7 @@ def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
     return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
             "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
             "lean_targets": {m: w.lean_target for m, (w, _) in sources.items()},
-            **results}
+            "idle_cpu": {s.name: s.idle_cpu for s in servers + peers}, **results}
 
 
 def run_section(ctx: BenchContext) -> dict[str, Any]:

@@ -36,6 +36,9 @@ MIXED_SCRIPT = Path(__file__).with_name("wrk_mixed.lua")
 LEAN_MODELS = ("digits", "sentiment", "recommender")
 BATCHABLE_MODELS = ("digits", "sentiment")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+IDLE_SETTLE_S = 3.0  # after a server first answers ready, before its idle CPU is measured
+IDLE_WINDOW_S = 2.0
+BUSY_CORES = 0.1  # above its idle use: still working through requests
 
 
 def free_port() -> int:
@@ -105,6 +108,8 @@ class Server:
     private_home: Path | None = None  # a private_bentoml_home(), removed by stop()
     serves: frozenset[str] | None = None  # the models it can serve; None: every one
     batch_metrics: bool = False  # its /metrics has dlserve_batch_items (dlserve itself)
+    idle_cpu: float = 0.0  # cores it uses while ready and unloaded: measure_idle()
+    paused: bool = False
 
     def can_serve(self, model: str) -> bool:
         return self.serves is None or model in self.serves
@@ -132,12 +137,67 @@ class Server:
             raise type(exc)(f"{self.name}: {exc}; see {self.log_path}:\n"
                             + self.output()[-2000:]) from None
 
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and every process it has spawned."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_used(self, window_s: float) -> float:
+        """Cores the server's processes used over the next `window_s` seconds."""
+        def total(procs: list[psutil.Process]) -> float:
+            seconds = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    seconds += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+            return seconds
+        procs = self.processes()
+        before = total(procs)
+        time.sleep(window_s)
+        return (total(procs) - before) / window_s
+
+    def measure_idle(self) -> float:
+        """Cores the server uses while ready and unloaded (`idle_cpu`), once its start-up
+        work is done."""
+        time.sleep(IDLE_SETTLE_S)
+        self.idle_cpu = round(self.cpu_used(IDLE_WINDOW_S), 2)
+        return self.idle_cpu
+
+    def pause(self, timeout_s: float = 30.0) -> None:
+        """Stop (SIGSTOP) every process of the server once it has finished what wrk left
+        behind, so that it takes no CPU while another server is measured: a server that
+        spins while idle (LitServe's inference loops poll their queues; `idle_cpu`) would
+        otherwise slow whichever server is under load. Waiting for the work to end first
+        keeps a model run from being frozen half-way (dlserve's watchdog would take it
+        for a hung run)."""
+        deadline = time.monotonic() + timeout_s
+        while (self.cpu_used(IDLE_WINDOW_S / 4) > self.idle_cpu + BUSY_CORES
+               and time.monotonic() < deadline):
+            pass
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+            self.paused = True
+
+    def resume(self) -> None:
+        """Undo pause(), and wait until the server answers its readiness check again."""
+        if self.paused and self.process is not None:
+            os.killpg(self.process.pid, signal.SIGCONT)
+            self.paused = False
+            wait_ready(self.url, self.process, 30.0, self.ready_path)
+
     def output(self) -> str:
         """What the server has printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 
     def stop(self) -> None:
         try:
+            if self.paused and self.process is not None and self.process.poll() is None:
+                os.killpg(self.process.pid, signal.SIGCONT)  # a stopped process ignores SIGINT
+                self.paused = False
             if self.process is not None:
                 stop_process_group(self.process)
         finally:
@@ -155,10 +215,7 @@ class Server:
         how evenly the kernel and the workers' accept() calls spread the clients. One read
         of the kernel's socket table, so that a connection that moves from one worker to
         another while the processes are looked at is not counted twice."""
-        if self.process is None:
-            return []
-        root = psutil.Process(self.process.pid)
-        pids = {root.pid, *(p.pid for p in root.children(recursive=True))}
+        pids = {p.pid for p in self.processes()}
         held = Counter(c.pid for c in psutil.net_connections("tcp")
                        if c.pid in pids and c.status == psutil.CONN_ESTABLISHED
                        and c.laddr.port == self.port)

@@ -23,7 +23,8 @@ PEER_NOTES = {
     "bentoml-batchable": "BentoML's own `batchable=True` API, its defaults "
                          "(`bench/peers/bentoml_batchable.py`; no recommender: its requests "
                          "have no batch axis)",
-    "litserve": "LitServe with its batching, max_batch_size 64 (`bench/peers/litserve_peer.py`)",
+    "litserve": "LitServe with its batching, max_batch_size 64, batch_timeout 10 ms, "
+                "fast_queue (`bench/peers/litserve_peer.py`)",
     "dlserve-unbatched": "the service with `DLSERVE_BATCHING=false`",
     "dlserve": "the service with its defaults",
 }
@@ -252,9 +253,10 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
     return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
 
 
-def render_peers(cells: list[dict[str, Any]]) -> list[str]:
+def render_peers(cells: list[dict[str, Any]], idle: dict[str, float]) -> list[str]:
     """One table per model: every server on the cell all of them ran (one item per
-    request, 64 clients), against dlserve and against the HTTP ceiling."""
+    request, 64 clients), against dlserve and against the HTTP ceiling, with the cores
+    each server used while idle."""
     out = ["### Against every peer, one item per request, 64 clients", ""]
     for model in dict.fromkeys(r["model"] for r in cells):
         held = [r for r in cells if r["model"] == model and r["items"] == 1
@@ -267,11 +269,12 @@ def render_peers(cells: list[dict[str, Any]]) -> list[str]:
                  r["non_2xx"] + r["socket_errors"],
                  f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×"
                  if r["requests_per_s"] else "—",
-                 f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—"]
+                 f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—",
+                 f"{idle[r['server']]:.2f}" if r["server"] in idle else "—"]
                 for r in sorted(held, key=lambda r: -r["requests_per_s"])]
         out += [f"**{model}**", "",
                 table(["server", "requests/s", "p50 ms", "p99 ms", "non-2xx",
-                       "dlserve ÷ server", "share of the ceiling"], rows), ""]
+                       "dlserve ÷ server", "share of the ceiling", "idle cores"], rows), ""]
     return out
 
 
@@ -294,7 +297,11 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         "and ONNX Runtime settings (`bench/peers/`): "
         + "; ".join(f"**{name}**, {note}" for name, note in PEER_NOTES.items()) + ". "
         "They take turns cell by cell, in rotating order; the peers other than naive run the "
-        "cells the targets are judged on (one item per request, 64 clients). Payloads: MNIST "
+        "cells the targets are judged on (one item per request, 64 clients). Every server is "
+        "started once, and whichever is not under load is paused (SIGSTOP, once it has "
+        "finished what wrk left behind): some servers spin while idle (\"idle cores\" below: "
+        "the cores each used while ready and unloaded), and would otherwise slow the one "
+        "being measured. Payloads: MNIST "
         "test images as JSON arrays of 0-255 integers (or `images_base64`), SST-2 dev "
         "sentences, one u1.base user's ratings per recommend request (85 on average, "
         "k = 10). \"mean batch\" is items per model run, read from `/metrics` "
@@ -310,7 +317,7 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         "",
         table(["target", "measured", ""], targets(h, ceiling)),
         "",
-        *render_peers(cells),
+        *render_peers(cells, h.get("idle_cpu", {})),
         "### Every cell",
         "",
         "Where a cell ran more than one round, each figure is the median over its rounds "
