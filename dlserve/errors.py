@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 
 class InputError(ValueError):
     """The client sent something we cannot use (HTTP 400)."""
@@ -33,8 +35,9 @@ class UnsupportedMediaType(InputError):
 
 def check_item_list(items: object, field: str, *, expected: str, noun: str,
                     max_items: int) -> None:
-    """A request's list of items: a non-empty list (400) of at most `max_items` (413)."""
-    if not isinstance(items, list) or not items:
+    """A request's list of items (or an array of them, a fast parse's): a non-empty list
+    (400) of at most `max_items` (413)."""
+    if not isinstance(items, list | np.ndarray) or not len(items):
         raise InputError(f"{field}: expected a non-empty list of {expected}")
     if len(items) > max_items:
         raise PayloadTooLarge(

@@ -35,7 +35,7 @@ from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
 from service import connections, info, openapi, pages, predict, protocol
 from service.batching import AdaptiveBatcher
-from service.bentoml_patches import drop_bentoml_timeout
+from service.bentoml_patches import drop_bentoml_middlewares
 from service.guard import RequestGuard
 from service.lifecycle import install_drain, verify_metrics_dir, verify_models
 from service.metrics import get_metrics
@@ -130,7 +130,8 @@ def declare_models(cls: type) -> type:
     # One log line per request costs more than a digits prediction; off unless asked for.
     logging={"access": {"enabled": settings.access_log}},
     # BentoML wraps every request in an OpenTelemetry span even when no exporter is set
-    # up; that cost 40 % of digits throughput here, so routes are traced only when asked.
+    # up; that cost 40 % of digits throughput here, so routes are traced only when asked
+    # (and the middleware itself is dropped then: service/bentoml_patches.py).
     tracing={"excluded_urls": "" if settings.tracing else ".*"},
 )
 @declare_models
@@ -243,7 +244,7 @@ class DLServe:
 # Refuse a server whose models do not match their manifests before any worker starts.
 verify_models(SERVED, settings)
 verify_metrics_dir()
-drop_bentoml_timeout()
+drop_bentoml_middlewares(tracing=settings.tracing)
 connections.install()
 # Refuses what it must before anything reads the body, and hands predict requests to
 # service/predict.py; edits responses on their way out.

@@ -1,15 +1,20 @@
-"""The one change dlserve makes to BentoML's HTTP stack, and why.
+"""The one change dlserve makes to BentoML's HTTP stack, and why: two of the middlewares
+BentoML wraps around every request are left out of the list it builds.
 
-BentoML wraps every request in its `TimeoutMiddleware` (`traffic.timeout`), which spawns a
-task and a timer per request and never cancels the timer, so a busy worker holds tens of
-thousands of live timers. The guard enforces the same timeout with `asyncio.timeout` (one
-timer, cancelled on answer; service/guard.py); dropping BentoML's as well served 3-8 % more
-single-image digits requests at 64 clients in side-by-side runs. BentoML's config cannot
-turn it off (`traffic.timeout` must be a positive number), so this leaves it out of the
-middleware list BentoML builds.
+- `TimeoutMiddleware` (`traffic.timeout`) spawns a task and a timer per request and never
+  cancels the timer, so a busy worker holds tens of thousands of live timers. The guard
+  enforces the same timeout with `asyncio.timeout` (one timer, cancelled on answer;
+  service/guard.py); dropping BentoML's as well served 3-8 % more single-image digits
+  requests at 64 clients in side-by-side runs. BentoML's config cannot turn it off
+  (`traffic.timeout` must be a positive number).
+- `OpenTelemetryMiddleware`, unless DLSERVE_TRACING is on. With tracing off the service
+  already tells it to exclude every URL, yet it still wraps each request and matches its
+  URL against the exclusion: 10 % of a worker's samples under the digits cell (py-spy,
+  one worker, 64 clients), for no span and no header (BentoML's X-BentoML-Request-ID
+  comes from a span).
 
 If a future BentoML moves things around, nothing breaks: the patch is skipped with a
-warning, and BentoML's timeout (set to the same DLSERVE_REQUEST_TIMEOUT_S) applies too.
+warning, BentoML's stack applies as it is, and tests/test_bentoml_patches.py fails.
 """
 
 from __future__ import annotations
@@ -20,24 +25,37 @@ from typing import Any
 log = logging.getLogger("dlserve.service")
 
 
-def drop_bentoml_timeout() -> None:
-    """Leave BentoML's TimeoutMiddleware out of every app it builds."""
+def bentoml_middlewares_to_drop(*, tracing: bool) -> tuple[type, ...]:
+    """The classes of BentoML's middlewares that dlserve leaves out ([] if BentoML no
+    longer has them where this looks)."""
     try:
-        from bentoml._internal.server.base_app import BaseAppFactory
         from bentoml._internal.server.http.traffic import TimeoutMiddleware
+        from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     except ImportError:
-        log.warning("BentoML's TimeoutMiddleware not found; leaving BentoML's stack as it is")
-        return
-    built = BaseAppFactory.__dict__.get("middlewares")
-    if not isinstance(built, property) or built.fget is None:
+        log.warning("BentoML's TimeoutMiddleware or OpenTelemetryMiddleware not found; "
+                    "leaving BentoML's stack as it is")
+        return ()
+    return (TimeoutMiddleware,) if tracing else (TimeoutMiddleware, OpenTelemetryMiddleware)
+
+
+def drop_bentoml_middlewares(*, tracing: bool) -> tuple[type, ...]:
+    """Leave BentoML's TimeoutMiddleware, and its OpenTelemetryMiddleware unless `tracing`,
+    out of every app it builds; the classes left out."""
+    try:
+        from _bentoml_impl.server.app import ServiceAppFactory
+    except ImportError:
+        log.warning("BentoML's ServiceAppFactory not found; leaving BentoML's stack as it is")
+        return ()
+    dropped = bentoml_middlewares_to_drop(tracing=tracing)
+    built = ServiceAppFactory.__dict__.get("middlewares")
+    if not dropped or not isinstance(built, property) or built.fget is None:
         log.warning("BentoML's middleware list has changed shape; leaving it as it is")
-        return
-    if getattr(built.fget, "drops_bentoml_timeout", False):
-        return  # already done (the module was imported again)
-    original = built.fget
+        return ()
+    original = getattr(built.fget, "original", built.fget)  # imported again: patch anew
 
     def middlewares(self: Any) -> list[Any]:
-        return [m for m in original(self) if m.cls is not TimeoutMiddleware]
+        return [m for m in original(self) if m.cls not in dropped]
 
-    middlewares.drops_bentoml_timeout = True  # type: ignore[attr-defined]
-    BaseAppFactory.middlewares = property(middlewares)  # type: ignore[method-assign]
+    middlewares.original = original  # type: ignore[attr-defined]
+    ServiceAppFactory.middlewares = property(middlewares)  # type: ignore[method-assign]
+    return dropped
