@@ -115,8 +115,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
     from bench.main import run_bench
 
-    if args.rounds < 1:
-        raise ValueError(f"--rounds: must be at least 1, got {args.rounds}")
+    for option, value in (("--rounds", args.rounds), ("--hold-s", args.hold_s),
+                          ("--short-s", args.short_s)):
+        if value < 1:
+            raise ValueError(f"{option}: must be at least 1, got {value}")
     print(run_bench(settings, out=args.out, only=args.only, skip=args.skip, hold_s=args.hold_s,
                     short_s=args.short_s, rounds=args.rounds, soak_minutes=args.soak))
     return 0
@@ -206,12 +208,13 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure the models and write BENCHMARKS.md")
     b.add_argument("--out", type=Path, default=PROJECT_ROOT,
                    help="folder for BENCHMARKS.md and benchmarks.json (default: the project)")
-    b.add_argument("--hold-s", type=float, default=60.0,
+    # Whole seconds: wrk takes no fractions of them.
+    b.add_argument("--hold-s", type=int, default=60,
                    help="seconds of each single-item run at 64 clients (default: 60)")
     b.add_argument("--rounds", type=int, default=3,
                    help="runs of each 64-client single-item cell per server; the report "
                         "takes medians (default: 3)")
-    b.add_argument("--short-s", type=float, default=10.0,
+    b.add_argument("--short-s", type=int, default=10,
                    help="seconds of every other HTTP run (default: 10)")
     b.add_argument("--only", type=_names, metavar="SECTION[,SECTION]",
                    help="run only these sections (inprocess, http, ...); the others keep "

@@ -94,7 +94,10 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     assert all(r["mean_batch"] == r["items"] for r in runs if r["server"] == "dlserve-unbatched")
     assert all(r["mean_batch"] is None for r in runs if r["server"] in ("naive", *peers))
     assert {r["workers"] for r in results["sections"]["http"]["worker_runs"]} == {1, 2}
+    # Each server's CPU while idle was measured (the servers not under load are paused).
+    assert set(results["sections"]["http"]["idle_cpu"]) == {*core, *peers}
     md = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "idle cores" in md
     for heading in ("## In-process ceiling", "## Over HTTP", "### Targets", "### Every cell",
                     "### Against every peer", "### Round by round", "### Worker processes"):
         assert heading in md
@@ -109,3 +112,16 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     # Every server the bench started is gone.
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "bench.peers.naive" not in ps
+
+
+@pytest.mark.parametrize(("option", "value", "error"), [
+    ("--hold-s", "2.5", "invalid int value"),  # wrk takes whole seconds
+    ("--short-s", "0", "--short-s: must be at least 1"),
+    ("--rounds", "0", "--rounds: must be at least 1"),
+])
+def test_bench_refuses_durations_wrk_cannot_run(tmp_path: Path, option: str, value: str,
+                                                error: str) -> None:
+    out = dlserve("bench", "--out", str(tmp_path), option, value, "--only", "inprocess",
+                  check=False)
+    assert out.returncode == 2 and error in out.stderr, out.stderr[-500:]
+    assert not (tmp_path / "benchmarks.json").exists()
