@@ -54,10 +54,11 @@ def run_bench(settings: Settings, *, out: Path, only: list[str] | None = None,
     results: dict[str, Any] = {}
     if len(chosen) < len(SECTIONS) and path.is_file():
         results = json.loads(path.read_text()).get("sections", {})
+    out.mkdir(parents=True, exist_ok=True)
     for section in chosen:
         log.info("bench: section %s", section.name)
         results[section.name] = {"machine": report.machine(), **section.run(ctx)}
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"sections": results}, indent=1) + "\n")
-    (out / "BENCHMARKS.md").write_text(report.render(results, list(SECTIONS)))
+        # Written after each section: a later one that fails loses only itself.
+        path.write_text(json.dumps({"sections": results}, indent=1) + "\n")
+        (out / "BENCHMARKS.md").write_text(report.render(results, list(SECTIONS)))
     return out / "BENCHMARKS.md"

@@ -83,6 +83,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     for line in lines:
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")[1:]  # the first is the thread
+        if not frames:  # a sample of a thread with no Python frame yet
+            continue
         places[charge(frames)] += int(count)
         leaves[frames[-1]] += int(count)
     total = sum(places.values())
