@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dlserve import store
+from dlserve.errors import InputError
 from dlserve.models.recommender import user_ratings
-from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot
+from dlserve.preprocess.ratings import Catalogue, UserRatings, by_user, one_hot, rating_level
 from dlserve.registry import load_runner
 from dlserve.settings import get_settings
 from evaluation.recsys import Biases
@@ -134,3 +135,26 @@ def test_same_commands_train_and_evaluate_a_ratings_csv_folder(tmp_path: Path) -
     assert metrics["rmse"] < 0.8 * metrics["baselines"]["user_item_bias"]["rmse"]
     assert metrics["ndcg@10"] > metrics["baselines"]["popularity"]["ndcg@10"] + 0.2
     assert len(genre_of) == 60
+
+
+@pytest.mark.parametrize(("ratings", "error"), [
+    ([(1, 5.0), (2, 0.5)], r"ratings\[1\]\.rating: expected a number from 1 to 5, got 0\.5"),
+    ([(1, 5.0), (2, float("nan"))], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
+    ([(1, 5.0), (2, 1e308)], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
+    ([(1, 4.25)], r"ratings\[0\]\.rating: expected whole or half stars"),
+    ([(1, 4.0), (2, 3.0), (1, 2.0)], r"ratings\[2\]\.movie_id: movie 1 is rated twice "
+                                     r"\(also at ratings\[0\]\)"),
+])
+def test_user_ratings_names_the_first_bad_entry(runner, ratings, error: str) -> None:
+    with pytest.raises(InputError, match=error):
+        user_ratings(runner, ratings, max_ratings=100)
+
+
+def test_user_ratings_levels_are_each_ratings_level(runner) -> None:
+    rng = np.random.default_rng(0)
+    ids = rng.choice(runner.catalogue.movie_ids, 85, replace=False).tolist()
+    stars = (rng.integers(2, 11, 85) / 2).tolist()  # 1 to 5 in half stars
+    user = user_ratings(runner, list(zip(ids, stars, strict=True)), max_ratings=100)
+    assert user.levels.tolist() == [rating_level(s) for s in stars]
+    assert user.movies.tolist() == runner.catalogue.positions(np.array(ids)).tolist()
+    assert len(user_ratings(runner, [], max_ratings=100)) == 0
