@@ -26,7 +26,7 @@ log = logging.getLogger("dlserve.service")
 
 
 def bentoml_middlewares_to_drop(*, tracing: bool) -> tuple[type, ...]:
-    """The classes of BentoML's middlewares that dlserve leaves out ([] if BentoML no
+    """The classes of BentoML's middlewares that dlserve leaves out (none if BentoML no
     longer has them where this looks)."""
     try:
         from bentoml._internal.server.http.traffic import TimeoutMiddleware

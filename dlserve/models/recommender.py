@@ -20,7 +20,7 @@ from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.ratings import UserRatings, rating_level
 from dlserve.protocol import TensorDecl, Tensors, parameter
 from dlserve.registry import DataSource, Lookup, ModelSpec, Precision, Prepared, Ref, Route
-from dlserve.runners.recommender import RecommenderRunner, Rows
+from dlserve.runners.recommender import RecommenderRunner, Rows, distinct_positions
 from dlserve.settings import Settings
 
 
@@ -157,10 +157,9 @@ def _levels_if_valid(ids: np.ndarray, stars: list[float], movies: int) -> np.nda
     values = np.asarray(stars, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # 1e308 or NaN: refused below
         halves = values * 2
-    rated = np.zeros(movies, dtype=bool)
-    rated[ids] = True
     valid = (np.isfinite(values).all() and ((values >= 1) & (values <= 5)).all()
-             and (halves == np.floor(halves)).all() and np.count_nonzero(rated) == len(ids))
+             and (halves == np.floor(halves)).all()
+             and distinct_positions(ids, movies) == len(ids))
     return np.ceil(values).astype(np.int8) if valid else None
 
 

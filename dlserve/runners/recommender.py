@@ -18,14 +18,20 @@ from dlserve.store import StoredModel
 Rows = tuple[np.ndarray, np.ndarray]  # expected ratings and relevance, each [users, movies]
 
 
+def distinct_positions(positions: np.ndarray, size: int) -> int:
+    """How many different positions (0 ≤ p < size) `positions` holds: 3 µs for a user's
+    85 movies, where len(np.unique(...)) took 20."""
+    seen = np.zeros(size, dtype=bool)
+    seen[positions] = True
+    return int(np.count_nonzero(seen))
+
+
 def top_k(scores: np.ndarray, exclude: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k highest scores, best first, skipping `exclude`; ties → lower
     position first, so the order is deterministic."""
     s = np.asarray(scores, dtype=np.float64).copy()
     s[exclude] = -np.inf
-    excluded = np.zeros(len(s), dtype=bool)
-    excluded[exclude] = True  # counts each position once: 3 µs, where np.unique took 20
-    k = min(k, len(s) - int(np.count_nonzero(excluded)))
+    k = min(k, len(s) - distinct_positions(exclude, len(s)))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
     candidates = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
