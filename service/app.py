@@ -34,11 +34,11 @@ from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
 from service import connections, info, openapi, pages, predict, protocol
-from service.batching import AdaptiveBatcher
+from service.batching import STAGES, AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_middlewares
 from service.guard import RequestGuard
 from service.lifecycle import install_drain, verify_metrics_dir, verify_models
-from service.metrics import get_metrics
+from service.metrics import SHED_REASONS, get_metrics
 
 log = logging.getLogger("dlserve.service")
 # BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
@@ -151,6 +151,12 @@ class DLServe:
         self.metrics.worker_starts.labels(worker=str(bentoml.server_context.worker_index)).inc()
         for name in SERVED:
             self.metrics.model_ready.labels(model=name).set(0)
+            # Series that exist from the start at 0: rate() and increase() miss a counter's
+            # first event when the series appears with it, and these are rare by design.
+            for stage in STAGES:
+                self.metrics.abandoned.labels(model=name, stage=stage)
+            for reason in SHED_REASONS:
+                self.metrics.shed.labels(model=name, reason=reason)
         install_drain(self.begin_drain, settings.drain_delay_s, settings.drain_timeout_s)
         # Loading off the event loop lets /livez answer while models load (/readyz: 503).
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
@@ -217,6 +223,7 @@ class DLServe:
             max_batch_size=settings.max_batch_size if settings.batching else 1,
             max_queue_items=settings.max_queue_items,
             max_wait_s=settings.batch_wait_ms / 1000.0,
+            join=runner.join,
             on_batch=on_batch,
             on_wait=self.metrics.queue_seconds.labels(model=runner.name).observe,
         )

@@ -10,8 +10,21 @@ Why not BentoML's own `batchable=True` dispatcher: it polls the event loop every
 millisecond, sheds queued requests with 503 whenever its latency estimate exceeds
 `max_latency_ms` (24 % of requests at 32 clients here), and fixes the response to a bare
 array, while our routes answer `{"model": ..., "predictions": [...]}`. This batcher is
-event-driven, rejects only when its bounded queue is full (`Overloaded`, HTTP 503 with
-Retry-After), and leaves the wire format to the route.
+event-driven and leaves the wire format to the route.
+
+What a request may cost is bounded, so that a service can run for weeks:
+- No model run is larger than `max_batch_size` items: a request of more items is queued
+  as several chunks (`split`), whose results are joined (`join`) for its answer. One run
+  of 256 long texts held ~1 GiB of ONNX Runtime's memory in each worker after the burst
+  that caused it; chunks also let other requests take turns between them.
+- Work whose caller has gone is withdrawn: when the awaiting task is cancelled (the
+  client hung up, or its deadline passed), its chunks leave the queue at once and no batch
+  is started for them; a chunk already running finishes, nothing after it runs.
+- A request that cannot start before its deadline (`Call.deadline`) is refused at once
+  (`Shed`, HTTP 503 with Retry-After) when the queue ahead of it would take longer than
+  the time it has left, and again when its turn comes after the deadline. A request the
+  client will not wait for is not computed only to be answered 504.
+- The queue is bounded (`max_queue_items`): beyond it, `Overloaded` (503 + Retry-After).
 
 The model runs in a dedicated thread: ONNX Runtime releases the GIL, so the event loop
 keeps parsing the next requests while a batch computes.
@@ -20,12 +33,18 @@ keeps parsing the next requests while a batch computes.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+# Weight of the newest run in the running estimate of one model run's time, which predicts
+# how long the queue ahead of a new request takes.
+EWMA_WEIGHT = 0.2
+MAX_RETRY_AFTER_S = 30
 
 
 class Overloaded(Exception):
@@ -36,12 +55,47 @@ class Overloaded(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Shed(Exception):
+    """The request cannot start its model run before its deadline."""
+
+    def __init__(self, model: str, wait_s: float, left_s: float) -> None:
+        super().__init__(
+            f"{model}: the queue ahead would take about {wait_s:.2f} s and this request "
+            f"has {max(left_s, 0.0):.2f} s left before its deadline (Request-Timeout or "
+            "DLSERVE_REQUEST_TIMEOUT_S); refused now rather than answered late")
+        self.retry_after_s = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s)))
+
+
+# How far a request got (Call.stage), also the label of dlserve_requests_abandoned_total.
+STAGES = ("preparing", "queued", "running")
+
+
+@dataclass
+class Call:
+    """One client request's life, shared by the guard, the request path and the batcher."""
+
+    deadline: float  # time.perf_counter() by which its first model run must start
+    # How far it got: preparing (its input being checked), queued (waiting for a model
+    # run), running (a model run has started for it)
+    stage: str = "preparing"
+    gone: bool = False  # the client hung up
+
+
 @dataclass
 class _Pending:
     payload: Any
     items: int
     future: asyncio.Future[Any]
+    call: Call | None
     queued_at: float = field(default_factory=time.perf_counter)
+    first: bool = True  # its request's first chunk (whose wait is the request's)
+    taken: bool = False  # out of the queue: run, or refused past its deadline
+    withdrawn: bool = False  # its caller left before its turn: skipped, never run
+
+
+def slices(payload: Any, items: int, size: int) -> list[Any]:
+    """`payload` (any sequence of `items` rows: an array, a list) in chunks of ≤ size rows."""
+    return [payload[i:i + size] for i in range(0, items, size)]
 
 
 class AdaptiveBatcher:
@@ -53,6 +107,7 @@ class AdaptiveBatcher:
         max_batch_size: int,
         max_queue_items: int,
         max_wait_s: float = 0.0,
+        join: Callable[[list[Any]], Any] | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
@@ -61,37 +116,99 @@ class AdaptiveBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_items = max_queue_items
         self.max_wait_s = max_wait_s
+        self._join = join  # the results of one request's chunks → its result
         self._on_batch = on_batch
         self._on_wait = on_wait  # each request's time in the queue, when its batch starts
         self._queue: deque[_Pending] = deque()
-        self._queued_items = 0
+        self._queued_items = 0  # of the pendings not withdrawn
         # perf_counter() when the batch now running started; None while the model is idle
         self.running_since: float | None = None
+        self._run_s: float | None = None  # running estimate of one model run's time
         self._draining = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
 
-    async def submit(self, payload: Any, items: int) -> Any:
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    def wait_estimate(self) -> float:
+        """Seconds until a request queued now would start: what is left of the run in
+        progress, then the queue ahead in runs of max_batch_size, each as long as recent
+        runs. Under load the runs are full, so this is close; after a quiet spell (small
+        runs) it errs low, so a request is refused at once only when it surely must be."""
+        if self._run_s is None:
+            return 0.0
+        runs = math.ceil(self._queued_items / self.max_batch_size)
+        wait = runs * self._run_s
+        if self.running_since is not None:
+            wait += max(self._run_s - (time.perf_counter() - self.running_since), 0.0)
+        return wait
+
+    async def submit(self, payload: Any, items: int, call: Call | None = None) -> Any:
         """Queue one request's prepared input (`items` rows) and await its result."""
         if self._queued_items + items > self.max_queue_items and self._queue:
             raise Overloaded(self.name, self._queued_items)
+        if call is not None and self._queue:
+            wait, left = self.wait_estimate(), call.deadline - time.perf_counter()
+            if wait > left:
+                raise Shed(self.name, wait, left)
+        chunked = items > self.max_batch_size and self._join is not None
+        parts = slices(payload, items, self.max_batch_size) if chunked else [payload]
         loop = asyncio.get_running_loop()
-        pending = _Pending(payload, items, loop.create_future())
-        self._queue.append(pending)
+        pendings = [_Pending(part, len(part) if chunked else items, loop.create_future(), call,
+                             first=i == 0) for i, part in enumerate(parts)]
+        self._queue.extend(pendings)
         self._queued_items += items
+        if call is not None:
+            call.stage = "queued"
         if not self._draining:
             self._draining = True
             loop.create_task(self._drain())
-        return await pending.future
+        try:
+            if len(pendings) == 1:
+                return await pendings[0].future
+            results = [await p.future for p in pendings]
+        except BaseException:  # cancelled (client gone, deadline) or a chunk's run failed
+            self._withdraw(pendings)
+            raise
+        assert self._join is not None
+        return self._join(results)
+
+    def _withdraw(self, pendings: list[_Pending]) -> None:
+        """Take a request's chunks that have not had their turn out of the queue."""
+        for p in pendings:
+            if not p.future.done():
+                p.future.cancel()
+            if not p.taken and not p.withdrawn:
+                p.withdrawn = True
+                p.payload = None  # its memory goes now, not when its turn would have come
+                self._queued_items -= p.items
 
     def _take_batch(self) -> list[_Pending]:
-        """Whole requests from the head of the queue, up to max_batch_size items (at least one)."""
-        batch = [self._queue.popleft()]
-        total = batch[0].items
-        while self._queue and total + self._queue[0].items <= self.max_batch_size:
-            nxt = self._queue.popleft()
-            batch.append(nxt)
-            total += nxt.items
-        self._queued_items -= total
+        """Whole chunks from the head of the queue, up to max_batch_size items (at least
+        one), leaving out those withdrawn and refusing those past their deadline."""
+        batch: list[_Pending] = []
+        total = 0
+        now = time.perf_counter()
+        while self._queue:
+            head = self._queue[0]
+            if head.withdrawn:
+                self._queue.popleft()
+                continue
+            if batch and total + head.items > self.max_batch_size:
+                break
+            self._queue.popleft()
+            head.taken = True
+            self._queued_items -= head.items
+            call = head.call
+            if call is not None and call.stage == "queued" and now > call.deadline:
+                head.future.set_exception(Shed(self.name, now - head.queued_at,
+                                               call.deadline - now))
+                continue
+            if call is not None:
+                call.stage = "running"
+            batch.append(head)
+            total += head.items
         return batch
 
     async def _drain(self) -> None:
@@ -100,13 +217,15 @@ class AdaptiveBatcher:
             while self._queue:
                 if self.max_wait_s > 0 and self._queued_items < self.max_batch_size:
                     await asyncio.sleep(self.max_wait_s)
-                batch = [p for p in self._take_batch() if not p.future.cancelled()]
+                batch = self._take_batch()
                 if not batch:
                     continue
                 started = self.running_since = time.perf_counter()
+                items = sum(p.items for p in batch)
                 if self._on_wait is not None:
                     for p in batch:
-                        self._on_wait(started - p.queued_at)
+                        if p.first:
+                            self._on_wait(started - p.queued_at)
                 try:
                     results = await loop.run_in_executor(
                         self._executor, self._run_batch, [p.payload for p in batch])
@@ -117,8 +236,11 @@ class AdaptiveBatcher:
                     continue
                 finally:
                     self.running_since = None
+                seconds = time.perf_counter() - started
+                self._run_s = seconds if self._run_s is None else (
+                    EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * self._run_s)
                 if self._on_batch is not None:
-                    self._on_batch(sum(p.items for p in batch), time.perf_counter() - started)
+                    self._on_batch(items, seconds)
                 for p, result in zip(batch, results, strict=True):
                     if not p.future.done():
                         p.future.set_result(result)

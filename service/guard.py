@@ -16,7 +16,15 @@ names the problem and the setting behind the limit:
   are timed by service/connections.py, before this layer sees the request);
 - 429 + Retry-After once a worker has DLSERVE_MAX_CONCURRENCY requests in hand; a request
   counts only once its body is in, so that slow uploads cannot fill the cap;
-- 504 for a request not answered within DLSERVE_REQUEST_TIMEOUT_S of its body's arrival.
+- 503 + Retry-After for a predict or infer request that cannot start its model run before
+  its deadline: DLSERVE_REQUEST_TIMEOUT_S after its body's arrival, or sooner when the
+  client sends `Request-Timeout: <seconds>` (400 when that is not a positive number); 504
+  for one still being prepared, or whose model run had started, when the deadline came.
+
+While a predict or infer request waits (its input being prepared, its place in the queue,
+its model run), the guard listens for the client's `http.disconnect`: a client that hangs
+up has its request cancelled, which withdraws its queued work before any batch is started
+for it (service/batching.py), and counts it in dlserve_requests_abandoned_total.
 
 A POST to a predict route, or to the Open Inference Protocol's infer route, is then
 answered here (service/predict.py, service/protocol.py), with the body read within the
@@ -41,8 +49,10 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 import random
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,6 +60,7 @@ from typing import Any
 from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
 from service import predict, protocol
+from service.batching import Call
 from service.metrics import get_metrics
 from service.pages import is_page
 
@@ -63,6 +74,10 @@ Routes = dict[str, tuple[str, Route]]  # path → (model, route)
 CLOSE = {"Connection": "close"}
 # The probes and the metrics must answer even when the predict routes are saturated.
 UNCAPPED_PATHS = frozenset(HEALTH_PATHS)
+# The client's own deadline for a predict or infer request, in seconds (a decimal number);
+# the server's DLSERVE_REQUEST_TIMEOUT_S caps it. Named after gRPC's grpc-timeout and the
+# Request-Timeout proposals; documented in the README, "Deadlines".
+DEADLINE_HEADER = b"request-timeout"
 
 
 def media_type(headers: dict[bytes, bytes]) -> str:
@@ -102,7 +117,7 @@ class RequestGuard:
         headers = dict(scope["headers"])
         path = scope["path"]
         refusal = (self.check_key(path, headers) or self.check_type(scope, headers)
-                   or self.check_length(headers))
+                   or self.check_length(headers) or self.check_deadline(headers))
         if refusal is not None:
             await self.refuse(refusal, scope, receive, send)
             return
@@ -127,37 +142,63 @@ class RequestGuard:
             await self.refuse(refusal, scope, receive, send)
             return
         self.in_flight += 1
+        timeout_s, source = self.timeout_s, "DLSERVE_REQUEST_TIMEOUT_S"
+        call = None
+        if target is not None or infer is not None:
+            asked = headers.get(DEADLINE_HEADER)
+            if asked is not None and float(asked) < timeout_s:
+                timeout_s, source = float(asked), "its Request-Timeout header"
+            call = Call(deadline=time.perf_counter() + timeout_s)
         try:
-            async with asyncio.timeout(self.timeout_s) as deadline:
+            async with asyncio.timeout(timeout_s) as deadline:
                 edited = self.edit_responses(send, deadline)
                 if messages is None:
                     await self.app(scope, receive, edited)
-                elif target is None and infer is None:
+                elif call is None:
                     await self.app(scope, _replay(messages, receive), edited)
                 else:
-                    await self.answer(scope, receive, edited, headers, messages, target, infer)
+                    await self.answer(scope, receive, edited, headers, messages, target, infer,
+                                      call)
         except TimeoutError:
             if not deadline.expired():
                 raise  # the app's own, not the deadline's
             # The answer had not begun (edit_responses lifts the deadline once it does).
-            await self.refuse((504, f"the request was not answered within {self.timeout_s:g} "
-                               "seconds (DLSERVE_REQUEST_TIMEOUT_S)", {}), scope, receive, send)
+            if call is not None and call.stage == "queued":
+                await self.refuse((503, f"the request could not start within {timeout_s:g} "
+                                   f"seconds ({source}): the model's queue is too long; retry "
+                                   "shortly", {"Retry-After": "1"}), scope, receive, send,
+                                  reason="deadline")
+            else:
+                await self.refuse((504, f"the request was not answered within {timeout_s:g} "
+                                   f"seconds ({source})", {}), scope, receive, send)
         finally:
             self.in_flight -= 1
 
     async def answer(self, scope: Scope, receive: Any, send: Send, headers: dict[bytes, bytes],
                      messages: deque[Message], target: tuple[str, Route] | None,
-                     infer: re.Match[str] | None) -> None:
-        """A predict request (service/predict.py) or an infer request (service/protocol.py)."""
+                     infer: re.Match[str] | None, call: Call) -> None:
+        """A predict request (service/predict.py) or an infer request (service/protocol.py),
+        cancelled if its client hangs up before the answer is ready."""
         service = self.service or _current_service()
         self.service = service
         body = b"".join(m.get("body", b"") for m in messages)
-        if target is not None:
-            response = await predict.answer(service, target[0], target[1], body)
-        else:
-            assert infer is not None
-            response = await protocol.infer(service, infer["name"], infer["version"], headers,
-                                            body)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, call))
+        try:
+            if target is not None:
+                response = await predict.answer(service, target[0], target[1], body, call)
+            else:
+                assert infer is not None
+                response = await protocol.infer(service, infer["name"], infer["version"],
+                                                headers, body, call)
+        except asyncio.CancelledError:
+            if not call.gone:
+                raise  # the deadline's, or the server stopping
+            task.uncancel()  # ours: nobody is left to answer
+            return
+        finally:
+            watcher.cancel()
         await response(scope, receive, send)
 
     def edit_responses(self, send: Send, deadline: asyncio.Timeout) -> Send:
@@ -185,14 +226,19 @@ class RequestGuard:
 
         return edited_send
 
-    async def refuse(self, refusal: Refusal, scope: Scope, receive: Any, send: Any) -> None:
-        """Answer with the refusal, counted in dlserve_errors_total under its route's model."""
+    async def refuse(self, refusal: Refusal, scope: Scope, receive: Any, send: Any,
+                     reason: str | None = None) -> None:
+        """Answer with the refusal, counted in dlserve_errors_total under its route's model
+        (reason: `http_<status>`, or the one given; `deadline` also counts as shed)."""
         status, message, extra_headers = refusal
         target = self.routes.get(scope["path"])
         infer = protocol.INFER.match(scope["path"])
         model = target[0] if target else infer["name"] if infer else None
         if model in self.models:
-            get_metrics().errors.labels(model=model, reason=f"http_{status}").inc()
+            metrics = get_metrics()
+            metrics.errors.labels(model=model, reason=reason or f"http_{status}").inc()
+            if reason == "deadline":
+                metrics.shed.labels(model=model, reason=reason).inc()
         await predict.json_response({"error": message}, status, extra_headers)(
             scope, receive, send)
 
@@ -234,6 +280,19 @@ class RequestGuard:
         return (415, f"Content-Type {kind or '(none)'} is not accepted by {scope['path']}; "
                 f"send {' or '.join(accepted)}", {})
 
+    def check_deadline(self, headers: dict[bytes, bytes]) -> Refusal | None:
+        raw = headers.get(DEADLINE_HEADER)
+        if raw is None:
+            return None
+        try:
+            seconds = float(raw)
+        except ValueError:
+            seconds = math.nan
+        if seconds > 0 and math.isfinite(seconds):
+            return None
+        return (400, f"Request-Timeout {raw.decode('latin-1')!r} is not a positive number of "
+                "seconds", {})
+
     def check_length(self, headers: dict[bytes, bytes]) -> Refusal | None:
         raw = headers.get(b"content-length")
         if raw is None:
@@ -274,6 +333,14 @@ class RequestGuard:
             if elapsed > self.body_grace_s and size < self.min_body_rate * elapsed:
                 return (408, f"the body arrives at {size / elapsed:,.0f} bytes/s, under the "
                         f"minimum of {self.min_body_rate:,} (DLSERVE_MIN_BODY_RATE)", CLOSE)
+
+
+async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], call: Call) -> None:
+    """Cancel `task` when the client hangs up. The body has been read, so the next message
+    uvicorn hands out is the disconnect (it is cancelled before the answer is sent)."""
+    if (await receive())["type"] == "http.disconnect":
+        call.gone = True
+        task.cancel()
 
 
 def _current_service() -> Any:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+# Why a request was refused at once (dlserve_requests_shed_total's reason).
+SHED_REASONS = ("deadline", "overloaded")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -26,6 +28,8 @@ class Metrics:
     queue_seconds: Any  # Histogram[model]: a request's wait in the batcher's queue
     model_ready: Any  # Gauge[model]: 1 once loaded and warmed up in every live worker
     worker_starts: Any  # Counter[worker]: worker processes started, by worker id
+    abandoned: Any  # Counter[model, stage]: requests whose client hung up, by how far they got
+    shed: Any  # Counter[model, reason]: requests refused at once: deadline or overloaded
 
 
 @cache
@@ -62,4 +66,15 @@ def get_metrics() -> Metrics:
         # server starting up only adds series at 1: increase() > 0 means a restart.
         worker_starts=Counter(
             "dlserve_worker_starts", "Worker processes started, by worker id", ["worker"]),
+        # stage: preparing (input being checked), queued (withdrawn before any model run),
+        # running (its model run finished; nothing more ran for it).
+        abandoned=Counter(
+            "dlserve_requests_abandoned", "Requests whose client hung up before the answer, "
+            "by the stage they had reached; their queued work was dropped",
+            ["model", "stage"]),
+        # reason: deadline (could not start its model run before its deadline), overloaded
+        # (the model's queue was full).
+        shed=Counter(
+            "dlserve_requests_shed", "Requests refused at once with 503 + Retry-After rather "
+            "than answered late", ["model", "reason"]),
     )

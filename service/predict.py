@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from dlserve.errors import InputError
 from dlserve.registry import Prepared, Route
-from service.batching import Overloaded
+from service.batching import Call, Overloaded, Shed
 
 if TYPE_CHECKING:
     from service.app import DLServe
@@ -50,9 +50,13 @@ def error(service: DLServe, model: str, status: int, message: str, reason: str,
 
 async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared],
                 respond: Callable[[Any, Prepared, Any], Response], *,
-                heavy: bool = False) -> Response:
+                heavy: bool = False, call: Call | None = None) -> Response:
     """One request to `model`: `prepare(runner)` checks and preprocesses it,
-    `respond(runner, prepared, result)` writes the answer; either may raise InputError."""
+    `respond(runner, prepared, result)` writes the answer; either may raise InputError.
+
+    `call` (from the guard) carries the request's deadline, and says whether its client
+    has gone: the guard cancels this coroutine when the client hangs up, which withdraws
+    its queued work (service/batching.py); that is counted here, by the stage it reached."""
     if not service.ready and not await service.wait_until_loaded():
         return error(service, model, 503, "the models are still loading; retry shortly",
                      "loading", {"Retry-After": "1"})
@@ -62,16 +66,32 @@ async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared]
         prepared = await asyncio.to_thread(prepare, runner) if heavy else prepare(runner)
     except InputError as exc:
         return error(service, model, exc.status, str(exc), f"http_{exc.status}")
+    except asyncio.CancelledError:
+        _count_abandoned(service, model, call)
+        raise
     service.preprocess_seconds[model].observe(time.perf_counter() - started)
     try:
-        result = await service.batchers[model].submit(prepared.part, prepared.items)
-    except Overloaded as exc:
-        return error(service, model, 503, str(exc), "overloaded",
+        result = await service.batchers[model].submit(prepared.part, prepared.items, call)
+    except (Overloaded, Shed) as exc:
+        reason = "overloaded" if isinstance(exc, Overloaded) else "deadline"
+        service.metrics.shed.labels(model=model, reason=reason).inc()
+        return error(service, model, 503, str(exc), reason,
                      {"Retry-After": str(exc.retry_after_s)})
+    except asyncio.CancelledError:
+        _count_abandoned(service, model, call)
+        raise
     try:
         return respond(runner, prepared, result)
     except InputError as exc:  # an output asked for that this request cannot give
         return error(service, model, exc.status, str(exc), f"http_{exc.status}")
+
+
+def _count_abandoned(service: DLServe, model: str, call: Call | None) -> None:
+    """Count a request whose client hung up, by how far it got: preparing (its input was
+    being checked; nothing of it ran), queued (withdrawn before any model run), running
+    (its model run finishes; nothing after it runs)."""
+    if call is not None and call.gone:
+        service.metrics.abandoned.labels(model=model, stage=call.stage).inc()
 
 
 def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
@@ -81,12 +101,13 @@ def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
     return respond
 
 
-async def answer(service: DLServe, model: str, route: Route, body: bytes) -> Response:
+async def answer(service: DLServe, model: str, route: Route, body: bytes,
+                 call: Call | None = None) -> Response:
     """The response to one request to a registry route, from its raw body."""
     settings = service.settings
     return await serve(
         service, model, lambda runner: route.prepare(runner, route.parse(body), settings),
-        _respond(route), heavy=len(body) > HEAVY_BYTES)
+        _respond(route), heavy=len(body) > HEAVY_BYTES, call=call)
 
 
 async def answer_parsed(service: DLServe, model: str, route: Route, request: Any) -> Response:

@@ -24,6 +24,7 @@ from dlserve import __version__, protocol
 from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from dlserve.registry import ModelSpec, Prepared
 from service import predict
+from service.batching import Call
 from service.openapi import PREDICT_ERRORS, Operation
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 async def infer(service: DLServe, name: str, version: str | None,
-                headers: dict[bytes, bytes], body: bytes) -> Response:
+                headers: dict[bytes, bytes], body: bytes, call: Call | None = None) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer."""
     spec = service.specs.get(name)
     if spec is None or spec.tensors is None:
@@ -89,7 +90,7 @@ async def infer(service: DLServe, name: str, version: str | None,
         return Response(content, media_type=media, headers=extra)
 
     return await predict.serve(service, name, prepare, respond,
-                               heavy=len(body) > predict.HEAVY_BYTES)
+                               heavy=len(body) > predict.HEAVY_BYTES, call=call)
 
 
 def _check_version(runner: Any, version: str | None) -> None:

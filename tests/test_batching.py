@@ -1,17 +1,19 @@
-"""The adaptive batcher with a real (numpy) batch function: grouping, splitting, limits."""
+"""The adaptive batcher with a real (numpy) batch function: grouping, splitting, limits,
+bounded runs, withdrawn requests and deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
-from service.batching import AdaptiveBatcher, Overloaded
+from service.batching import AdaptiveBatcher, Call, Overloaded, Shed
 
 
-def make(max_batch: int = 64, max_queue: int = 1000):
+def make(max_batch: int = 64, max_queue: int = 1000, join=None):
     sizes: list[int] = []
     gate = threading.Event()
 
@@ -24,7 +26,7 @@ def make(max_batch: int = 64, max_queue: int = 1000):
         return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
 
     b = AdaptiveBatcher("t", run_batch, max_batch_size=max_batch, max_queue_items=max_queue,
-                        on_batch=lambda n, s: None)
+                        join=join, on_batch=lambda n, s: None)
     return b, sizes, gate
 
 
@@ -88,5 +90,85 @@ def test_close_stops_the_inference_thread() -> None:
         b.close()
         with pytest.raises(RuntimeError, match="shutdown"):
             await b.submit(np.zeros((1, 2)), 1)
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_a_batch_runs_in_bounded_chunks_in_order() -> None:
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=8, join=np.concatenate)  # as a runner's join does
+        gate.set()
+        big = np.arange(21 * 2, dtype=np.float32).reshape(21, 2)
+        out = await b.submit(big, 21)
+        assert np.array_equal(out, big * 2)
+        assert sizes == [8, 8, 5]  # no run over max_batch_size
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_request_is_withdrawn_and_never_runs() -> None:
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=8, join=np.concatenate)  # as a runner's join does
+        first = asyncio.create_task(b.submit(np.zeros((8, 2)), 8))  # runs, held by the gate
+        await asyncio.sleep(0.01)
+        call = Call(deadline=time.perf_counter() + 60)
+        gone = asyncio.create_task(b.submit(np.ones((20, 2)), 20, call))  # 3 chunks, queued
+        await asyncio.sleep(0.01)
+        assert b.queued_items == 20 and call.stage == "queued"
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert b.queued_items == 0  # out of the queue at once, not when its turn comes
+        after = asyncio.create_task(b.submit(np.full((3, 2), 5.0), 3))
+        await asyncio.sleep(0.01)
+        gate.set()
+        assert (await first).shape == (8, 2)
+        assert np.array_equal(await after, np.full((3, 2), 10.0))
+        assert sizes == [8, 3]  # none of the 20 withdrawn rows ran
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_shed_not_run() -> None:
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=8)
+        first = asyncio.create_task(b.submit(np.zeros((8, 2)), 8))
+        await asyncio.sleep(0.01)
+        call = Call(deadline=time.perf_counter() + 0.05)
+        late = asyncio.create_task(b.submit(np.ones((2, 2)), 2, call))
+        await asyncio.sleep(0.1)  # the deadline passes while the first batch holds the model
+        gate.set()
+        await first
+        with pytest.raises(Shed, match="refused now rather than answered late"):
+            await late
+        assert sizes == [8] and call.stage == "queued"
+        b.close()
+
+    asyncio.run(main())
+
+
+def test_a_request_that_cannot_start_in_time_is_shed_at_once() -> None:
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=4)
+        gate.set()
+        await b.submit(np.zeros((4, 2)), 4)  # one run, to learn how long a run takes
+        b._run_s = 1.0  # as if each run took a second
+        gate.clear()
+        held = [asyncio.create_task(b.submit(np.zeros((4, 2)), 4)) for _ in range(3)]
+        await asyncio.sleep(0.01)  # one run in progress, two queued: about 3 s ahead
+        started = time.perf_counter()
+        with pytest.raises(Shed) as refused:
+            await b.submit(np.zeros((1, 2)), 1, Call(deadline=started + 0.5))
+        assert time.perf_counter() - started < 0.1  # at once, not after the wait
+        assert refused.value.retry_after_s >= 2
+        # A request with time enough is queued as usual.
+        ok = asyncio.create_task(b.submit(np.zeros((1, 2)), 1, Call(deadline=started + 30)))
+        gate.set()
+        await asyncio.gather(*held)
+        assert (await ok).shape == (1, 2)
+        b.close()
 
     asyncio.run(main())

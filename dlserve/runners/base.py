@@ -75,6 +75,11 @@ class Runner(Generic[Part, Result]):
         """One run at a few batch sizes, so the first real request pays no lazy set-up."""
         raise NotImplementedError
 
+    def join(self, results: list[Result]) -> Result:
+        """The results of one request's chunks (each a slice of its part, run in turn to
+        bound a model run's size: service/batching.py), as the result of the whole."""
+        return np.concatenate(results)  # type: ignore[return-value]
+
     def describe(self) -> dict[str, Any]:
         """What GET /models shows: the manifest's summary plus where and how it runs."""
         m = self.manifest

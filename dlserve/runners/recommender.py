@@ -60,6 +60,10 @@ class RecommenderRunner(Runner[list[UserRatings], Rows]):
         return list(zip(split_rows(expected, counts), split_rows(relevance, counts),
                         strict=True))
 
+    def join(self, results: list[Rows]) -> Rows:
+        return (np.concatenate([r[0] for r in results]),
+                np.concatenate([r[1] for r in results]))
+
     def warm_up(self) -> None:
         empty = UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))
         for n in (1, 8, 64):
