@@ -17,12 +17,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import yaml
 
 from bench.http import Server, free_port, stop_process_group, wait_ready
 from tests.conftest import ROOT, start_server
 from tests.routes import RouteCase, post, route_cases
+from tests.test_gone_clients import LONG_TEXT, send_and_hang_up
 
 MONITORING = ROOT / "deploy" / "monitoring"
 ALERTS = MONITORING / "alerts.yml"
@@ -67,10 +69,28 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
     exprs = " ".join(expr for _, expr in dashboard_queries())
     for metric in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds",
                    "dlserve_errors_total", "dlserve_batch_items", "dlserve_inference_seconds",
-                   "dlserve_queue_seconds", "dlserve_model_ready", "dlserve_worker_starts_total"):
+                   "dlserve_queue_seconds", "dlserve_model_ready", "dlserve_worker_starts_total",
+                   "dlserve_requests_shed_total", "dlserve_requests_abandoned_total"):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in exprs
+        assert f"histogram_quantile({quantile}, sum by (le, model) (rate(dlserve_queue_seconds" \
+            in exprs
+
+
+def test_the_dashboards_panels_tile_the_grid() -> None:
+    """Unique panel ids, each panel inside Grafana's 24 columns, no two overlapping."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), ids
+    cells: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["w"] > 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +146,38 @@ def send_load(server: str, seconds: float) -> None:
             sent += 1
 
 
+# Hang-ups after the load: enough that some client's leaving is noticed while its request
+# is prepared or queued, few enough that their share of sentiment's requests stays far
+# below DlserveClientsAbandoning's 10 % (the load sends hundreds).
+HANGUPS = 4
+
+
+def shed_and_abandon(server: str) -> None:
+    """One request refused at once (a deadline nothing can meet: 503, shed) and HANGUPS
+    clients that send 256 long texts each and hang up 0.2 s later (abandoned): the
+    dashboard's shed and abandoned panels and their alerts' signals then have data."""
+    with httpx.Client(base_url=server, timeout=30) as client:
+        r = client.post("/sentiment/predict", json={"texts": ["a fine film"]},
+                        headers={"Request-Timeout": "0.000001"})
+        assert r.status_code == 503, r.text
+    send_and_hang_up(server, orjson.dumps({"texts": [LONG_TEXT] * 256}), after_s=0.2,
+                     clients=HANGUPS)
+
+
 @pytest.fixture(scope="module")
 def loaded(prometheus: tuple[str, Server]) -> Iterator[httpx.Client]:
-    """Prometheus, once it holds 5 s of the server under load (and a few scrapes after)."""
+    """Prometheus, once it holds 5 s of the server under load, then a shed request and a few
+    abandoned ones (and a few scrapes after)."""
     url, server = prometheus
     send_load(server.url, 5.0)
+    shed_and_abandon(server.url)
+    scraped = ['count_over_time(up{job="dlserve"}[1m]) >= 8', 'up{job="dlserve"} == 1',
+               'sum(dlserve_requests_shed_total{model="sentiment"}) >= 1',
+               f'sum(dlserve_requests_abandoned_total{{model="sentiment"}}) >= {HANGUPS}']
     with httpx.Client(base_url=url, timeout=30) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if query(client, 'count_over_time(up{job="dlserve"}[1m]) >= 8') and query(
-                    client, 'up{job="dlserve"} == 1'):
+            if all(query(client, promql) for promql in scraped):
                 break
             time.sleep(0.5)
         time.sleep(3)  # scrapes after the last request, so that rates cover all of it
@@ -145,6 +187,14 @@ def loaded(prometheus: tuple[str, Server]) -> Iterator[httpx.Client]:
 def test_prometheus_evaluates_every_dashboard_query_with_data(loaded: httpx.Client) -> None:
     empty = [title for title, expr in dashboard_queries() if not query(loaded, expr)]
     assert not empty, f"panels whose query returned no data: {empty}"
+
+
+def test_prometheus_counts_the_shed_and_the_abandoned_requests(loaded: httpx.Client) -> None:
+    """Through the workers' multiprocess files and the scrape: one shed, every hang-up."""
+    shed = query(loaded, 'sum by (reason) (dlserve_requests_shed_total{model="sentiment"})')
+    assert {r["metric"]["reason"]: float(r["value"][1]) for r in shed} == {"deadline": 1}
+    abandoned = query(loaded, 'sum(dlserve_requests_abandoned_total{model="sentiment"})')
+    assert abandoned and float(abandoned[0]["value"][1]) == HANGUPS, abandoned
 
 
 def test_prometheus_evaluates_every_alert_expression(loaded: httpx.Client) -> None:
