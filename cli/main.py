@@ -11,16 +11,18 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlserve import registry
 from dlserve.manifest import PRECISIONS, ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.settings import Settings, SettingsError, load_settings
 from readers.download import DataError
+
+if TYPE_CHECKING:
+    from cli.serve import StopSignals
 
 log = logging.getLogger("dlserve")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -83,33 +85,74 @@ def cmd_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def ensure_models(settings: Settings, *, quick: bool = False) -> None:
-    """Train and export every configured model that the model store does not hold yet."""
+# training/common.py's RunPaths.checkpoint; named here because that module imports torch.
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def run_cli(settings: Settings, signals: StopSignals, *args: str) -> None:
+    """Run `dlserve ARGS` (train, export) in a child process, so that PyTorch's memory goes
+    when the child exits instead of staying with `dlserve serve` while it serves."""
+    from cli import serve
+
+    command = [sys.executable, "-m", "cli.main", "--data-dir", str(settings.data_dir), *args]
+    status = serve.supervise(command, signals, relay=serve.relay_to_task,
+                             stop_s=serve.TASK_STOP_S)
+    if signals.received:
+        raise serve.Stopped(signals.received[0])
+    if status != 0:
+        raise serve.ServeError(f"`dlserve {' '.join(args)}` failed (exit status {status}); "
+                               "its messages are above")
+
+
+def ensure_models(settings: Settings, signals: StopSignals, *, quick: bool = False) -> None:
+    """Train and export every configured model that the model store does not hold yet, each
+    step in a child process (run_cli)."""
     from dlserve import store
-    from training.common import run_paths
 
     for name in settings.models:
         if store.exists(name):
             continue
-        if not run_paths(settings.artifacts_dir, name).checkpoint.is_file():
+        if not (settings.artifacts_dir / name / CHECKPOINT_FILE).is_file():
             log.warning("model %r is not trained yet: training it now%s",
                         name, " (--quick)" if quick else "")
-            train_model(name, settings, quick=quick)
+            run_cli(settings, signals, "train", name, *(["--quick"] if quick else []))
         log.warning("model %r is not in the model store yet: exporting it now", name)
-        export_model(name, settings)
+        run_cli(settings, signals, "export", name)
+
+
+def server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
+    """`bentoml serve` of the service, and its environment."""
+    command = [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
+               "--working-dir", str(PROJECT_ROOT), "--port", str(settings.port)]
+    env = {**os.environ, "DLSERVE_MODELS": ",".join(settings.models),
+           "DLSERVE_PORT": str(settings.port), "DLSERVE_WORKERS": str(settings.workers)}
+    return command, env
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    ensure_models(settings, quick=args.quick)
-    command = [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-               "--working-dir", str(PROJECT_ROOT), "--port", str(settings.port)]
-    log.info("starting: %s", " ".join(command))
-    if settings.docs:
-        log.info("once it is up: API docs on http://localhost:%d/, a demo page on "
-                 "http://localhost:%d/demo", settings.port, settings.port)
-    env = {**os.environ, "DLSERVE_MODELS": ",".join(settings.models),
-           "DLSERVE_PORT": str(settings.port), "DLSERVE_WORKERS": str(settings.workers)}
-    return subprocess.call(command, env=env)
+    """Supervise the server (cli/serve.py): a taken port or a failed training or export is
+    one line and exit status 2; SIGTERM drains the server, SIGINT stops it at once, and
+    nothing it started outlives it."""
+    from cli import serve
+
+    with serve.supervisor() as signals:
+        try:
+            serve.check_port_free(settings.port)  # before training, which can take minutes
+            ensure_models(settings, signals, quick=args.quick)
+            serve.check_port_free(settings.port)
+            command, env = server_command(settings)
+            log.info("starting: %s", " ".join(command))
+            if settings.docs:
+                log.info("once it is up: API docs on http://localhost:%d/, a demo page on "
+                         "http://localhost:%d/demo", settings.port, settings.port)
+            return serve.supervise(command, signals, relay=serve.relay_to_server, env=env,
+                                   stop_s=settings.drain_timeout_s + serve.STOP_MARGIN_S)
+        except serve.Stopped as stop:
+            log.warning("%s: stopped before the server started", stop)
+            return 128 + stop.signum
+        except serve.ServeError as exc:
+            print(f"dlserve: error: {exc}", file=sys.stderr)
+            return 2
 
 
 def cmd_bench(args: argparse.Namespace, settings: Settings) -> int:
