@@ -82,6 +82,8 @@ class SessionConfig:
     threads: int = 1  # intra-op threads of the CPU provider
     require_gpu: bool = False
     profile: Profile = field(default_factory=dict)  # TensorRT's shapes, warmed up at load
+    cpu_mem_arena: bool = False  # ONNX Runtime's CPU arena (see _session_options)
+    mem_pattern: bool = True  # ONNX Runtime's memory-pattern planning, per input shape
 
 
 def cpu_threads(explicit: int | None, workers: int, cores: int) -> int:
@@ -178,17 +180,25 @@ def session_config(settings: Settings, inputs: list[TensorSpec], preprocessing: 
         threads=cpu_threads(settings.ort_threads, settings.workers,
                             len(os.sched_getaffinity(0))),
         require_gpu=settings.require_gpu,
+        cpu_mem_arena=settings.ort_cpu_mem_arena,
+        mem_pattern=settings.ort_mem_pattern,
     )
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(config: SessionConfig) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # One batch at a time per session, and the graphs are chains: a parallel executor
     # (inter-op threads) would have nothing to run side by side.
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads
+    opts.intra_op_num_threads = config.threads
     opts.inter_op_num_threads = 1
+    # The CPU arena keeps every block it ever grew to, for the life of the session: one run
+    # of 256 long texts left each worker holding ~1 GiB after the burst that caused it.
+    # Without it, tensors come from malloc and go back when the run ends (BENCHMARKS.md,
+    # "Memory": what each option holds after a burst, and what it costs in speed).
+    opts.enable_cpu_mem_arena = config.cpu_mem_arena
+    opts.enable_mem_pattern = config.mem_pattern
     return opts
 
 
@@ -203,7 +213,7 @@ def _try(onnx_path: Path, provider: str, config: SessionConfig) -> ort.Inference
         ort.set_default_logger_severity(ORT_FATAL)
     try:
         with contextlib.redirect_stdout(captured):
-            sess = ort.InferenceSession(str(onnx_path), _session_options(config.threads),
+            sess = ort.InferenceSession(str(onnx_path), _session_options(config),
                                         providers=chain)
     except Exception as exc:  # noqa: BLE001 - any provider failure means "try the next"
         if provider == CPU:

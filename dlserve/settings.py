@@ -61,6 +61,11 @@ class Settings(BaseSettings):
     # Which variant of each model the service, eval, bench and score load when no version
     # is named: the latest model-store version exported with this precision.
     precision: Precision = "fp32"
+    # ONNX Runtime's CPU memory arena: it keeps the largest run's memory for the life of the
+    # session (~1 GiB per worker after one burst of long texts), so it is off; memory-pattern
+    # planning stays on. Measured in BENCHMARKS.md, "Memory" (`dlserve bench --only memory`).
+    ort_cpu_mem_arena: bool = False
+    ort_mem_pattern: bool = True
     # TensorRT's engine and timing caches; unset: a trt-cache folder beside each model.
     trt_cache_dir: Path | None = None
     # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).
