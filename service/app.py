@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import bentoml
@@ -144,6 +145,8 @@ class DLServe:
         # about 1 % of a worker's time.
         self.preprocess_seconds = {name: self.metrics.preprocess_seconds.labels(model=name)
                                    for name in SERVED}
+        # Large bodies are parsed and preprocessed here, one at a time (service/predict.py).
+        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.runners: dict[str, Runner[Any, Any]] = {}
         self.batchers: dict[str, AdaptiveBatcher] = {}
         self.ready = self.draining = False
@@ -203,9 +206,10 @@ class DLServe:
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        """Stop each batcher's inference thread with the worker."""
+        """Stop each batcher's inference thread, and the preparing thread, with the worker."""
         for batcher in self.batchers.values():
             batcher.close()
+        self.preparing.shutdown(wait=False, cancel_futures=True)
 
     def _batcher(self, runner: Runner[Any, Any]) -> AdaptiveBatcher:
         inference = self.metrics.inference_seconds.labels(model=runner.name,
@@ -224,6 +228,7 @@ class DLServe:
             max_queue_items=settings.max_queue_items,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             join=runner.join,
+            cost=runner.item_costs, max_run_cost=runner.run_budget,
             on_batch=on_batch,
             on_wait=self.metrics.queue_seconds.labels(model=runner.name).observe,
         )

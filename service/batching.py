@@ -13,10 +13,12 @@ array, while our routes answer `{"model": ..., "predictions": [...]}`. This batc
 event-driven and leaves the wire format to the route.
 
 What a request may cost is bounded, so that a service can run for weeks:
-- No model run is larger than `max_batch_size` items: a request of more items is queued
-  as several chunks (`split`), whose results are joined (`join`) for its answer. One run
-  of 256 long texts held ~1 GiB of ONNX Runtime's memory in each worker after the burst
-  that caused it; chunks also let other requests take turns between them.
+- No model run is larger than `max_batch_size` items, nor costs more than `max_run_cost`
+  (the runner's own measure: for the LSTM, tokens): a larger request is queued as several
+  chunks, whose results are joined (`join`) for its answer. One run of 256 long texts held
+  ~1 GiB of ONNX Runtime's memory in each worker after the burst that caused it, and one of
+  64 long texts takes 0.7 s, which every request queued behind it waits out; chunks also let
+  other requests take turns between them.
 - Work whose caller has gone is withdrawn: when the awaiting task is cancelled (the
   client hung up, or its deadline passed), its chunks leave the queue at once and no batch
   is started for them; a chunk already running finishes, nothing after it runs.
@@ -85,6 +87,7 @@ class Call:
 class _Pending:
     payload: Any
     items: int
+    cost: int  # in the runner's measure (items, when it has none)
     future: asyncio.Future[Any]
     call: Call | None
     queued_at: float = field(default_factory=time.perf_counter)
@@ -93,9 +96,18 @@ class _Pending:
     withdrawn: bool = False  # its caller left before its turn: skipped, never run
 
 
-def slices(payload: Any, items: int, size: int) -> list[Any]:
-    """`payload` (any sequence of `items` rows: an array, a list) in chunks of ≤ size rows."""
-    return [payload[i:i + size] for i in range(0, items, size)]
+def chunk_bounds(costs: list[int], max_items: int, max_cost: int) -> list[tuple[int, int, int]]:
+    """(start, end, cost) of consecutive chunks of items costing `costs`, each of at most
+    `max_items` items and `max_cost` (an item that alone costs more is a chunk of its own)."""
+    bounds = []
+    start, total = 0, 0
+    for i, cost in enumerate(costs):
+        if i > start and (i - start >= max_items or total + cost > max_cost):
+            bounds.append((start, i, total))
+            start, total = i, 0
+        total += cost
+    bounds.append((start, len(costs), total))
+    return bounds
 
 
 class AdaptiveBatcher:
@@ -108,6 +120,8 @@ class AdaptiveBatcher:
         max_queue_items: int,
         max_wait_s: float = 0.0,
         join: Callable[[list[Any]], Any] | None = None,
+        cost: Callable[[Any], list[int]] | None = None,
+        max_run_cost: int | None = None,
         on_batch: Callable[[int, float], None] | None = None,
         on_wait: Callable[[float], None] | None = None,
     ) -> None:
@@ -117,10 +131,13 @@ class AdaptiveBatcher:
         self.max_queue_items = max_queue_items
         self.max_wait_s = max_wait_s
         self._join = join  # the results of one request's chunks → its result
+        self._cost = cost if max_run_cost is not None else None  # a part → its items' costs
+        self.max_run_cost = max_run_cost or 0
         self._on_batch = on_batch
         self._on_wait = on_wait  # each request's time in the queue, when its batch starts
         self._queue: deque[_Pending] = deque()
         self._queued_items = 0  # of the pendings not withdrawn
+        self._queued_cost = 0
         # perf_counter() when the batch now running started; None while the model is idle
         self.running_since: float | None = None
         self._run_s: float | None = None  # running estimate of one model run's time
@@ -139,6 +156,8 @@ class AdaptiveBatcher:
         if self._run_s is None:
             return 0.0
         runs = math.ceil(self._queued_items / self.max_batch_size)
+        if self.max_run_cost:
+            runs = max(runs, math.ceil(self._queued_cost / self.max_run_cost))
         wait = runs * self._run_s
         if self.running_since is not None:
             wait += max(self._run_s - (time.perf_counter() - self.running_since), 0.0)
@@ -152,13 +171,12 @@ class AdaptiveBatcher:
             wait, left = self.wait_estimate(), call.deadline - time.perf_counter()
             if wait > left:
                 raise Shed(self.name, wait, left)
-        chunked = items > self.max_batch_size and self._join is not None
-        parts = slices(payload, items, self.max_batch_size) if chunked else [payload]
         loop = asyncio.get_running_loop()
-        pendings = [_Pending(part, len(part) if chunked else items, loop.create_future(), call,
-                             first=i == 0) for i, part in enumerate(parts)]
+        pendings = [_Pending(part, n, cost, loop.create_future(), call, first=i == 0)
+                    for i, (part, n, cost) in enumerate(self._chunks(payload, items))]
         self._queue.extend(pendings)
         self._queued_items += items
+        self._queued_cost += sum(p.cost for p in pendings)
         if call is not None:
             call.stage = "queued"
         if not self._draining:
@@ -174,6 +192,17 @@ class AdaptiveBatcher:
         assert self._join is not None
         return self._join(results)
 
+    def _chunks(self, payload: Any, items: int) -> list[tuple[Any, int, int]]:
+        """(part, items, cost) of each chunk of one request: the whole when it fits in one
+        run (or when results cannot be joined)."""
+        if self._cost is None and items <= self.max_batch_size:
+            return [(payload, items, items)]  # most requests: no list of costs to build
+        costs = self._cost(payload) if self._cost is not None else [1] * items
+        bounds = chunk_bounds(costs, self.max_batch_size, self.max_run_cost or items)
+        if len(bounds) == 1 or self._join is None:
+            return [(payload, items, sum(costs))]
+        return [(payload[start:end], end - start, cost) for start, end, cost in bounds]
+
     def _withdraw(self, pendings: list[_Pending]) -> None:
         """Take a request's chunks that have not had their turn out of the queue."""
         for p in pendings:
@@ -183,23 +212,27 @@ class AdaptiveBatcher:
                 p.withdrawn = True
                 p.payload = None  # its memory goes now, not when its turn would have come
                 self._queued_items -= p.items
+                self._queued_cost -= p.cost
 
     def _take_batch(self) -> list[_Pending]:
-        """Whole chunks from the head of the queue, up to max_batch_size items (at least
-        one), leaving out those withdrawn and refusing those past their deadline."""
+        """Whole chunks from the head of the queue, up to max_batch_size items and
+        max_run_cost (at least one chunk), leaving out those withdrawn and refusing those
+        past their deadline."""
         batch: list[_Pending] = []
-        total = 0
+        total = cost = 0
         now = time.perf_counter()
         while self._queue:
             head = self._queue[0]
             if head.withdrawn:
                 self._queue.popleft()
                 continue
-            if batch and total + head.items > self.max_batch_size:
+            if batch and (total + head.items > self.max_batch_size
+                          or (self.max_run_cost and cost + head.cost > self.max_run_cost)):
                 break
             self._queue.popleft()
             head.taken = True
             self._queued_items -= head.items
+            self._queued_cost -= head.cost
             call = head.call
             if call is not None and call.stage == "queued" and now > call.deadline:
                 head.future.set_exception(Shed(self.name, now - head.queued_at,
@@ -209,6 +242,7 @@ class AdaptiveBatcher:
                 call.stage = "running"
             batch.append(head)
             total += head.items
+            cost += head.cost
         return batch
 
     async def _drain(self) -> None:

@@ -32,7 +32,12 @@ if TYPE_CHECKING:
     from service.app import DLServe
 
 # Bodies bigger than this (JSON, text, an image file) take 10 ms or more to parse and
-# prepare, so that is done off the event loop, where it would stall every other request.
+# prepare, so that is done off the event loop, where it would stall every other request,
+# on the worker's one preparing thread (DLServe.preparing): the work is Python, which holds
+# the GIL, so more threads would only contend for it; and a request whose client hangs up
+# while it waits for that thread is never prepared at all. With asyncio's default pool (6
+# threads here), the 6 preparations under way when 64 clients hung up ran on and held an
+# ordinary request sent after them for up to 1 s.
 HEAVY_BYTES = 100_000
 JSON = "application/json"
 
@@ -63,7 +68,11 @@ async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared]
     runner = service.runners[model]
     started = time.perf_counter()
     try:
-        prepared = await asyncio.to_thread(prepare, runner) if heavy else prepare(runner)
+        if heavy:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(service.preparing, prepare, runner)
+        else:
+            prepared = prepare(runner)
     except InputError as exc:
         return error(service, model, exc.status, str(exc), f"http_{exc.status}")
     except asyncio.CancelledError:

@@ -172,3 +172,31 @@ def test_a_request_that_cannot_start_in_time_is_shed_at_once() -> None:
         b.close()
 
     asyncio.run(main())
+
+
+def test_runs_are_bounded_by_the_runners_cost_too() -> None:
+    """Items that cost more (the LSTM's long texts) run fewer to a run, whole requests and
+    chunks alike; a single item over the budget runs alone."""
+    async def main() -> None:
+        sizes: list[int] = []
+
+        def run_batch(parts: list[list[int]]) -> list[list[int]]:
+            sizes.append(sum(len(p) for p in parts))
+            return [[2 * x for x in p] for p in parts]
+
+        b = AdaptiveBatcher("t", run_batch, max_batch_size=8, max_queue_items=1000,
+                            join=lambda rs: [x for r in rs for x in r],
+                            cost=lambda part: part, max_run_cost=10)
+        long = [5] * 6  # six items costing 5: two to a run
+        assert await b.submit(long, 6) == [10] * 6
+        assert sizes == [2, 2, 2]
+        sizes.clear()
+        short = [1] * 12  # twelve costing 1: bounded by items (8), then cost
+        assert await b.submit(short, 12) == [2] * 12
+        assert sizes == [8, 4]
+        sizes.clear()
+        assert await b.submit([30, 1], 2) == [60, 2]  # 30 alone is over the budget
+        assert sizes == [1, 1]
+        b.close()
+
+    asyncio.run(main())

@@ -29,6 +29,10 @@ Result = TypeVar("Result")  # one part's output
 
 
 class Runner(Generic[Part, Result]):
+    # The most one model run may cost, in the measure `item_costs` gives (None: a run is
+    # bounded by DLSERVE_MAX_BATCH_SIZE items alone); the batcher splits requests by it.
+    run_budget: int | None = None
+
     def __init__(self, stored: StoredModel, session: Session) -> None:
         self.stored = stored
         self.session = session
@@ -73,6 +77,10 @@ class Runner(Generic[Part, Result]):
 
     def warm_up(self) -> None:
         """One run at a few batch sizes, so the first real request pays no lazy set-up."""
+        raise NotImplementedError
+
+    def item_costs(self, part: Part) -> list[int]:
+        """What each item of a part costs a model run, in the measure of `run_budget`."""
         raise NotImplementedError
 
     def join(self, results: list[Result]) -> Result:
