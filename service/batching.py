@@ -26,7 +26,10 @@ What a request may cost is bounded, so that a service can run for weeks:
   (`Shed`, HTTP 503 with Retry-After) when the queue ahead of it would take longer than
   the time it has left, and again when its turn comes after the deadline. A request the
   client will not wait for is not computed only to be answered 504.
-- The queue is bounded (`max_queue_items`): beyond it, `Overloaded` (503 + Retry-After).
+- Large requests take turns: one chunk of a request is queued at a time, so a small
+  request waits for one chunk of each large request ahead of it, not for all of them.
+- Accepted work is bounded (`max_queue_items`): beyond it, `Overloaded` (503 +
+  Retry-After).
 
 The model runs in a dedicated thread: ONNX Runtime releases the GIL, so the event loop
 keeps parsing the next requests while a batch computes.
@@ -92,6 +95,7 @@ class _Pending:
     call: Call | None
     queued_at: float = field(default_factory=time.perf_counter)
     first: bool = True  # its request's first chunk (whose wait is the request's)
+    queued: bool = False  # in the queue (a request's later chunks join it in turn)
     taken: bool = False  # out of the queue: run, or refused past its deadline
     withdrawn: bool = False  # its caller left before its turn: skipped, never run
 
@@ -136,7 +140,10 @@ class AdaptiveBatcher:
         self._on_batch = on_batch
         self._on_wait = on_wait  # each request's time in the queue, when its batch starts
         self._queue: deque[_Pending] = deque()
-        self._queued_items = 0  # of the pendings not withdrawn
+        # Items of accepted requests not yet run (bounded by max_queue_items), and of the
+        # chunks in the queue now (what a new request would wait for), and their cost.
+        self._outstanding = 0
+        self._queued_items = 0
         self._queued_cost = 0
         # perf_counter() when the batch now running started; None while the model is idle
         self.running_since: float | None = None
@@ -146,13 +153,16 @@ class AdaptiveBatcher:
 
     @property
     def queued_items(self) -> int:
-        return self._queued_items
+        """Items accepted and not yet run, whether their chunk is in the queue yet or not."""
+        return self._outstanding
 
     def wait_estimate(self) -> float:
         """Seconds until a request queued now would start: what is left of the run in
-        progress, then the queue ahead in runs of max_batch_size, each as long as recent
-        runs. Under load the runs are full, so this is close; after a quiet spell (small
-        runs) it errs low, so a request is refused at once only when it surely must be."""
+        progress, then the chunks in the queue ahead in runs of max_batch_size (and
+        max_run_cost), each as long as recent runs (later chunks of large requests queue
+        behind it). Under load the runs are full, so this is close; after a quiet spell
+        (small runs) it errs low, so a request is refused at once only when it surely must
+        be."""
         if self._run_s is None:
             return 0.0
         runs = math.ceil(self._queued_items / self.max_batch_size)
@@ -164,9 +174,13 @@ class AdaptiveBatcher:
         return wait
 
     async def submit(self, payload: Any, items: int, call: Call | None = None) -> Any:
-        """Queue one request's prepared input (`items` rows) and await its result."""
-        if self._queued_items + items > self.max_queue_items and self._queue:
-            raise Overloaded(self.name, self._queued_items)
+        """Queue one request's prepared input (`items` rows) and await its result.
+
+        A request of several chunks has one chunk in the queue at a time: the next joins
+        the back of the queue when the last has run, so that concurrent large requests take
+        turns and a small one waits for one chunk of each, not for all of them."""
+        if self._outstanding + items > self.max_queue_items and self._outstanding:
+            raise Overloaded(self.name, self._outstanding)
         if call is not None and self._queue:
             wait, left = self.wait_estimate(), call.deadline - time.perf_counter()
             if wait > left:
@@ -174,23 +188,30 @@ class AdaptiveBatcher:
         loop = asyncio.get_running_loop()
         pendings = [_Pending(part, n, cost, loop.create_future(), call, first=i == 0)
                     for i, (part, n, cost) in enumerate(self._chunks(payload, items))]
-        self._queue.extend(pendings)
-        self._queued_items += items
-        self._queued_cost += sum(p.cost for p in pendings)
+        self._outstanding += items
         if call is not None:
             call.stage = "queued"
-        if not self._draining:
-            self._draining = True
-            loop.create_task(self._drain())
         try:
-            if len(pendings) == 1:
-                return await pendings[0].future
-            results = [await p.future for p in pendings]
+            results = []
+            for p in pendings:
+                self._enqueue(p, loop)
+                results.append(await p.future)
         except BaseException:  # cancelled (client gone, deadline) or a chunk's run failed
             self._withdraw(pendings)
             raise
+        if len(results) == 1:
+            return results[0]
         assert self._join is not None
         return self._join(results)
+
+    def _enqueue(self, pending: _Pending, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.append(pending)
+        pending.queued = True
+        self._queued_items += pending.items
+        self._queued_cost += pending.cost
+        if not self._draining:
+            self._draining = True
+            loop.create_task(self._drain())
 
     def _chunks(self, payload: Any, items: int) -> list[tuple[Any, int, int]]:
         """(part, items, cost) of each chunk of one request: the whole when it fits in one
@@ -211,8 +232,10 @@ class AdaptiveBatcher:
             if not p.taken and not p.withdrawn:
                 p.withdrawn = True
                 p.payload = None  # its memory goes now, not when its turn would have come
-                self._queued_items -= p.items
-                self._queued_cost -= p.cost
+                self._outstanding -= p.items
+                if p.queued:
+                    self._queued_items -= p.items
+                    self._queued_cost -= p.cost
 
     def _take_batch(self) -> list[_Pending]:
         """Whole chunks from the head of the queue, up to max_batch_size items and
@@ -231,6 +254,7 @@ class AdaptiveBatcher:
                 break
             self._queue.popleft()
             head.taken = True
+            self._outstanding -= head.items
             self._queued_items -= head.items
             self._queued_cost -= head.cost
             call = head.call

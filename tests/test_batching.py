@@ -200,3 +200,21 @@ def test_runs_are_bounded_by_the_runners_cost_too() -> None:
         b.close()
 
     asyncio.run(main())
+
+
+def test_a_small_request_waits_for_one_chunk_of_a_large_one_not_all() -> None:
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=4, join=np.concatenate)
+        large = asyncio.create_task(b.submit(np.ones((12, 2)), 12))  # three chunks of 4
+        await asyncio.sleep(0.01)  # its first chunk runs, held by the gate
+        small = asyncio.create_task(b.submit(np.full((1, 2), 3.0), 1))
+        await asyncio.sleep(0.01)
+        assert b.queued_items == 8 + 1  # the large one's later chunks still count
+        gate.set()
+        assert np.array_equal(await small, np.full((1, 2), 6.0))
+        assert not large.done()
+        assert np.array_equal(await large, np.full((12, 2), 2.0))
+        assert sizes == [4, 1, 4, 4]  # the small request ran after one chunk, not three
+        b.close()
+
+    asyncio.run(main())
