@@ -17,9 +17,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,7 @@ class Server:
     batch_metrics: bool = False  # its /metrics has dlserve_batch_items (dlserve itself)
     idle_cpu: float = 0.0  # cores it uses while ready and unloaded: measure_idle()
     paused: bool = False
+    cwd: Path = PROJECT_ROOT  # another checkout, to compare a change with what it replaces
 
     def can_serve(self, model: str) -> bool:
         return self.serves is None or model in self.serves
@@ -125,7 +128,7 @@ class Server:
         self.log_path = Path(log)
         command = [c.replace("{port}", str(self.port)) for c in self.command]
         self.process = subprocess.Popen(
-            command, cwd=PROJECT_ROOT, env={**os.environ, **self.env}, stdout=fd,
+            command, cwd=self.cwd, env={**os.environ, **self.env}, stdout=fd,
             stderr=subprocess.STDOUT, start_new_session=True)
         os.close(fd)
         if not wait:
@@ -345,3 +348,30 @@ def _wrk(url: str, script: Path, requests: bytes, *, clients: int, duration_s: f
         **{k: round(raw[f"{k}_us"] / 1e3, 2) for k in ("p50", "p95", "p99", "mean", "max")},
         **{k: raw[k] for k in ("status_2xx", "status_4xx", "status_5xx") if k in raw},
     }
+
+
+def send_at_once(url: str, request: tuple[str, str, bytes], *, clients: int,
+                 timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """Send one request (path, content type, body) from `clients` threads at the same
+    moment, each on a connection of its own: a burst, as many clients retrying together
+    make. Per answer: its status (0 when none came: a connection error or a timeout),
+    whether it carried Retry-After, and its seconds."""
+    import httpx  # a dependency of BentoML's; only the bursts need it
+
+    path, kind, body = request
+    start = threading.Barrier(clients)  # every thread ready, then all sent together
+
+    def send(_: int) -> dict[str, Any]:
+        with httpx.Client(base_url=url, timeout=timeout_s) as client:
+            start.wait()
+            began = time.perf_counter()
+            try:
+                r = client.post(path, content=body, headers={"Content-Type": kind})
+                status, retry = r.status_code, "retry-after" in r.headers
+            except httpx.HTTPError:
+                status, retry = 0, False
+            return {"status": status, "retry_after": retry,
+                    "seconds": round(time.perf_counter() - began, 3)}
+
+    with ThreadPoolExecutor(clients, thread_name_prefix="burst") as pool:
+        return list(pool.map(send, range(clients)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.workloads import Workload
@@ -28,6 +29,9 @@ class BenchContext:
     short_s: float  # seconds of every other run
     rounds: int  # runs of each held cell per server
     soak_minutes: float = 0.0  # the soak section's length; 0: no soak
+    # where BENCHMARKS.md goes: a section that draws a figure writes it under this folder
+    # and keeps its path, relative to it, in its results (None: draw nothing)
+    out: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import orjson
 
 from dlserve.preprocess.ratings import by_user
+from dlserve.preprocess.text import tokenize
 from dlserve.registry import DataSource
 from readers.mnist import load_mnist
 from readers.movielens import load_movielens
@@ -65,6 +66,9 @@ class Workload:
     # of `parts`, so the engine compares with the ceiling
     batch: Callable[[DataSource, Path, int], list[BatchInput]] | None = None
     batch_rows: int = 10_000  # rows the batch section scores (a tenth of them for the RSS)
+    # (data, items) → one valid request of that many large items: the soak's bursts, which
+    # push a worker's memory to its peak (None: the model's items are all small)
+    burst: Callable[[DataSource, int], Mixed] | None = None
 
 
 def cycle(items: list[Any]) -> MakePart:
@@ -107,6 +111,26 @@ def sentiment_bucketing(runner: Any, source: DataSource) -> dict[str, Any]:
     from bench.inprocess import bucketing
 
     return {"bucketing": bucketing(runner, *sentiment_texts(runner, source))}
+
+
+def sentiment_long_texts(source: DataSource) -> list[str]:
+    """SST-2 dev sentences joined until each text has LONG_TOKENS tokens or more: the raw
+    text of sentiment_texts' long reviews, as a client sends it."""
+    out, current, tokens = [], [], 0
+    for text in load_sst2(source.folder, "dev").texts:
+        current.append(text)
+        tokens += len(tokenize(text))
+        if tokens >= LONG_TOKENS:
+            out.append(" ".join(current))
+            current, tokens = [], 0
+    return out
+
+
+def sentiment_burst(source: DataSource, items: int) -> Mixed:
+    """One request of `items` long texts (repeated as needed)."""
+    texts = sentiment_long_texts(source)
+    return ("/sentiment/predict", JSON,
+            orjson.dumps({"texts": [texts[i % len(texts)] for i in range(items)]}))
 
 
 def sentiment_requests(source: DataSource, items: int, count: int,
@@ -245,7 +269,8 @@ DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"),
                   batch_rows=100_000)
 SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
                      sentiment_requests, extra=sentiment_bucketing, overload=True,
-                     mixed=sentiment_mixed, batch=sentiment_batch, batch_rows=5_000)
+                     mixed=sentiment_mixed, batch=sentiment_batch, batch_rows=5_000,
+                     burst=sentiment_burst)
 RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
                        p50_target_ms=10.0, mixed=recommender_mixed, batch=recommender_batch,
                        batch_rows=943)
