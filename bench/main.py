@@ -8,7 +8,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from bench import batch, compare, inprocess, perf_analyzer, precision, profile, report, soak
+from bench import (
+    batch,
+    burst,
+    compare,
+    inprocess,
+    memory,
+    perf_analyzer,
+    precision,
+    profile,
+    report,
+    soak,
+)
 from bench.sections import BenchContext, Section
 from bench.workloads import Workload
 from dlserve import registry
@@ -17,9 +28,9 @@ from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
 # In the order of the report. A new measurement is one more Section here.
-SECTIONS: tuple[Section, ...] = (inprocess.SECTION, precision.SECTION, compare.SECTION,
-                                 batch.SECTION, profile.SECTION, perf_analyzer.SECTION,
-                                 soak.SECTION)
+SECTIONS: tuple[Section, ...] = (inprocess.SECTION, memory.SECTION, precision.SECTION,
+                                 compare.SECTION, batch.SECTION, profile.SECTION,
+                                 perf_analyzer.SECTION, burst.SECTION, soak.SECTION)
 # Sections that run only when asked for with their own option: the soak takes an hour.
 ON_REQUEST = {"soak": "--soak MINUTES"}
 
@@ -49,7 +60,7 @@ def run_bench(settings: Settings, *, out: Path, only: list[str] | None = None,
     sources: dict[str, tuple[Workload, DataSource]] = {
         name: (spec.workload.load(), spec.data(settings))
         for name, spec in registry.serving(settings).items()}
-    ctx = BenchContext(settings, sources, hold_s, short_s, rounds, soak_minutes)
+    ctx = BenchContext(settings, sources, hold_s, short_s, rounds, soak_minutes, out)
     path = out / "benchmarks.json"
     results: dict[str, Any] = {}
     if len(chosen) < len(SECTIONS) and path.is_file():

@@ -63,7 +63,7 @@ def test_bench_compares_servers_under_real_load(digits_model: str, tmp_path: Pat
     monkeypatch.setenv("DLSERVE_WORKERS", "2")
     # (the batch section scores 100,000 images; tests/test_score.py runs it on fewer)
     out = dlserve("bench", "--out", str(tmp_path), "--hold-s", "2", "--short-s", "2",
-                  "--rounds", "2", "--skip", "batch,profile,perf_analyzer,precision,memory")
+                  "--rounds", "2", "--skip", "batch,profile,perf_analyzer,precision,memory,burst")
     assert out.stdout.strip().endswith("BENCHMARKS.md")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     runs = results["sections"]["http"]["runs"]
