@@ -19,9 +19,11 @@ a session of its own. The supervisor itself stays small and only relays signals:
 - DLSERVE_DRAIN_TIMEOUT_S + STOP_MARGIN_S after the first signal, whatever is left of the
   tree is killed (SIGKILL).
 
-"The tree" is every descendant of the supervisor, found with psutil. The supervisor is a
-child subreaper (Linux), so a worker whose arbiter died is re-parented to it rather than to
-init and is still found; and the server's main process gets SIGTERM should the supervisor
+"The tree" is every process seen below the child (psutil, every POLL_S), so a process
+whose parent has died is still stopped; and `dlserve serve` is a child subreaper (Linux), so
+such orphans are re-parented to it rather than to init, and whatever is below it when it
+returns is stopped too (`supervise` alone touches only its child's tree: it may run inside
+a process that has other children); and the server's main process gets SIGTERM should the supervisor
 itself die (PR_SET_PDEATHSIG), so that even `kill -9 <dlserve serve>` leaves nothing serving.
 
 Exit status: the server's own (0 after a clean stop, whatever the signal), or 128 + N when
@@ -219,17 +221,28 @@ def signal_group(pid: int, signum: int) -> None:
         os.killpg(pid, signum)  # the child is its session's and group's leader: pgid == pid
 
 
-def kill_tree(child: psutil.Process, signum: int) -> None:
-    """`signum` to the child's group and to every process below this one. The tree is
-    listed first: once a parent is gone, its children are found only as a subreaper's."""
-    tree = descendants()
+def track(child: psutil.Process, known: dict[int, psutil.Process]) -> list[psutil.Process]:
+    """The live processes of `child`'s tree: those below it now, and those seen below it
+    before (`known`, updated) whose parent has since gone. Only the child's: `supervise`
+    may run inside a process with other children (a test runner's servers), never touched."""
+    with contextlib.suppress(psutil.Error):
+        for process in child.children(recursive=True):
+            known.setdefault(process.pid, process)
+    return [p for p in known.values() if _alive(p)]
+
+
+def kill_tree(child: psutil.Process, signum: int, known: dict[int, psutil.Process]) -> None:
+    """`signum` to the child's group and to every process of its tree. The tree is listed
+    first: once a parent is gone, its children are found only as known before."""
+    tree = track(child, known)
     signal_group(child.pid, signum)
     send(tree, signum)
 
 
-def end_tree(grace_s: float) -> None:
-    """SIGTERM what is left below this process, SIGKILL it `grace_s` later; reap it all."""
-    left = descendants()
+def end_tree(grace_s: float, left: list[psutil.Process] | None = None) -> None:
+    """SIGTERM what is left (`left`, else everything below this process), SIGKILL it
+    `grace_s` later; reap it all."""
+    left = descendants() if left is None else left
     if left:
         log.warning("stopping %d process(es) left behind: %s", len(left),
                     ", ".join(str(p.pid) for p in left))
@@ -258,7 +271,7 @@ def relay_to_server(child: psutil.Process, signum: int, count: int) -> None:
         signal_group(child.pid, signal.SIGTERM)
         return
     log.info("%s: the server stops now", signal.Signals(signum).name)
-    workers = [p for p in descendants() if p.pid != child.pid]  # before any of them exits
+    workers = track(child, {})  # before any of them exits
     signal_group(child.pid, signum)
     send(workers, signum)
 
@@ -266,7 +279,7 @@ def relay_to_server(child: psutil.Process, signum: int, count: int) -> None:
 def relay_to_task(child: psutil.Process, signum: int, count: int) -> None:
     """Training and export have nothing to drain: SIGTERM, then SIGKILL if asked again."""
     stop = signal.SIGTERM if count == 0 else signal.SIGKILL
-    kill_tree(child, stop)
+    kill_tree(child, stop, {})
 
 
 def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, stop_s: float,
@@ -280,6 +293,7 @@ def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, sto
                              start_new_session=True,
                              preexec_fn=_sigterm_when_parent_dies(os.getpid()))
     handle = psutil.Process(child.pid)
+    known: dict[int, psutil.Process] = {}  # its tree, as seen so far
     relayed = 0
     deadline: float | None = None
     while True:
@@ -287,7 +301,7 @@ def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, sto
             status = child.wait(timeout=POLL_S)
             break
         except subprocess.TimeoutExpired:
-            pass
+            track(handle, known)
         for signum in signals.received[relayed:]:
             relay(handle, signum, relayed)
             relayed += 1
@@ -295,9 +309,10 @@ def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, sto
         if deadline is not None and time.monotonic() > deadline:
             log.warning("still running %.0f s after %s: killing every process it started",
                         stop_s, signal.Signals(signals.received[0]).name)
-            kill_tree(handle, signal.SIGKILL)
+            kill_tree(handle, signal.SIGKILL, known)
             deadline = float("inf")  # killed once; now wait for the exit
-    end_tree(grace_s=stop_s)  # workers whose arbiter died: they may drain, as after a signal
+    # Workers whose arbiter died: they may drain, as after a signal.
+    end_tree(grace_s=stop_s, left=[p for p in known.values() if _alive(p)])
     return status if status >= 0 else 128 - status
 
 
