@@ -224,7 +224,7 @@ class DLServe:
 
         return AdaptiveBatcher(
             runner.name, runner.run_batch,
-            max_batch_size=settings.max_batch_size if settings.batching else 1,
+            max_batch_size=settings.max_batch_size, combine=settings.batching,
             max_queue_items=settings.max_queue_items,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             join=runner.join,

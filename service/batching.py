@@ -123,6 +123,7 @@ class AdaptiveBatcher:
         max_batch_size: int,
         max_queue_items: int,
         max_wait_s: float = 0.0,
+        combine: bool = True,
         join: Callable[[list[Any]], Any] | None = None,
         cost: Callable[[Any], list[int]] | None = None,
         max_run_cost: int | None = None,
@@ -134,6 +135,7 @@ class AdaptiveBatcher:
         self.max_batch_size = max_batch_size
         self.max_queue_items = max_queue_items
         self.max_wait_s = max_wait_s
+        self.combine = combine  # False (DLSERVE_BATCHING=false): one request's chunk a run
         self._join = join  # the results of one request's chunks → its result
         self._cost = cost if max_run_cost is not None else None  # a part → its items' costs
         self.max_run_cost = max_run_cost or 0
@@ -249,7 +251,7 @@ class AdaptiveBatcher:
             if head.withdrawn:
                 self._queue.popleft()
                 continue
-            if batch and (total + head.items > self.max_batch_size
+            if batch and (not self.combine or total + head.items > self.max_batch_size
                           or (self.max_run_cost and cost + head.cost > self.max_run_cost)):
                 break
             self._queue.popleft()
