@@ -363,6 +363,8 @@ def burst(settings: Settings, models: list[str]) -> dict[str, Any]:
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
+    if MODEL not in ctx.sources:  # e.g. DLSERVE_MODELS=digits: nothing to burst with
+        return {"skipped": f"the burst needs the {MODEL} model, which is not served here"}
     return burst(ctx.settings, list(ctx.sources))
 
 
@@ -377,6 +379,8 @@ def _mark(met: bool) -> str:
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
+    if "skipped" in r:
+        return ["## Hang-up burst", "", f"Not measured: {r['skipped']}.", ""]
     met = r["met"]
     o = r["ordinary"]
     idle = f"{r['idle_s']:g}" if r["idle_s"] is not None else f"> {IDLE_CAP_S:g}"

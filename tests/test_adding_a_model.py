@@ -76,7 +76,7 @@ def test_the_bench_measures_it(fourth: dict[str, str], tmp_path: Path,
             monkeypatch.setenv(name, value)
     monkeypatch.setenv("DLSERVE_WORKERS", "1")
     dlserve("bench", "--out", str(tmp_path), "--hold-s", "1", "--short-s", "1",
-            "--rounds", "1", "--skip", "profile,perf_analyzer")
+            "--rounds", "1", "--skip", "profile,perf_analyzer,memory,burst")
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     sections = results["sections"]
     assert [c["model"] for c in sections["inprocess"]["ceiling"]] == ["mlp"]

@@ -190,9 +190,11 @@ def test_prometheus_evaluates_every_dashboard_query_with_data(loaded: httpx.Clie
 
 
 def test_prometheus_counts_the_shed_and_the_abandoned_requests(loaded: httpx.Client) -> None:
-    """Through the workers' multiprocess files and the scrape: one shed, every hang-up."""
+    """Through the workers' multiprocess files and the scrape: one shed, every hang-up; the
+    series of each reason exist from the start, at 0, so that rate() sees a first event."""
     shed = query(loaded, 'sum by (reason) (dlserve_requests_shed_total{model="sentiment"})')
-    assert {r["metric"]["reason"]: float(r["value"][1]) for r in shed} == {"deadline": 1}
+    assert {r["metric"]["reason"]: float(r["value"][1]) for r in shed} == {
+        "deadline": 1, "overloaded": 0}
     abandoned = query(loaded, 'sum(dlserve_requests_abandoned_total{model="sentiment"})')
     assert abandoned and float(abandoned[0]["value"][1]) == HANGUPS, abandoned
 
@@ -220,5 +222,12 @@ def test_a_gpu_labelled_server_on_the_cpu_raises_the_fallback_alert(loaded: http
     fallback = {a["labels"]["model"] for a in alerts
                 if a["labels"]["alertname"] == "DlserveGPUFallback"}
     assert fallback == set(os.environ["DLSERVE_MODELS"].split(",")), alerts
-    quiet = {a["labels"]["alertname"] for a in alerts} - {"DlserveGPUFallback"}
+    # The fixture sheds one sentiment request and has four clients hang up, out of a few
+    # dozen: over the threshold of both alerts, which are pending (their `for` has not
+    # passed), for sentiment alone.
+    provoked = {"DlserveRequestsShed", "DlserveClientsAbandoning"}
+    pending = {(a["labels"]["alertname"], a["labels"]["model"], a["state"]) for a in alerts
+               if a["labels"]["alertname"] in provoked}
+    assert pending <= {(name, "sentiment", "pending") for name in provoked}, pending
+    quiet = {a["labels"]["alertname"] for a in alerts} - {"DlserveGPUFallback", *provoked}
     assert not quiet, f"alerts raised on a healthy server: {quiet}"
