@@ -24,8 +24,9 @@ What a request may cost is bounded, so that a service can run for weeks:
   is started for them; a chunk already running finishes, nothing after it runs.
 - A request that cannot start before its deadline (`Call.deadline`) is refused at once
   (`Shed`, HTTP 503 with Retry-After) when the queue ahead of it would take longer than
-  the time it has left, and again when its turn comes after the deadline. A request the
-  client will not wait for is not computed only to be answered 504.
+  the time it has left, and again when its turn comes after the deadline; a request of
+  several chunks, also when it and the work accepted before it would not be done in time.
+  A request the client will not wait for is not computed only to be answered 504.
 - Large requests take turns: one chunk of a request is queued at a time, so a small
   request waits for one chunk of each large request ahead of it, not for all of them.
 - Accepted work is bounded (`max_queue_items`): beyond it, `Overloaded` (503 +
@@ -63,10 +64,11 @@ class Overloaded(Exception):
 class Shed(Exception):
     """The request cannot start its model run before its deadline."""
 
-    def __init__(self, model: str, wait_s: float, left_s: float) -> None:
+    def __init__(self, model: str, wait_s: float, left_s: float,
+                 what: str = "the queue ahead would take") -> None:
         super().__init__(
-            f"{model}: the queue ahead would take about {wait_s:.2f} s and this request "
-            f"has {max(left_s, 0.0):.2f} s left before its deadline (Request-Timeout or "
+            f"{model}: {what} about {wait_s:.2f} s and this request has "
+            f"{max(left_s, 0.0):.2f} s left before its deadline (Request-Timeout or "
             "DLSERVE_REQUEST_TIMEOUT_S); refused now rather than answered late")
         self.retry_after_s = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s)))
 
@@ -150,6 +152,8 @@ class AdaptiveBatcher:
         # perf_counter() when the batch now running started; None while the model is idle
         self.running_since: float | None = None
         self._run_s: float | None = None  # running estimate of one model run's time
+        self._run_cost = 0.0  # ... and of one run's cost (seconds per cost: their ratio)
+        self._outstanding_cost = 0
         self._draining = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
 
@@ -175,6 +179,14 @@ class AdaptiveBatcher:
             wait += max(self._run_s - (time.perf_counter() - self.running_since), 0.0)
         return wait
 
+    def finish_estimate(self, cost: int) -> float:
+        """Seconds until a request of several chunks costing `cost` would be done: its
+        chunks take turns with the chunks of every request accepted before it, so at worst
+        all of that work runs first, at the recent seconds per unit of cost."""
+        if self._run_s is None or not self._run_cost:
+            return 0.0
+        return (self._outstanding_cost + cost) * self._run_s / self._run_cost
+
     async def submit(self, payload: Any, items: int, call: Call | None = None) -> Any:
         """Queue one request's prepared input (`items` rows) and await its result.
 
@@ -187,10 +199,19 @@ class AdaptiveBatcher:
             wait, left = self.wait_estimate(), call.deadline - time.perf_counter()
             if wait > left:
                 raise Shed(self.name, wait, left)
+        chunks = self._chunks(payload, items)
+        cost = sum(c for _, _, c in chunks)
+        if call is not None and len(chunks) > 1 and self._outstanding:
+            # A large request that would start in time but finish late (504, its work
+            # wasted) is refused now: the soak's bursts of 16 x 256 long texts got 504s.
+            finish, left = self.finish_estimate(cost), call.deadline - time.perf_counter()
+            if finish > left:
+                raise Shed(self.name, finish, left, "this request and the work ahead would take")
         loop = asyncio.get_running_loop()
-        pendings = [_Pending(part, n, cost, loop.create_future(), call, first=i == 0)
-                    for i, (part, n, cost) in enumerate(self._chunks(payload, items))]
+        pendings = [_Pending(part, n, c, loop.create_future(), call, first=i == 0)
+                    for i, (part, n, c) in enumerate(chunks)]
         self._outstanding += items
+        self._outstanding_cost += cost
         if call is not None:
             call.stage = "queued"
         try:
@@ -235,6 +256,7 @@ class AdaptiveBatcher:
                 p.withdrawn = True
                 p.payload = None  # its memory goes now, not when its turn would have come
                 self._outstanding -= p.items
+                self._outstanding_cost -= p.cost
                 if p.queued:
                     self._queued_items -= p.items
                     self._queued_cost -= p.cost
@@ -257,6 +279,7 @@ class AdaptiveBatcher:
             self._queue.popleft()
             head.taken = True
             self._outstanding -= head.items
+            self._outstanding_cost -= head.cost
             self._queued_items -= head.items
             self._queued_cost -= head.cost
             call = head.call
@@ -297,8 +320,12 @@ class AdaptiveBatcher:
                 finally:
                     self.running_since = None
                 seconds = time.perf_counter() - started
-                self._run_s = seconds if self._run_s is None else (
-                    EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * self._run_s)
+                run_cost = sum(p.cost for p in batch)
+                if self._run_s is None:
+                    self._run_s, self._run_cost = seconds, run_cost
+                else:
+                    self._run_s = EWMA_WEIGHT * seconds + (1 - EWMA_WEIGHT) * self._run_s
+                    self._run_cost = EWMA_WEIGHT * run_cost + (1 - EWMA_WEIGHT) * self._run_cost
                 if self._on_batch is not None:
                     self._on_batch(items, seconds)
                 for p, result in zip(batch, results, strict=True):

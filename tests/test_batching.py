@@ -218,3 +218,27 @@ def test_a_small_request_waits_for_one_chunk_of_a_large_one_not_all() -> None:
         b.close()
 
     asyncio.run(main())
+
+
+def test_a_large_request_that_would_finish_late_is_shed_at_once() -> None:
+    """Its chunks take turns with the work accepted before it: when all of that would not be
+    done by its deadline, 503 now, not 504 later; a small request still gets in."""
+    async def main() -> None:
+        b, sizes, gate = make(max_batch=4, join=np.concatenate)
+        gate.set()
+        await b.submit(np.zeros((4, 2)), 4)  # one run, to learn how long a run takes
+        b._run_s, b._run_cost = 1.0, 4.0  # as if a run of 4 items took a second
+        gate.clear()
+        ahead = asyncio.create_task(b.submit(np.zeros((12, 2)), 12))  # 3 s of work
+        await asyncio.sleep(0.01)
+        now = time.perf_counter()
+        with pytest.raises(Shed, match="this request and the work ahead would take"):
+            await b.submit(np.zeros((8, 2)), 8, Call(deadline=now + 2))
+        assert b.queued_items == 8  # the refused request left nothing behind
+        small = asyncio.create_task(b.submit(np.zeros((1, 2)), 1, Call(deadline=now + 2)))
+        gate.set()
+        await ahead
+        assert (await small).shape == (1, 2)
+        b.close()
+
+    asyncio.run(main())
