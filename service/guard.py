@@ -145,9 +145,10 @@ class RequestGuard:
         timeout_s, source = self.timeout_s, "DLSERVE_REQUEST_TIMEOUT_S"
         call = None
         if target is not None or infer is not None:
-            asked = headers.get(DEADLINE_HEADER)
-            if asked is not None and float(asked) < timeout_s:
-                timeout_s, source = float(asked), "its Request-Timeout header"
+            raw = headers.get(DEADLINE_HEADER)  # check_deadline has found it a number
+            asked = float(raw) if raw is not None else timeout_s
+            if asked < timeout_s:
+                timeout_s, source = asked, "its Request-Timeout header"
             call = Call(deadline=time.perf_counter() + timeout_s)
         try:
             async with asyncio.timeout(timeout_s) as deadline:
