@@ -59,6 +59,11 @@ class ModelsResponse(BaseModel):
 
 async def list_models(_: Request) -> Response:
     service = bentoml.get_current_service()
+    # /readyz may have been answered by another worker: an empty list from one still
+    # loading would read as "nothing is served" (seen in CI).
+    if not service.ready and not await service.wait_until_loaded():
+        return predict.json_response({"error": "the models are still loading; retry "
+                                      "shortly"}, 503, {"Retry-After": "1"})
     answer = ModelsResponse(models=[ModelInfo.model_validate(r.describe())
                                     for r in service.runners.values()])
     return Response(answer.model_dump_json(), media_type=predict.JSON)
