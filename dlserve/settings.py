@@ -66,6 +66,11 @@ class Settings(BaseSettings):
     # planning stays on. Measured in BENCHMARKS.md, "Memory" (`dlserve bench --only memory`).
     ort_cpu_mem_arena: bool = False
     ort_mem_pattern: bool = True
+    # Every this many seconds a worker hands the memory its allocator holds free back to
+    # the system (glibc's malloc_trim; 0: never). glibc keeps what a burst freed inside its
+    # per-thread arenas: a 10-minute soak with bursts grew each worker by ~40 MiB that one
+    # malloc_trim returned (and more: 52-67 MiB, below its RSS at ready). service/lifecycle.py
+    malloc_trim_s: float = Field(30.0, ge=0)
     # TensorRT's engine and timing caches; unset: a trt-cache folder beside each model.
     trt_cache_dir: Path | None = None
     # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).

@@ -38,7 +38,12 @@ from service import connections, info, openapi, pages, predict, protocol
 from service.batching import STAGES, AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_middlewares
 from service.guard import RequestGuard
-from service.lifecycle import install_drain, verify_metrics_dir, verify_models
+from service.lifecycle import (
+    install_drain,
+    start_trimming,
+    verify_metrics_dir,
+    verify_models,
+)
 from service.metrics import SHED_REASONS, get_metrics
 
 log = logging.getLogger("dlserve.service")
@@ -182,6 +187,7 @@ class DLServe:
                           "reports not alive on /livez")
             return
         tune_gc()
+        start_trimming(settings.malloc_trim_s)
         self.ready = True
         threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog",
                          daemon=True).start()

@@ -9,6 +9,8 @@
   forever.)
 - Workers load and warm their models on a background thread (service/app.py), so that
   /livez answers 200 at once and /readyz 503 until every model is ready.
+- `start_trimming`: a worker returns its allocator's free memory to the system every
+  DLSERVE_MALLOC_TRIM_S, so that what a burst freed does not stay in its RSS.
 - `install_drain`: on SIGTERM a worker reports not-ready at once but keeps serving for the
   drain delay, the time a load balancer or Kubernetes needs to see that and stop sending
   it traffic; then it stops accepting, finishes its in-flight requests, and exits. A
@@ -18,10 +20,13 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -106,3 +111,38 @@ def install_drain(begin_drain: Callable[[], None], delay_s: float, timeout_s: fl
         loop.call_soon_threadsafe(loop.call_later, delay_s, uvicorn_exit, sig, frame)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def start_trimming(every_s: float) -> bool:
+    """Call glibc's malloc_trim(0) every `every_s` seconds on a daemon thread; False where
+    there is no glibc (musl, macOS) or `every_s` is 0.
+
+    Why: glibc gives a thread's freed memory back to the system only from the top of its
+    arena, so what a burst of large requests freed in the middle stays resident. Measured
+    in a 10-minute soak (2 workers, bursts of 256 long texts): each worker's anonymous
+    memory grew 258 → 300 MiB; malloc_trim(0), called from gdb, took it to 242-255 MiB.
+    A trim takes each arena's lock for about a millisecond; every 30 s, that costs nothing
+    measurable (`dlserve bench --only soak`)."""
+    if every_s <= 0:
+        return False
+    path = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(path).malloc_trim if path else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        log.info("malloc_trim is not available (no glibc): freed memory is left to the "
+                 "allocator")
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            started = time.perf_counter()
+            released = trim(0)
+            log.debug("malloc_trim: %s in %.1f ms", "released memory" if released else
+                      "nothing to release", (time.perf_counter() - started) * 1000)
+
+    threading.Thread(target=loop, name="dlserve-trim", daemon=True).start()
+    return True

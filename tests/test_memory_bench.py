@@ -1,9 +1,41 @@
 """The bench's memory section: one configuration measured in a fresh process, as
-`dlserve bench --only memory` does for each, and its rendering."""
+`dlserve bench --only memory` does for each, and its rendering; and the workers' trimming
+of the memory their allocator holds free (service/lifecycle.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from bench.memory import CONFIGS, render, run_child
+
+# A thread allocates 250 MiB in 64 KiB blocks (glibc serves them from the thread's arena,
+# below its mmap threshold), then frees all but every 64th: scattered survivors keep the
+# arena from shrinking, as the requests of a burst do. Prints RSS (MiB) once freed, and
+# again after a second of trimming every 0.2 s (or not, with 0).
+FRAGMENT = """
+import sys, threading, time
+import psutil
+from service.lifecycle import start_trimming
+kept = []
+def churn():
+    blocks = [b"x" * 65536 for _ in range(4000)]
+    kept.extend(blocks[::64])
+thread = threading.Thread(target=churn)
+thread.start()
+thread.join()
+rss = lambda: psutil.Process().memory_info().rss / 2**20
+freed = rss()
+trimming = start_trimming(float(sys.argv[1]))
+time.sleep(1.0)
+print(freed, rss(), trimming)
+"""
+
+
+def fragmented(every_s: float) -> tuple[float, float, bool]:
+    out = subprocess.run([sys.executable, "-c", FRAGMENT, str(every_s)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    return float(out[0]), float(out[1]), out[2] == "True"
 
 
 def test_a_configuration_is_measured_in_its_own_process(digits_model: str) -> None:
@@ -16,3 +48,10 @@ def test_a_configuration_is_measured_in_its_own_process(digits_model: str) -> No
                     "rows": [{"model": "digits", "config": config.name, **row}]}, {})
     assert lines[0] == "## Memory: ONNX Runtime's options after a burst"
     assert f"| digits | {config.name} | {row['loaded_mib']} |" in "\n".join(lines)
+
+
+def test_a_worker_returns_memory_its_allocator_holds_free() -> None:
+    freed, later, trimming = fragmented(0)  # DLSERVE_MALLOC_TRIM_S=0: held
+    assert not trimming and later > freed - 20, (freed, later)
+    freed, later, trimming = fragmented(0.2)
+    assert trimming and later < freed - 150, (freed, later)  # most of the 250 MiB returned
