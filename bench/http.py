@@ -9,6 +9,7 @@ is a real process: `bentoml serve` for dlserve, uvicorn for the naive FastAPI pe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -51,16 +52,31 @@ def free_port() -> int:
 
 def stop_process_group(process: subprocess.Popen[Any]) -> None:
     """Stop a server started with start_new_session=True and every process it spawned
-    (bentoml serve runs its workers as child processes), as Ctrl-C would: SIGINT skips the
-    drain delay a SIGTERM gets (DLSERVE_DRAIN_DELAY_S); SIGKILL after 20 s."""
+    (bentoml serve runs its workers as child processes), as Ctrl-C to `dlserve serve` would:
+    SIGINT to the group and to every process below it, which skips the drain delay a SIGTERM
+    gets (DLSERVE_DRAIN_DELAY_S). BentoML's arbiter answers SIGINT with a SIGTERM to each
+    worker, and runs each in a session of its own, so SIGINT to the group alone made every
+    stop wait out the delay (5 s by default, in each of the tests' ~60 server stops).
+    SIGKILL after 20 s."""
     if process.poll() is not None:
         return
+    try:
+        below = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
     os.killpg(process.pid, signal.SIGINT)
+    for child in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+    _, alive = psutil.wait_procs(below, timeout=5)
+    for child in alive:  # whatever of the tree outlived its leader
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def wait_ready(url: str, process: subprocess.Popen[Any], timeout_s: float = 180.0,
@@ -131,8 +147,12 @@ class Server:
             command, cwd=self.cwd, env={**os.environ, **self.env}, stdout=fd,
             stderr=subprocess.STDOUT, start_new_session=True)
         os.close(fd)
-        if not wait:
-            return
+        if wait:
+            self.wait_until_ready(timeout_s)
+
+    def wait_until_ready(self, timeout_s: float = 180.0) -> None:
+        """Return once the started server answers ready; stop it and say why if it cannot."""
+        assert self.process is not None, f"{self.name}: not started"
         try:
             wait_ready(self.url, self.process, timeout_s, self.ready_path)
         except (RuntimeError, TimeoutError) as exc:
@@ -146,6 +166,13 @@ class Server:
             return []
         root = psutil.Process(self.process.pid)
         return [root, *root.children(recursive=True)]
+
+    def signal_all(self, signum: int) -> None:
+        """`signum` to every process of the server: BentoML's workers each run in a session
+        of their own, which a signal to the server's group does not reach."""
+        for p in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.send_signal(signum)
 
     def cpu_used(self, window_s: float) -> float:
         """Cores the server's processes used over the next `window_s` seconds."""
@@ -182,13 +209,13 @@ class Server:
                and time.monotonic() < deadline):
             pass
         if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGSTOP)
+            self.signal_all(signal.SIGSTOP)
             self.paused = True
 
     def resume(self) -> None:
         """Undo pause(), and wait until the server answers its readiness check again."""
         if self.paused and self.process is not None:
-            os.killpg(self.process.pid, signal.SIGCONT)
+            self.signal_all(signal.SIGCONT)
             self.paused = False
             wait_ready(self.url, self.process, 30.0, self.ready_path)
 
@@ -199,7 +226,7 @@ class Server:
     def stop(self) -> None:
         try:
             if self.paused and self.process is not None and self.process.poll() is None:
-                os.killpg(self.process.pid, signal.SIGCONT)  # a stopped process ignores SIGINT
+                self.signal_all(signal.SIGCONT)  # a stopped process ignores SIGINT
                 self.paused = False
             if self.process is not None:
                 stop_process_group(self.process)
