@@ -67,8 +67,12 @@ ray-tools: install
 	  $(BIN)/python -m pip install --quiet -e '.[ray]' || \
 	  echo "warning: could not install Ray; the Ray engine's test will be skipped"
 
+# Two test processes (pytest-xdist): most tests wait on servers more than they compute;
+# tests marked `exclusive` still run alone (tests/conftest.py). A test file stays in one
+# process (--dist loadfile), with the servers its fixtures start.
+TEST_PROCESSES ?= 2
 test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install bench-tools perf-analyzer
 	$(BIN)/dlserve bench

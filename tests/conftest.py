@@ -1,9 +1,16 @@
 """Shared fixtures: a temporary BentoML home, a model trained and exported through the real
-CLI, and a real BentoML server on a free port, stopped at the end of the session."""
+CLI, and a real BentoML server on a free port, stopped at the end of the session.
+
+`make test` runs the suite in two processes (pytest-xdist, `-n 2`): each has its own
+BentoML home and servers; the three --quick models are trained once per run, by whichever
+process needs one first, and copied by the other (a run folder both share). A test marked
+`exclusive` (it puts the machine under load, or bounds a time) runs alone: while it runs,
+the other process starts no test (`machine_lock`)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.server
 import os
 import shutil
@@ -31,8 +38,61 @@ os.environ["DLSERVE_MODELS"] = "digits,sentiment,recommender"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
 
 
+# One folder per run, shared by the processes of a parallel run: the controller makes it
+# before it starts the worker processes, which inherit the variable.
+_RUN_DIR_VAR = "DLSERVE_TEST_RUN_DIR"
+_OWNS_RUN_DIR = _RUN_DIR_VAR not in os.environ
+if _OWNS_RUN_DIR:
+    os.environ[_RUN_DIR_VAR] = tempfile.mkdtemp(prefix="dlserve-test-run-")
+RUN_DIR = Path(os.environ[_RUN_DIR_VAR])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "exclusive: runs while no other test runs (it loads "
+                            "the machine, or asserts a time bound)")
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_SCRATCH, ignore_errors=True)
+    if _OWNS_RUN_DIR:
+        shutil.rmtree(RUN_DIR, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    with path.open("a") as f:
+        fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def machine_lock(exclusive: bool) -> Iterator[None]:
+    """Shared by ordinary tests, held alone by an exclusive one: a readers-writer lock over
+    the run's processes. Everyone passes the turnstile first, so that an exclusive test
+    waiting for the running ones keeps new ones from starting (plain flock lets a steady
+    stream of shared holders starve it)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    with _flock(RUN_DIR / "turnstile.lock", fcntl.LOCK_EX):
+        pass
+    if not exclusive:
+        with _flock(RUN_DIR / "machine.lock", fcntl.LOCK_SH):
+            yield
+        return
+    with _flock(RUN_DIR / "turnstile.lock", fcntl.LOCK_EX), \
+            _flock(RUN_DIR / "machine.lock", fcntl.LOCK_EX):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    # Around set-up, call and tear-down, so that the servers a test starts count too.
+    with machine_lock(item.get_closest_marker("exclusive") is not None):
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -73,26 +133,28 @@ def dlserve(*args: str, check: bool = True,
 def quick_model(name: str) -> str:
     """Train (--quick) and export a model through the real CLI; return its tag.
 
-    With DLSERVE_TEST_CACHE set (a folder; for development, never set in CI), a model that
-    this function trained there before is copied in instead: its run artefacts and its
-    model-store version, made by the same commands. Busy shared machines train the
-    --quick sentiment model in minutes, and every test run needs all three."""
+    Once per run: the first process of a parallel run to need the model trains it and
+    keeps its run artefacts and model-store version in the run folder; the others copy
+    them in. With DLSERVE_TEST_CACHE set (a folder; for development, never set in CI),
+    that folder keeps them across runs instead: busy shared machines train the --quick
+    sentiment model in minutes, and every test run needs all three."""
     cache = os.environ.get("DLSERVE_TEST_CACHE")
+    saved = (Path(cache) if cache else RUN_DIR / "models") / name
     store = Path(os.environ["BENTOML_HOME"]) / "models" / name
     artifacts = Path(os.environ["DLSERVE_ARTIFACTS_DIR"]) / name
-    saved = Path(cache) / name if cache else None
-    if saved is not None and (saved / "tag").is_file():
-        shutil.copytree(saved / "artifacts", artifacts, dirs_exist_ok=True)
-        shutil.copytree(saved / "store", store, dirs_exist_ok=True)
-        return (saved / "tag").read_text().strip()
-    dlserve("train", name, "--quick")
-    tag = dlserve("export", name).stdout.strip()
-    if saved is not None:
-        shutil.rmtree(saved, ignore_errors=True)
-        shutil.copytree(artifacts, saved / "artifacts")
-        shutil.copytree(store, saved / "store", symlinks=True)
-        (saved / "tag").write_text(tag)
-    return tag
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    with _flock(saved.parent / f"{name}.lock", fcntl.LOCK_EX):
+        if not (saved / "tag").is_file():
+            dlserve("train", name, "--quick")
+            tag = dlserve("export", name).stdout.strip()
+            shutil.rmtree(saved, ignore_errors=True)
+            shutil.copytree(artifacts, saved / "artifacts")
+            shutil.copytree(store, saved / "store", symlinks=True)
+            (saved / "tag").write_text(tag)
+            return tag
+    shutil.copytree(saved / "artifacts", artifacts, dirs_exist_ok=True)
+    shutil.copytree(saved / "store", store, dirs_exist_ok=True, symlinks=True)
+    return (saved / "tag").read_text().strip()
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_shed_not_run() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.exclusive  # a 0.1 s bound
 def test_a_request_that_cannot_start_in_time_is_shed_at_once() -> None:
     async def main() -> None:
         b, sizes, gate = make(max_batch=4)

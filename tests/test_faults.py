@@ -142,6 +142,7 @@ def workers(server: Server) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.exclusive  # times the recovery
 def test_a_killed_worker_is_restarted_after_a_short_burst_of_errors(
         lifecycle: Lifecycle) -> None:
     url = lifecycle.server.url
@@ -188,6 +189,7 @@ def test_a_killed_worker_is_restarted_after_a_short_burst_of_errors(
         "the surviving worker did not keep serving"
 
 
+@pytest.mark.exclusive  # a time bound
 def test_sigterm_drains_in_flight_requests_and_exits_in_time(lifecycle: Lifecycle) -> None:
     server = lifecycle.server
     signalled = threading.Event()
@@ -265,6 +267,7 @@ def private_store(tmp_path: Path, tag: str) -> tuple[Path, Path]:
     return home, home / "models" / name / version
 
 
+@pytest.mark.exclusive  # times the hang
 def test_a_worker_hung_in_a_model_run_answers_504_and_is_replaced(
         digits_model: str, sentiment_model: str, recommender_model: str,
         tmp_path: Path) -> None:

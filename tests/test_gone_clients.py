@@ -11,9 +11,13 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
+import pytest
 
 from service.batching import STAGES
 from tests.test_service_digits import metric_total
+
+# bounds on how soon an ordinary request is answered after hang-ups
+pytestmark = pytest.mark.exclusive
 
 # About 200 words each: long enough that 8 requests of 256 keep both workers busy for
 # seconds, well under the body limit (8 requests of ~300 KB).

@@ -26,6 +26,9 @@ from PIL import Image
 
 from tests.images import encode
 
+# each refusal must come within 0.1 s
+pytestmark = pytest.mark.exclusive
+
 JSON = "application/json"
 DIGIT = [[0] * 28] * 28
 MAX_ITEMS = 256  # DLSERVE_MAX_ITEMS' default

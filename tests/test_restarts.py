@@ -19,6 +19,9 @@ import pytest
 from bench.http import Server
 from tests.conftest import start_server
 
+# a rolling restart under load that must lose no request
+pytestmark = pytest.mark.exclusive
+
 DIGIT = {"images": [[[0] * 28] * 28]}
 RETRY_STATUSES = (503,)
 

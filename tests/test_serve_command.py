@@ -94,6 +94,7 @@ def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path
     assert not [p for p in libraries if "libtorch" in p], "dlserve serve loaded PyTorch"
 
 
+@pytest.mark.exclusive  # time bounds
 @pytest.mark.parametrize("signals", [
     pytest.param([signal.SIGTERM], id="SIGTERM"),
     pytest.param([signal.SIGINT], id="SIGINT"),
@@ -190,6 +191,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.exclusive  # time bounds
 def test_what_ignores_the_signal_is_killed_after_the_timeout(tmp_path: Path) -> None:
     """supervise() itself, with a server that will not stop: SIGKILL for its whole tree
     `stop_s` after the signal, and the exit status says so (128 + SIGKILL)."""

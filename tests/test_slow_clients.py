@@ -21,6 +21,9 @@ import pytest
 from bench.http import Server
 from tests.conftest import start_server
 
+# timeouts measured to the second, and a p99 bound under 1,000 connections
+pytestmark = pytest.mark.exclusive
+
 DIGIT = json.dumps({"images": [[[0] * 28] * 28]}).encode()
 SLOW_CONNECTIONS = 1000
 

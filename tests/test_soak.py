@@ -19,6 +19,9 @@ from bench.soak import ProcessTracker, fit, render, soak
 from dlserve import registry
 from dlserve.settings import load_settings
 
+# a minute of wrk load with bursts: no 5xx and flat memory, on a quiet machine
+pytestmark = pytest.mark.exclusive
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
