@@ -71,8 +71,13 @@ def _dynamic_shapes(inputs: Sequence[TensorSpec]) -> tuple[dict[int, Any], ...]:
 
 def export_onnx(model: torch.nn.Module, spec: ExportSpec, path: Path) -> None:
     example = tuple(torch.from_numpy(a) for a in spec.example)
-    # The exporter's graph passes log every step at INFO; only their warnings matter here.
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+    # The exporter's graph passes log every step at INFO (onnxscript: a line per node it
+    # does not fold, hundreds for the LSTM); only their warnings matter here. Its operator
+    # registry warns once per torchvision operator that torchvision is not installed:
+    # these models use none.
+    for chatty in ("onnx_ir", "onnxscript"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
         torch.onnx.export(

@@ -41,6 +41,16 @@ def test_export_stores_onnx_with_a_complete_manifest(digits_model: str) -> None:
     assert len(m.onnx_sha256) == 64
 
 
+def test_export_prints_its_own_lines_only(digits_model: str, tmp_path: Path) -> None:
+    """A second export of the trained model, into a store of its own: the parity checks and
+    the summary, none of the exporter's graph-pass chatter or its torchvision warnings."""
+    out = dlserve("export", "digits", env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    lines = out.stderr.splitlines()
+    assert lines and all(line.startswith(("INFO export.", "INFO dlserve:")) for line in lines), \
+        out.stderr[-3000:]
+    assert [line for line in lines if "parity digits" in line], lines
+
+
 def test_tampered_onnx_file_is_refused(digits_model: str) -> None:
     stored = store.load("digits")
     original = stored.onnx_path.read_bytes()
