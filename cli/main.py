@@ -316,6 +316,8 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request it sends at INFO: thousands of lines in a bench's bursts.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         models = list(registry.available(load_settings().model_modules))
         args = build_parser(models).parse_args(argv)
