@@ -71,14 +71,16 @@ ray-tools: install
 # tests marked `exclusive` still run alone (tests/conftest.py). A test file stays in one
 # process (--dist loadfile), with the servers its fixtures start.
 TEST_PROCESSES ?= 2
+LINTED = dlserve readers training export evaluation service cli bench scoring tests
 test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
+	$(BIN)/ruff check $(LINTED)
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install bench-tools perf-analyzer
 	$(BIN)/dlserve bench
 
 lint: install
-	$(BIN)/ruff check dlserve readers training export evaluation service cli bench scoring tests
+	$(BIN)/ruff check $(LINTED)
 
 clean:
 	rm -rf $(VENV) artifacts .tools
