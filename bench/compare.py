@@ -12,8 +12,9 @@ lands on one worker of a server (BENCHMARKS.md, "Connection balance").
 from __future__ import annotations
 
 import logging
+import signal
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -126,20 +127,25 @@ def run_cells(servers: list[http.Server], cells: list[Cell], sources: Sources,
 def with_servers(servers: list[http.Server], body: Any) -> Any:
     """Start every server, run body(), and stop them all whatever happens.
 
-    The servers start at once and their idle use is measured over one shared window: one
-    after the other, the bench spent 5 s per server waiting for each to settle."""
+    The servers start at once and settle together; then each one's idle use is measured
+    while the others are stopped (SIGSTOP), since one that spins while idle would take CPU
+    from the others' measurements. One after the other, starting and settling took 5 s
+    more per server."""
     try:
         log.info("bench: starting %s", ", ".join(s.name for s in servers))
         for server in servers:
             server.start(wait=False)
         for server in servers:
             server.wait_until_ready()
-        with ThreadPoolExecutor(len(servers)) as pool:
-            for server, idle in zip(servers, pool.map(http.Server.measure_idle, servers),
-                                    strict=True):
-                log.info("bench: %s uses %.2f cores while idle", server.name, idle)
+        time.sleep(http.IDLE_SETTLE_S)
         for server in servers:
-            server.pause()
+            server.signal_all(signal.SIGSTOP)
+        for server in servers:
+            server.signal_all(signal.SIGCONT)
+            log.info("bench: %s uses %.2f cores while idle", server.name,
+                     server.measure_idle(settle=False))
+            server.signal_all(signal.SIGSTOP)
+            server.paused = True
         return body()
     finally:
         for server in servers:

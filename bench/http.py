@@ -53,30 +53,39 @@ def free_port() -> int:
 def stop_process_group(process: subprocess.Popen[Any]) -> None:
     """Stop a server started with start_new_session=True and every process it spawned
     (bentoml serve runs its workers as child processes), as Ctrl-C to `dlserve serve` would:
-    SIGINT to the group and to every process below it, which skips the drain delay a SIGTERM
-    gets (DLSERVE_DRAIN_DELAY_S). BentoML's arbiter answers SIGINT with a SIGTERM to each
-    worker, and runs each in a session of its own, so SIGINT to the group alone made every
-    stop wait out the delay (5 s by default, in each of the tests' ~60 server stops).
-    SIGKILL after 20 s."""
+    SIGINT to the group and to every process below it in a session of its own, which skips
+    the drain delay a SIGTERM gets (DLSERVE_DRAIN_DELAY_S). BentoML's arbiter answers SIGINT
+    with a SIGTERM to each worker, and runs each in a session of its own, so SIGINT to the
+    group alone made every stop wait out the delay (5 s by default, in each of the tests'
+    ~60 server stops). SIGKILL for what is left after 20 s."""
     if process.poll() is not None:
         return
-    try:
-        below = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        below = []
+    below = _below(process.pid)
     os.killpg(process.pid, signal.SIGINT)
     for child in below:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.send_signal(signal.SIGINT)
+        # Only those the group's signal missed: a second SIGINT makes uvicorn skip its
+        # shutdown, and interrupts a plain Python process's clean-up.
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(child.pid) != process.pid:
+                child.send_signal(signal.SIGINT)
     try:
         process.wait(timeout=20)
     except subprocess.TimeoutExpired:
+        below += _below(process.pid)  # including any started since (a respawned worker)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     _, alive = psutil.wait_procs(below, timeout=5)
     for child in alive:  # whatever of the tree outlived its leader
-        with contextlib.suppress(psutil.NoSuchProcess):
+        with contextlib.suppress(psutil.Error):
             child.kill()
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _below(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def wait_ready(url: str, process: subprocess.Popen[Any], timeout_s: float = 180.0,
@@ -169,8 +178,10 @@ class Server:
 
     def signal_all(self, signum: int) -> None:
         """`signum` to every process of the server: BentoML's workers each run in a session
-        of their own, which a signal to the server's group does not reach."""
-        for p in self.processes():
+        of their own, which a signal to the server's group does not reach. SIGCONT goes to
+        the workers before their parent, which may act on their state as soon as it runs."""
+        processes = self.processes()
+        for p in reversed(processes) if signum == signal.SIGCONT else processes:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signum)
 
@@ -190,10 +201,11 @@ class Server:
         time.sleep(window_s)
         return (total(procs) - before) / window_s
 
-    def measure_idle(self) -> float:
+    def measure_idle(self, *, settle: bool = True) -> float:
         """Cores the server uses while ready and unloaded (`idle_cpu`), once its start-up
-        work is done."""
-        time.sleep(IDLE_SETTLE_S)
+        work is done (`settle`: wait for that here)."""
+        if settle:
+            time.sleep(IDLE_SETTLE_S)
         self.idle_cpu = round(self.cpu_used(IDLE_WINDOW_S), 2)
         return self.idle_cpu
 

@@ -87,6 +87,8 @@ def settled_sample(server: http.Server, within_s: float = 3.0) -> dict[str, floa
         if now["fds"] == last["fds"]:
             return now
         last = now
+    log.info("bench: soak: the server's descriptors still changed %.0f s after wrk ended",
+             within_s)
     return last
 
 

@@ -24,7 +24,7 @@ PREFIX = "DLSERVE_"
 HEALTH_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live",
                 "/v2/health/ready")
 
-# Official sources (see README "Data"). Each is a base URL or a file URL that the
+# Official sources (see docs/models.md, "Data"). Each is a base URL or a file URL that the
 # matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
 MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 SST2_URL = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
@@ -68,9 +68,9 @@ class Settings(BaseSettings):
     ort_mem_pattern: bool = True
     # Every this many seconds a worker hands the memory its allocator holds free back to
     # the system (glibc's malloc_trim; 0: never). glibc keeps what a burst freed inside its
-    # per-thread arenas: a 10-minute soak with bursts grew each worker by ~40 MiB that one
-    # malloc_trim returned (and more: 52-67 MiB, below its RSS at ready). service/lifecycle.py
-    malloc_trim_s: float = Field(30.0, ge=0)
+    # per-thread arenas: in a 10-minute soak with bursts each worker grew 258 → 300 MiB,
+    # and one malloc_trim took it to 242-255 MiB. See service/lifecycle.py.
+    malloc_trim_s: float = Field(30.0, ge=0, le=3600)
     # TensorRT's engine and timing caches; unset: a trt-cache folder beside each model.
     trt_cache_dir: Path | None = None
     # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).

@@ -62,6 +62,9 @@ async def list_models(_: Request) -> Response:
     # /readyz may have been answered by another worker: an empty list from one still
     # loading would read as "nothing is served" (seen in CI).
     if not service.ready and not await service.wait_until_loaded():
+        if service.load_error is not None:
+            return predict.json_response({"error": "this worker could not load the models: "
+                                          f"{service.load_error}"}, 503)
         return predict.json_response({"error": "the models are still loading; retry "
                                       "shortly"}, 503, {"Retry-After": "1"})
     answer = ModelsResponse(models=[ModelInfo.model_validate(r.describe())

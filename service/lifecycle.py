@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -122,13 +121,13 @@ def start_trimming(every_s: float) -> bool:
     in a 10-minute soak (2 workers, bursts of 256 long texts): each worker's anonymous
     memory grew 258 → 300 MiB; malloc_trim(0), called from gdb, took it to 242-255 MiB.
     A trim takes each arena's lock for about a millisecond; every 30 s, that costs nothing
-    measurable (`dlserve bench --only soak`)."""
+    measurable (`dlserve bench --only soak`). Nothing to do where another allocator (musl's,
+    or a preloaded jemalloc) handles it."""
     if every_s <= 0:
         return False
-    path = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(path).malloc_trim if path else None
-    except (OSError, AttributeError):
+    try:  # the symbols the process has loaded: glibc's, if it runs on glibc
+        trim = ctypes.CDLL(None).malloc_trim
+    except AttributeError:
         trim = None
     if trim is None:
         log.info("malloc_trim is not available (no glibc): freed memory is left to the "

@@ -77,6 +77,8 @@ def machine_lock(exclusive: bool) -> Iterator[None]:
     if "PYTEST_XDIST_WORKER" not in os.environ:
         yield
         return
+    # A worker that made its own run folder would lock nothing the other one sees.
+    assert not _OWNS_RUN_DIR, "the controller did not load tests/conftest.py"
     with _flock(RUN_DIR / "turnstile.lock", fcntl.LOCK_EX):
         pass
     if not exclusive:
@@ -150,7 +152,9 @@ def quick_model(name: str) -> str:
             shutil.rmtree(saved, ignore_errors=True)
             shutil.copytree(artifacts, saved / "artifacts")
             shutil.copytree(store, saved / "store", symlinks=True)
-            (saved / "tag").write_text(tag)
+            # The tag last, whole (a rename): it is what says the entry is complete.
+            (saved / "tag.part").write_text(tag)
+            (saved / "tag.part").replace(saved / "tag")
             return tag
     shutil.copytree(saved / "artifacts", artifacts, dirs_exist_ok=True)
     shutil.copytree(saved / "store", store, dirs_exist_ok=True, symlinks=True)
