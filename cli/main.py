@@ -1,4 +1,4 @@
-"""`dlserve`: train, export, eval, serve, bench and batch-score the models (see README).
+"""`dlserve`: train, export, eval, serve, bench and batch-score the models (see README and docs/).
 
 Every command works on any model in the registry (`dlserve.registry`), by name. Heavy
 imports (torch, bentoml, the data readers) happen inside the command that needs them, so
@@ -230,7 +230,7 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
                         "tolerance")
     e.add_argument("--int8-method", choices=registry.INT8_METHODS,
                    help="with --precision int8: dynamic or static (calibrated) quantisation "
-                        "(default: the model's own choice, see README)")
+                        "(default: the model's own choice, see docs/command-line.md)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")
@@ -270,7 +270,7 @@ def build_parser(models: list[str]) -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
 
     c = sub.add_parser("score", help="batch-score a file (Parquet, CSV, JSON Lines) with a model "
-                       "from the store; resumable; see README, \"Batch scoring\"")
+                       "from the store; resumable; see docs/batch-scoring.md")
     c.add_argument("model", choices=models)
     c.add_argument("input", type=Path, help="file or folder to score")
     c.add_argument("output", type=Path,

@@ -7,7 +7,7 @@ its data set is, and what trains, exports, evaluates, benchmarks and batch-score
 CLI, the service, the bench and batch scoring read `available()`; none of them names a
 model. Adding a model is one more module listed in BUILTIN (or named in
 DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its training and export code:
-README, "Adding a model".
+docs/adding-a-model.md.
 
 This module is part of the torch-free core that the serving image carries. Code the core
 must not import (training and export need PyTorch; evaluation, data readers and the bench

@@ -76,7 +76,7 @@ CLOSE = {"Connection": "close"}
 UNCAPPED_PATHS = frozenset(HEALTH_PATHS)
 # The client's own deadline for a predict or infer request, in seconds (a decimal number);
 # the server's DLSERVE_REQUEST_TIMEOUT_S caps it. Named after gRPC's grpc-timeout and the
-# Request-Timeout proposals; documented in the README, "Deadlines".
+# Request-Timeout proposals; documented in docs/http-api.md, "Deadlines and clients that hang up".
 DEADLINE_HEADER = b"request-timeout"
 
 

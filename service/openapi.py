@@ -58,7 +58,7 @@ HEALTH = {
     "/readyz": "200 once every model is loaded and warmed up; 503 before, and again from "
                "the moment a SIGTERM starts the drain.",
     "/metrics": "Prometheus metrics, correct across worker processes: BentoML's "
-                "`bentoml_service_*` and dlserve's `dlserve_*` (README, \"Metrics\").",
+                "`bentoml_service_*` and dlserve's `dlserve_*` (docs/metrics.md).",
 }
 
 

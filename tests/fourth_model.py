@@ -1,4 +1,4 @@
-"""A fourth model, added the way README "Adding a model" says, to prove the registry: a
+"""A fourth model, added the way docs/adding-a-model.md says, to prove the registry: a
 one-hidden-layer MLP on the MNIST digits, named `mlp`.
 
 Everything about it is in this one module, registered with

@@ -8,7 +8,7 @@ Needs a Docker engine (Debian's docker.io: `make container-tools`); where `docke
 fails, dockerd is started for the tests and stopped after them; where there is no engine
 at all, the tests are skipped, saying so. `make test` runs them only when
 DLSERVE_CONTAINER_TEST=1 or when the caches of an earlier build are there (the base
-image and every wheel): a first build takes minutes (README, "Tests")."""
+image and every wheel): a first build takes minutes (docs/testing.md)."""
 
 from __future__ import annotations
 

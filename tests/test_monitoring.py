@@ -65,7 +65,7 @@ def test_alert_rules_pass_promtools_unit_tests() -> None:
 
 
 def test_the_dashboard_covers_what_operators_watch() -> None:
-    """The panels the README promises, each with a Prometheus query."""
+    """The panels docs/deployment.md promises, each with a Prometheus query."""
     exprs = " ".join(expr for _, expr in dashboard_queries())
     for metric in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds",
                    "dlserve_errors_total", "dlserve_batch_items", "dlserve_inference_seconds",

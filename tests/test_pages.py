@@ -9,7 +9,7 @@ With an API key set, both pages ask for it and then work. The OpenAPI document i
 its examples and the movie search are checked over plain HTTP.
 
 Screenshots of both pages are taken on every run; DLSERVE_UPDATE_SCREENSHOTS=1 also
-writes them, small, to docs/screenshots/ for the README.
+writes them, small, to docs/screenshots/ for the README and docs/pages.md.
 """
 
 from __future__ import annotations

@@ -36,7 +36,8 @@ def int8_models(digits_model: str, sentiment_model: str, recommender_model: str,
     copy of the model store (other test modules keep seeing only what they exported);
     yields their tags by model and the environment that points at that store. Digits must
     meet its tolerance; the other two --quick models, trained for seconds, are not what
-    the tolerances are set for (README, "Providers and precision", has the full models)."""
+    the tolerances are set for (`dlserve bench --only precision` measures the full models:
+    BENCHMARKS.md)."""
     home = tmp_path_factory.mktemp("int8") / "bentoml"
     shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
     env = {"BENTOML_HOME": str(home)}

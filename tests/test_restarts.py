@@ -1,6 +1,6 @@
 """A rolling restart: two servers behind nothing but their readiness, each stopped with
-SIGTERM and started again while clients keep sending; a client that follows the README's
-retry rule loses no request and doubles none."""
+SIGTERM and started again while clients keep sending; a client that follows the retry
+rule (docs/http-api.md, "Retrying") loses no request and doubles none."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class Balancer:
 
 def send_with_retries(balancer: Balancer, request_id: int, log: list[tuple[int, int, int]],
                       ) -> None:
-    """The README's retry rule: retry (on a ready server) after a connection that was
+    """The retry rule of docs/http-api.md: retry (on a ready server) after a connection that was
     refused or dropped before an answer, and after a 503, waiting its Retry-After."""
     for attempt in itertools.count(1):
         url = balancer.pick()

@@ -8,7 +8,7 @@
 #
 # Defaults: cpu, dlserve:<variant>, dlserve:latest. With a registry at hand, plain
 # `bentoml containerize dlserve:latest` builds the same image from python:3.11-slim-bookworm
-# and PyPI (README, "Deploy").
+# and PyPI (docs/deployment.md).
 #
 # Environment: BASE_IMAGE (default dlserve-base:bookworm, made here when missing),
 # WHEELHOUSE (default ~/.cache/dlserve/wheels), DEBIAN_MIRROR, PYTHON (the Python with

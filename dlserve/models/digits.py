@@ -264,7 +264,7 @@ MODEL = ModelSpec(
     # INT8 may cost at most 0.3 accuracy points on the MNIST test split. Static (QDQ, ranges
     # calibrated on 512 training images): ONNX Runtime fuses it into QLinearConv, 1.9-4x
     # faster than dynamic INT8, whose ConvInteger is a slow kernel (measured at batch 64 on
-    # the 2-core AVX2 machine; README, "Providers and precision").
+    # the 2-core AVX2 machine; docs/providers-and-precision.md).
     precision=Precision(metric="accuracy", max_loss=0.003, int8="static",
                         calibration=Ref("export.digits:calibration")),
 )
