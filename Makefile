@@ -74,6 +74,7 @@ TEST_PROCESSES ?= 2
 LINTED = dlserve readers training export evaluation service cli bench scoring tests
 test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install bench-tools perf-analyzer
@@ -81,6 +82,7 @@ bench: install bench-tools perf-analyzer
 
 lint: install
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) artifacts .tools

@@ -4,6 +4,7 @@ with, and its message names the field and what was expected.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,7 +45,7 @@ def check_item_list(items: object, field: str, *, expected: str, noun: str,
             f"{field}: {len(items)} {noun} is more than the limit of {max_items} per request")
 
 
-def describe_validation_errors(errors: list[dict[str, Any]], limit: int = 5) -> str:
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
     """pydantic's errors as one line that names each field: "images[0][3]: Input should be
     a valid number"; a body that is no JSON at all says so."""
     parts = []

@@ -48,7 +48,8 @@ class Ref(Generic[T]):
 
     def load(self) -> T:
         module, _, attribute = self.target.partition(":")
-        return getattr(importlib.import_module(module), attribute)
+        target: T = getattr(importlib.import_module(module), attribute)
+        return target
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,8 @@ class Session:
     output_names: list[str]
 
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(self.output_names, feed)
+        outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
+        return outputs
 
 
 def resolve_providers(names: tuple[str, ...] | list[str]) -> list[str]:

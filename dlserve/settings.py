@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dlserve.manifest import Precision
@@ -32,7 +33,7 @@ MOVIELENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 
 CommaList = Annotated[tuple[str, ...], NoDecode]  # "a,b" in the environment, not JSON
 # Settings a hostile client can push against; SECURITY.md documents each of them.
-SECURITY = {"security": True}
+SECURITY: JsonDict = {"security": True}
 
 
 class SettingsError(ValueError):

@@ -62,7 +62,9 @@ OPERATIONS = info.operations(SERVED) + protocol.operations()
 
 def api_document(service: Any) -> dict[str, Any]:
     """/docs.json: BentoML's OpenAPI document of this service, made dlserve's own."""
-    return openapi.document(DLServe.openapi_spec.asdict(), served=SERVED, operations=OPERATIONS,
+    # (@bentoml.service makes the class a bentoml Service, which the type checker cannot see)
+    spec = DLServe.openapi_spec  # type: ignore[attr-defined]
+    return openapi.document(spec.asdict(), served=SERVED, operations=OPERATIONS,
                             settings=settings,
                             tags={name: r.tag for name, r in service.runners.items()})
 
@@ -210,7 +212,7 @@ class DLServe:
     def begin_drain(self) -> None:
         self.draining = True
 
-    @bentoml.on_shutdown
+    @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def close(self) -> None:
         """Stop each batcher's inference thread, and the preparing thread, with the worker."""
         for batcher in self.batchers.values():
@@ -266,5 +268,5 @@ drop_bentoml_middlewares(tracing=settings.tracing)
 connections.install()
 # Refuses what it must before anything reads the body, and hands predict requests to
 # service/predict.py; edits responses on their way out.
-DLServe.add_asgi_middleware(RequestGuard, routes={
+DLServe.add_asgi_middleware(RequestGuard, routes={  # type: ignore[attr-defined]
     route.path: (name, route) for name, spec in SERVED.items() for route in spec.routes})

@@ -57,5 +57,5 @@ def drop_bentoml_middlewares(*, tracing: bool) -> tuple[type, ...]:
         return [m for m in original(self) if m.cls not in dropped]
 
     middlewares.original = original  # type: ignore[attr-defined]
-    ServiceAppFactory.middlewares = property(middlewares)  # type: ignore[method-assign]
+    ServiceAppFactory.middlewares = property(middlewares)
     return dropped

@@ -109,7 +109,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             spent = self.loop.time() - self.headers_since
             self._arm_header_timer(max(0.0, self.settings.header_timeout_s - spent))
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> None:
         if self.lingering:  # the client has sent all it will: the close can complete
             self.transport.close()
         return None

@@ -54,8 +54,9 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from typing import Any
+
+from starlette.types import Message, Scope, Send
 
 from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
@@ -64,9 +65,6 @@ from service.batching import Call
 from service.metrics import get_metrics
 from service.pages import is_page
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Send = Callable[[Message], Awaitable[None]]
 Refusal = tuple[int, str, dict[str, str]]
 Routes = dict[str, tuple[str, Route]]  # path → (model, route)
 # Refusals of a body end its connection: the rest of the body is not worth reading

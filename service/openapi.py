@@ -87,7 +87,8 @@ def document(base: dict[str, Any], *, served: dict[str, ModelSpec],
              tags: dict[str, str]) -> dict[str, Any]:
     """BentoML's document `base`, rewritten to describe dlserve; `tags` are the loaded
     models' tags by name (empty while they load)."""
-    doc = orjson.loads(orjson.dumps(base, option=orjson.OPT_NON_STR_KEYS))  # status codes: str
+    # (a round trip through JSON makes the status codes strings)
+    doc: dict[str, Any] = orjson.loads(orjson.dumps(base, option=orjson.OPT_NON_STR_KEYS))
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in BENTOML_ONLY:
         schemas.pop(name, None)
@@ -132,10 +133,15 @@ def info(served: dict[str, ModelSpec], settings: Settings, tags: dict[str, str])
     }
 
 
+def route_paths(spec: ModelSpec) -> list[str]:
+    """A model's predict routes, then its lookups."""
+    return [r.path for r in spec.routes] + [lookup.path for lookup in spec.lookups]
+
+
 def description(served: dict[str, ModelSpec], settings: Settings, tags: dict[str, str]) -> str:
     models = "\n".join(
         f"| `{name}` | {spec.summary} | `{tags.get(name, 'loading')}` | "
-        f"{', '.join(f'`{r.path}`' for r in (*spec.routes, *spec.lookups))} |"
+        f"{', '.join(f'`{path}`' for path in route_paths(spec))} |"
         for name, spec in served.items())
     open_paths = ", ".join(f"`{p}`" for p in settings.open_paths)
     key = ("**This server requires an API key**: send `Authorization: Bearer <key>` on every "

@@ -23,6 +23,7 @@ from starlette.responses import Response
 from dlserve import __version__, protocol
 from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
 from dlserve.registry import ModelSpec, Prepared
+from dlserve.runners.base import Runner
 from service import predict
 from service.batching import Call
 from service.openapi import PREDICT_ERRORS, Operation
@@ -104,7 +105,8 @@ def _not_served(name: str) -> Response:
 
 
 def _service() -> DLServe:
-    return bentoml.get_current_service()
+    service: DLServe = bentoml.get_current_service()
+    return service
 
 
 async def server_metadata(_: Request) -> Response:
@@ -129,9 +131,9 @@ async def ready(_: Request) -> Response:
     return predict.json_response({"ready": True})
 
 
-def _loaded(request: Request) -> Any | Response:
-    """The runner of the model the path names (and of the version it names), or the
-    response that says why there is none."""
+def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Response:
+    """The runner of the model the path names (and of the version it names), with the
+    model's tensors; or the response that says why there is none."""
     service = _service()
     name, version = request.path_params["name"], request.path_params.get("version")
     spec = service.specs.get(name)
@@ -145,32 +147,31 @@ def _loaded(request: Request) -> Any | Response:
         _check_version(runner, version)
     except NotFound as exc:
         return predict.json_response({"error": str(exc)}, 404)
-    return runner
+    return runner, spec.tensors
 
 
 async def model_metadata(request: Request) -> Response:
-    runner = _loaded(request)
-    if isinstance(runner, Response):
-        return runner
-    tensors = _service().specs[runner.name].tensors
+    loaded = _loaded(request)
+    if isinstance(loaded, Response):
+        return loaded
+    runner, tensors = loaded
     return predict.json_response(tensors.metadata(runner.name, runner.stored.version, PLATFORM))
 
 
 async def model_config(request: Request) -> Response:
-    runner = _loaded(request)
-    if isinstance(runner, Response):
-        return runner
-    service = _service()
-    tensors = service.specs[runner.name].tensors
+    loaded = _loaded(request)
+    if isinstance(loaded, Response):
+        return loaded
+    runner, tensors = loaded
     return predict.json_response(tensors.config(runner.name, PLATFORM,
-                                                service.settings.max_items))
+                                                _service().settings.max_items))
 
 
 async def model_ready(request: Request) -> Response:
-    runner = _loaded(request)
-    if isinstance(runner, Response):
-        return runner
-    return predict.json_response({"name": runner.name, "ready": True})
+    loaded = _loaded(request)
+    if isinstance(loaded, Response):
+        return loaded
+    return predict.json_response({"name": loaded[0].name, "ready": True})
 
 
 async def infer_endpoint(request: Request) -> Response:

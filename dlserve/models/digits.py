@@ -84,7 +84,7 @@ class DigitsResponse(BaseModel):
     predictions: list[DigitPrediction]
 
 
-def _find_bad_image(images: list[Any]) -> str:
+def _find_bad_image(images: list[Any] | np.ndarray) -> str:
     """The message for the first image that is not a 28×28 array of numbers."""
     expected = f"expected a {SIDE}×{SIDE} array of numbers 0-255"
     for i, image in enumerate(images):
@@ -132,7 +132,8 @@ def parse_images(images: list[Any] | np.ndarray, *, max_items: int) -> np.ndarra
     return check_pixels(pixels, FIELD, sent=images)
 
 
-def check_pixels(pixels: np.ndarray, field: str, sent: list[Any] | None = None) -> np.ndarray:
+def check_pixels(pixels: np.ndarray, field: str,
+                 sent: list[Any] | np.ndarray | None = None) -> np.ndarray:
     """Pixels that are finite and 0-255; InputError names the first that is not. `sent` is
     what the client sent, to quote a value float32 could not hold (1e308)."""
     if pixels.dtype == np.uint8:

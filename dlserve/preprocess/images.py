@@ -80,7 +80,8 @@ def _greyscale(img: Image.Image) -> np.ndarray:
         # Strokes drawn on a transparent canvas: put them on the opposite shade.
         ink_is_light = opaque.any() and lum[opaque].mean() > 127
         background = 0.0 if ink_is_light else 255.0
-        return lum * alpha + background * (1.0 - alpha)
+        composed: np.ndarray = lum * alpha + background * (1.0 - alpha)
+        return composed
     return np.asarray(img.convert("L"), dtype=np.float32)
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import islice
+from typing import Any
 
 import numpy as np
 
@@ -114,11 +115,11 @@ class Vocabulary:
                 return i
         return UNK_ID
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "max_tokens": self.max_tokens}
 
     @classmethod
-    def from_json(cls, raw: dict) -> Vocabulary:
+    def from_json(cls, raw: dict[str, Any]) -> Vocabulary:
         return cls(tokens=list(raw["tokens"]), max_tokens=int(raw["max_tokens"]))
 
     @classmethod

@@ -86,7 +86,7 @@ class Runner(Generic[Part, Result]):
     def join(self, results: list[Result]) -> Result:
         """The results of one request's chunks (each a slice of its part, run in turn to
         bound a model run's size: service/batching.py), as the result of the whole."""
-        return np.concatenate(results)  # type: ignore[return-value]
+        return np.concatenate(results)  # type: ignore[arg-type, return-value]
 
     def describe(self) -> dict[str, Any]:
         """What GET /models shows: the manifest's summary plus where and how it runs."""
@@ -99,7 +99,8 @@ class Runner(Generic[Part, Result]):
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return probabilities
 
 
 def split_rows(array: np.ndarray, counts: list[int]) -> list[np.ndarray]:
