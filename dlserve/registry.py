@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 BUILTIN = ("dlserve.models.digits", "dlserve.models.sentiment", "dlserve.models.recommender")
 JSON = "application/json"
 T = TypeVar("T")
-Int8Method = Literal["dynamic", "static"]  # see Precision.int8
+Int8Method = Literal["dynamic", "static"]  # see PrecisionPlan.int8
 INT8_METHODS: tuple[str, ...] = get_args(Int8Method)
 
 
@@ -53,7 +53,7 @@ class Ref(Generic[T]):
 
 
 @dataclass(frozen=True)
-class Precision:
+class PrecisionPlan:
     """How `dlserve export MODEL --precision int8|fp16` builds and judges the model's
     variants: the evaluation metric a variant is compared on against its FP32 version, the
     most it may lose (in the metric's own units), and how INT8 is made."""
@@ -183,7 +183,7 @@ class ModelSpec:
     # (None: the model has no batch scoring, and `dlserve score` says so)
     scoring: Ref[Any] | None = None
     # Its FP16 and INT8 variants (None: `dlserve export --precision` refuses them)
-    precision: Precision | None = None
+    precision: PrecisionPlan | None = None
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

@@ -5,7 +5,7 @@ against PyTorch), so no PyTorch is needed and the reference is exactly its paren
 - int8, for CPUs, by ONNX Runtime's quantiser: "dynamic" (weights stored as INT8,
   activations quantised at run time; the LSTM's and the matrices' MatMuls) or "static"
   (activations too, with ranges calibrated on training inputs), as the model's registry
-  entry says (`Precision.int8`);
+  entry says (`PrecisionPlan.int8`);
 - fp16, for GPUs, by ONNX Runtime's float16 converter with inputs and outputs kept FP32,
   so clients see no difference.
 The variant is evaluated beside its FP32 parent on the model's held-out data and refused
@@ -31,7 +31,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from dlserve import store
 from dlserve.hashing import sha256_file
 from dlserve.manifest import MANIFEST_FILE, ONNX_FILE, PRECISIONS
-from dlserve.registry import Int8Method, ModelSpec, Precision
+from dlserve.registry import Int8Method, ModelSpec, PrecisionPlan
 from dlserve.settings import Settings
 from dlserve.store import StoredModel
 
@@ -117,7 +117,7 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def build(src: Path, dest: Path, precision: str, plan: Precision,
+def build(src: Path, dest: Path, precision: str, plan: PrecisionPlan,
           calibration: list[dict[str, Any]] | None = None) -> str:
     """Write the `precision` variant of `src` to `dest`; returns how it was made."""
     if precision == "int8":
@@ -134,7 +134,7 @@ def evaluate(spec: ModelSpec, stored: StoredModel, settings: Settings) -> dict[s
     return spec.evaluate.load()(runner, spec.data(settings))
 
 
-def compare(plan: Precision, reference: dict[str, Any], variant: dict[str, Any]
+def compare(plan: PrecisionPlan, reference: dict[str, Any], variant: dict[str, Any]
             ) -> dict[str, Any]:
     """The variant's metric beside its FP32 parent's, and the loss against the tolerance."""
     ref, got = float(reference[plan.metric]), float(variant[plan.metric])

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.preprocess.images import SIDE, decode_image, to_mnist
 from dlserve.protocol import TensorDecl, Tensors
-from dlserve.registry import DataSource, ModelSpec, Precision, Prepared, Ref, Route
+from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Prepared, Ref, Route
 from dlserve.runners.digits import DigitsRunner
 from dlserve.settings import Settings
 
@@ -266,6 +266,6 @@ MODEL = ModelSpec(
     # calibrated on 512 training images): ONNX Runtime fuses it into QLinearConv, 1.9-4x
     # faster than dynamic INT8, whose ConvInteger is a slow kernel (measured at batch 64 on
     # the 2-core AVX2 machine; docs/providers-and-precision.md).
-    precision=Precision(metric="accuracy", max_loss=0.003, int8="static",
+    precision=PrecisionPlan(metric="accuracy", max_loss=0.003, int8="static",
                         calibration=Ref("export.digits:calibration")),
 )

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 from dlserve.errors import InputError, PayloadTooLarge
 from dlserve.preprocess.ratings import UserRatings, rating_level
 from dlserve.protocol import TensorDecl, Tensors, parameter
-from dlserve.registry import DataSource, Lookup, ModelSpec, Precision, Prepared, Ref, Route
+from dlserve.registry import DataSource, Lookup, ModelSpec, PrecisionPlan, Prepared, Ref, Route
 from dlserve.runners.recommender import RecommenderRunner, Rows, distinct_positions
 from dlserve.settings import Settings
 
@@ -318,5 +318,5 @@ MODEL = ModelSpec(
     scoring=Ref("scoring.recommender:SCORER"),
     # INT8 may cost at most 0.01 RMSE on u1.test; dynamic quantisation of the RBM's
     # weight matrices (MatMulInteger).
-    precision=Precision(metric="rmse", max_loss=0.01, higher_is_better=False),
+    precision=PrecisionPlan(metric="rmse", max_loss=0.01, higher_is_better=False),
 )

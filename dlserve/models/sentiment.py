@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
 from dlserve.protocol import TensorDecl, Tensors
-from dlserve.registry import DataSource, ModelSpec, Precision, Prepared, Ref, Route
+from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Prepared, Ref, Route
 from dlserve.runners.sentiment import SentimentRunner
 from dlserve.settings import Settings
 
@@ -115,5 +115,5 @@ MODEL = ModelSpec(
     scoring=Ref("scoring.sentiment:SCORER"),
     # INT8 may cost at most 0.5 accuracy points on SST-2 dev; dynamic quantisation of the
     # LSTM's and the classifier's weights (ONNX Runtime's DynamicQuantizeLSTM, MatMulInteger).
-    precision=Precision(metric="accuracy", max_loss=0.005),
+    precision=PrecisionPlan(metric="accuracy", max_loss=0.005),
 )
