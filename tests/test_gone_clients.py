@@ -57,12 +57,19 @@ def wait_until_idle(client: httpx.Client, quiet_s: float = 1.5, limit_s: float =
     raise AssertionError("the server was still predicting a minute after the clients left")
 
 
+def answered_total(client: httpx.Client) -> float:
+    """Sentiment predictions answered with 200 (BentoML's own request counter)."""
+    return metric_total(client, "bentoml_service_request_total", endpoint="/sentiment/predict",
+                        http_response_code="200")
+
+
 def test_requests_of_clients_that_hang_up_are_dropped_before_they_run(
         client: httpx.Client, server: str) -> None:
     before = wait_until_idle(client)
     abandoned = {stage: metric_total(client, "dlserve_requests_abandoned_total",
                                      model="sentiment", stage=stage) for stage in STAGES}
     prepared = metric_total(client, "dlserve_preprocess_seconds_count", model="sentiment")
+    answered = answered_total(client)
     body = orjson.dumps({"texts": [LONG_TEXT] * ITEMS})
     # Hang up once half the requests are prepared: their 4 runs of 64 texts each are then
     # queued behind the one that runs (a run of 64 long texts takes a tenth of a second or
@@ -75,9 +82,12 @@ def test_requests_of_clients_that_hang_up_are_dropped_before_they_run(
     dropped = {stage: metric_total(client, "dlserve_requests_abandoned_total",
                                    model="sentiment", stage=stage) - abandoned[stage]
                for stage in STAGES}
-    # Every hang-up is counted once, at the stage it had reached; what was queued never ran,
-    # so far from all of it ran.
-    assert sum(dropped.values()) == HANGUPS, dropped
+    # Every hang-up is counted once, at the stage it had reached, unless its answer was
+    # already written (on a slow machine a request of the first worker can finish before
+    # half of all are prepared); what was queued never ran, so far from all of it ran.
+    finished = answered_total(client) - answered - 1
+    assert sum(dropped.values()) + finished == HANGUPS, (dropped, finished)
+    assert finished <= 1, (dropped, finished)
     assert dropped["queued"] + dropped["running"] >= HANGUPS / 2, dropped
     assert ran <= (HANGUPS / 2) * ITEMS, f"{ran} of {HANGUPS * ITEMS} texts ran; {dropped}"
 
