@@ -14,7 +14,8 @@ BentoML wraps around every request are left out of the list it builds.
   comes from a span).
 
 If a future BentoML moves things around, nothing breaks: the patch is skipped with a
-warning, BentoML's stack applies as it is, and tests/test_bentoml_patches.py fails.
+warning, BentoML's stack applies as it is (service/internals.py lists the symbols), and
+tests/test_internals.py and tests/test_bentoml_patches.py fail.
 """
 
 from __future__ import annotations
@@ -22,32 +23,32 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from service import internals
+
 log = logging.getLogger("dlserve.service")
 
 
 def bentoml_middlewares_to_drop(*, tracing: bool) -> tuple[type, ...]:
     """The classes of BentoML's middlewares that dlserve leaves out (none if BentoML no
     longer has them where this looks)."""
-    try:
-        from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    timeout = internals.find(internals.TIMEOUT_MIDDLEWARE)
+    if timeout is None:
+        return ()
+    try:  # a public class of OpenTelemetry's, which BentoML installs
         from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
     except ImportError:
-        log.warning("BentoML's TimeoutMiddleware or OpenTelemetryMiddleware not found; "
-                    "leaving BentoML's stack as it is")
-        return ()
-    return (TimeoutMiddleware,) if tracing else (TimeoutMiddleware, OpenTelemetryMiddleware)
+        return (timeout,)
+    return (timeout,) if tracing else (timeout, OpenTelemetryMiddleware)
 
 
 def drop_bentoml_middlewares(*, tracing: bool) -> tuple[type, ...]:
     """Leave BentoML's TimeoutMiddleware, and its OpenTelemetryMiddleware unless `tracing`,
     out of every app it builds; the classes left out."""
-    try:
-        from _bentoml_impl.server.app import ServiceAppFactory
-    except ImportError:
-        log.warning("BentoML's ServiceAppFactory not found; leaving BentoML's stack as it is")
+    factory = internals.find(internals.APP_FACTORY)
+    if factory is None:
         return ()
     dropped = bentoml_middlewares_to_drop(tracing=tracing)
-    built = ServiceAppFactory.__dict__.get("middlewares")
+    built = vars(factory).get("middlewares")
     if not dropped or not isinstance(built, property) or built.fget is None:
         log.warning("BentoML's middleware list has changed shape; leaving it as it is")
         return ()
@@ -57,5 +58,5 @@ def drop_bentoml_middlewares(*, tracing: bool) -> tuple[type, ...]:
         return [m for m in original(self) if m.cls not in dropped]
 
     middlewares.original = original  # type: ignore[attr-defined]
-    ServiceAppFactory.middlewares = property(middlewares)
+    factory.middlewares = property(middlewares)
     return dropped

@@ -30,9 +30,12 @@ import logging
 from typing import Any
 
 import orjson
+
+# A private class of uvicorn's (service/internals.py): bounded above in requirements.txt.
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dlserve.settings import Settings, get_settings
+from service import internals
 
 log = logging.getLogger("dlserve.service")
 
@@ -162,6 +165,9 @@ def install() -> None:
     starts, after this module has been imported by the worker. So the table's "auto" entry
     is pointed here (tests/test_slow_clients.py fails if that stops taking effect).
     """
-    from uvicorn import config
-
-    config.HTTP_PROTOCOLS["auto"] = f"{__name__}:GuardedHttpProtocol"
+    protocols = internals.find(internals.HTTP_PROTOCOLS)
+    if isinstance(protocols, dict):
+        protocols["auto"] = f"{__name__}:GuardedHttpProtocol"
+    elif protocols is not None:
+        log.warning("uvicorn's HTTP_PROTOCOLS is no longer a table; %s",
+                    internals.HTTP_PROTOCOLS.without_it)

@@ -35,6 +35,7 @@ from dlserve.manifest import ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.runtime import GPURequired
 from dlserve.settings import Settings
+from service import internals
 
 log = logging.getLogger("dlserve.service")
 
@@ -53,14 +54,22 @@ def verify_models(served: dict[str, ModelSpec], settings: Settings) -> None:
             raise SystemExit(f"dlserve: cannot start: {exc}") from None
 
 
+def metrics_dir() -> Path | None:
+    """Where BentoML keeps Prometheus's multi-process files; where the environment says, if
+    BentoML's own setting has moved (service/internals.py)."""
+    container = internals.find(internals.METRICS_DIR)
+    if container is not None:
+        return Path(container.get())
+    fallback = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(fallback) if fallback else None
+
+
 def verify_metrics_dir() -> None:
     """Refuse to start when the directory Prometheus's multi-process counters live in
     exists but cannot be written (a read-only volume): every worker would fail its first
     metric write, and none would ever be ready."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-
-    path = Path(BentoMLContainer.prometheus_multiproc_dir.get())
-    if not path.is_dir():
+    path = metrics_dir()
+    if path is None or not path.is_dir():
         return  # BentoML creates it, or falls back to a temporary directory
     probe = path / f".dlserve-write-check-{os.getpid()}"
     try:
