@@ -75,6 +75,7 @@ LINTED = dlserve readers training export evaluation service cli bench scoring te
 test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
 
 bench: install bench-tools perf-analyzer
@@ -83,6 +84,7 @@ bench: install bench-tools perf-analyzer
 lint: install
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache
 
 clean:
 	rm -rf $(VENV) artifacts .tools

@@ -24,8 +24,8 @@ import numpy as np
 import psutil
 
 from bench import report
-from bench.inprocess import median_seconds
 from bench.sections import BenchContext, Section
+from bench.timing import median_seconds
 from bench.workloads import sentiment_texts
 from dlserve import registry
 from dlserve.settings import load_settings

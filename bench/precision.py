@@ -13,12 +13,13 @@ import os
 from typing import Any
 
 from bench import report
-from bench.inprocess import median_seconds
 from bench.sections import BenchContext, Section
+from bench.timing import median_seconds
 from dlserve import registry, store
 from dlserve.manifest import PRECISIONS
+from dlserve.providers import SHORT_NAMES
 from dlserve.registry import ModelSpec
-from dlserve.runtime import SHORT_NAMES, cpu_threads
+from dlserve.runtime import cpu_threads
 
 log = logging.getLogger("dlserve.bench")
 BATCH = 64  # the service's default largest batch (DLSERVE_MAX_BATCH_SIZE)

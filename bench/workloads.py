@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bench.timing import median_seconds
 from dlserve.preprocess.ratings import by_user
 from dlserve.preprocess.text import tokenize
 from dlserve.registry import DataSource
@@ -107,9 +108,26 @@ def sentiment_texts(runner: Any, source: DataSource) -> tuple[list[list[int]], l
     return short, long
 
 
-def sentiment_bucketing(runner: Any, source: DataSource) -> dict[str, Any]:
-    from bench.inprocess import bucketing
+def bucketing(runner: Any, short: list[list[int]], long: list[list[int]],
+              *, batch: int = 64, long_share: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """Sentiment batches of mostly short texts with a few long ones: length buckets against
+    padding every text to the batch's longest."""
+    rng = np.random.default_rng(seed)
+    n_long = max(1, round(batch * long_share))
+    seqs = [short[i] for i in rng.choice(len(short), batch - n_long)]
+    seqs += [long[i] for i in rng.choice(len(long), n_long)]
+    bucketed = median_seconds(lambda: runner.predict(seqs))
+    padded = median_seconds(lambda: runner.predict(seqs, bucketed=False))
+    lengths = [len(s) for s in seqs]
+    return {
+        "batch": batch, "long_texts": n_long,
+        "tokens_real": sum(lengths), "tokens_padded": max(lengths) * batch,
+        "ms_bucketed": round(bucketed * 1e3, 2), "ms_padded": round(padded * 1e3, 2),
+        "speedup": round(padded / bucketed, 2),
+    }
 
+
+def sentiment_bucketing(runner: Any, source: DataSource) -> dict[str, Any]:
     return {"bucketing": bucketing(runner, *sentiment_texts(runner, source))}
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, NonNegativeInt, ValidationError
 from dlserve.errors import InputError, PayloadTooLarge, describe_validation_errors
 
 if TYPE_CHECKING:
-    from dlserve.registry import Prepared
+    from dlserve.prepared import Prepared
     from dlserve.settings import Settings
 
 HEADER_LENGTH = "inference-header-content-length"

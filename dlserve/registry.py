@@ -5,8 +5,8 @@ model's name, its runner (arrays in, arrays out), its HTTP routes with the reque
 response types they really parse and return, its Open Inference Protocol tensors, where
 its data set is, and what trains, exports, evaluates, benchmarks and batch-scores it. The
 CLI, the service, the bench and batch scoring read `available()`; none of them names a
-model. Adding a model is one more module listed in BUILTIN (or named in
-DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its training and export code:
+model. Adding a model is one more module listed in BUILTIN in dlserve/catalog.py (or named
+in DLSERVE_MODEL_MODULES, for one that lives elsewhere), plus its training and export code:
 docs/adding-a-model.md.
 
 This module is part of the torch-free core that the serving image carries. Code the core
@@ -20,20 +20,20 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from dlserve.catalog import registered
 from dlserve.errors import InputError, describe_validation_errors
+from dlserve.prepared import Prepared
 
 if TYPE_CHECKING:
     from dlserve.protocol import Tensors
     from dlserve.runners.base import Runner
     from dlserve.settings import Settings
 
-BUILTIN = ("dlserve.models.digits", "dlserve.models.sentiment", "dlserve.models.recommender")
 JSON = "application/json"
 T = TypeVar("T")
 Int8Method = Literal["dynamic", "static"]  # see PrecisionPlan.int8
@@ -80,16 +80,6 @@ class DataSource:
 
     folder: Path
     url: str | None
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """One request, checked and preprocessed: the runner's input (`part`, `items` rows of
-    it) and whatever else the answer needs (the recommender's k, the movies asked about)."""
-
-    part: Any
-    items: int
-    context: Any = None
 
 
 @dataclass(frozen=True)
@@ -189,20 +179,9 @@ class ModelSpec:
         return self.runner.load(self.name, settings)
 
 
-@cache
 def available(extra_modules: tuple[str, ...] = ()) -> dict[str, ModelSpec]:
     """Every registered model by name: the built-in ones, then those of `extra_modules`."""
-    specs: dict[str, ModelSpec] = {}
-    for module in (*BUILTIN, *extra_modules):
-        try:
-            spec = importlib.import_module(module).MODEL
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model module {module!r} cannot be registered ({exc}); it must "
-                             "be importable and define MODEL, a ModelSpec") from None
-        if spec.name in specs:
-            raise ValueError(f"model {spec.name!r} is registered twice (again by {module})")
-        specs[spec.name] = spec
-    return specs
+    return registered(extra_modules)
 
 
 def load_runner(name: str, settings: Settings) -> Runner[Any, Any]:

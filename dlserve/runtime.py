@@ -25,17 +25,13 @@ import numpy as np
 import onnxruntime as ort
 
 from dlserve.manifest import TensorSpec
+from dlserve.providers import CPU, CUDA, TENSORRT, resolve_providers
 
 if TYPE_CHECKING:
     from dlserve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
-PREFERENCE = (TENSORRT, CUDA, CPU)
-SHORT_NAMES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "cpu": CPU}
 ORT_WARNING, ORT_FATAL = 2, 4
 # The token count TensorRT tunes the LSTM's engine for (its profile's "opt"): SST-2 dev
 # sentences have 19.6 tokens on average, 95 % at most 35 and the longest 49.
@@ -55,18 +51,6 @@ class Session:
     def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         outputs: list[np.ndarray] = self.session.run(self.output_names, feed)
         return outputs
-
-
-def resolve_providers(names: tuple[str, ...] | list[str]) -> list[str]:
-    """Short names from settings ("cuda,cpu") → ONNX Runtime provider names, in order;
-    empty (DLSERVE_PROVIDERS=auto) means TensorRT, CUDA, CPU."""
-    if not names:
-        return list(PREFERENCE)
-    unknown = [n for n in names if n not in SHORT_NAMES]
-    if unknown:
-        # Settings checks DLSERVE_PROVIDERS with this, and names the variable itself.
-        raise ValueError(f"unknown provider(s) {unknown}; choose from auto, tensorrt, cuda, cpu")
-    return [SHORT_NAMES[n] for n in names]
 
 
 class GPURequired(RuntimeError):

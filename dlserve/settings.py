@@ -17,7 +17,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dlserve.catalog import registered
 from dlserve.manifest import Precision
+from dlserve.providers import resolve_providers
 
 PREFIX = "DLSERVE_"
 # The probes and the metrics: they need no API key (by default) and are never refused for
@@ -176,8 +178,6 @@ class Settings(BaseSettings):
         if "auto" in names and len(names) > 1:
             raise ValueError("auto stands alone: either auto or a list such as cuda,cpu")
         if names != ("auto",):
-            from dlserve.runtime import resolve_providers
-
             resolve_providers(names)  # a ValueError names the unknown ones
         return () if names == ("auto",) else names
 
@@ -188,9 +188,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        from dlserve import registry  # the registry's modules import this one
-
-        known = registry.available(self.model_modules)
+        known = list(registered(self.model_modules))
         unknown = [m for m in self.models if m not in known]
         if unknown:
             raise ValueError(f"{PREFIX}MODELS: unknown model(s) {unknown}; choose from "

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from dlserve.runtime import CPU
+from dlserve.providers import CPU
 from dlserve.settings import PREFIX, Settings
 from scoring.adapters import Job, Plan
 from scoring.checkpoint import WorkDir

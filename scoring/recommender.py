@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 from dlserve.errors import InputError
 from dlserve.models import recommender as contract
+from dlserve.prepared import Prepared
 from dlserve.preprocess.ratings import UserRatings
-from dlserve.registry import Prepared
 from dlserve.settings import Settings
 from scoring.adapters import Job, Plan, Scored, column_role, reason
 from scoring.checkpoint import PRE_REJECTS, write_parquet_atomically

@@ -14,14 +14,12 @@ torch.
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
 import bentoml
@@ -44,7 +42,8 @@ from service.lifecycle import (
     verify_metrics_dir,
     verify_models,
 )
-from service.metrics import SHED_REASONS, get_metrics
+from service.metrics import SHED_REASONS
+from service.state import WorkerState
 
 log = logging.getLogger("dlserve.service")
 # BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
@@ -60,13 +59,13 @@ SERVED = registry.serving(settings)
 OPERATIONS = info.operations(SERVED) + protocol.operations()
 
 
-def api_document(service: Any) -> dict[str, Any]:
+def api_document(state: WorkerState) -> dict[str, Any]:
     """/docs.json: BentoML's OpenAPI document of this service, made dlserve's own."""
     # (@bentoml.service makes the class a bentoml Service, which the type checker cannot see)
     spec = DLServe.openapi_spec  # type: ignore[attr-defined]
     return openapi.document(spec.asdict(), served=SERVED, operations=OPERATIONS,
                             settings=settings,
-                            tags={name: r.tag for name, r in service.runners.items()})
+                            tags={name: r.tag for name, r in state.runners.items()})
 
 
 # Mounted after BentoML's own routes (APIs, /livez, /readyz, /metrics), which it never
@@ -98,7 +97,7 @@ def bentoml_api(model: str, route: Route) -> bentoml.api:
     answers through service/predict.py, like the guard's path."""
     if route.request is None:
         async def take_file(self: DLServe, body: bytes, /) -> Response:
-            return await predict.answer(self, model, route, body)
+            return await predict.answer(self.state, model, route, body)
         # Set here, not written above: BentoML reads the annotation at import time, and
         # the content type comes from the route.
         take_file.__annotations__ = {
@@ -109,7 +108,7 @@ def bentoml_api(model: str, route: Route) -> bentoml.api:
         async def take_json(self: DLServe, **fields: Any) -> Response:
             assert route.request is not None
             request = route.request.model_construct(**fields)  # BentoML has validated it
-            return await predict.answer_parsed(self, model, route, request)
+            return await predict.answer_parsed(self.state, model, route, request)
         method, spec = take_json, {"input_spec": route.request}
     method.__name__ = method.__qualname__ = route.name
     method.__doc__ = route.summary
@@ -145,28 +144,19 @@ def declare_models(cls: type) -> type:
 @declare_models
 class DLServe:
     def __init__(self) -> None:
-        self.settings = settings
-        self.specs = SERVED
-        self.metrics = get_metrics()
-        # Each model's child of the histogram, looked up once: labels() per request cost
-        # about 1 % of a worker's time.
-        self.preprocess_seconds = {name: self.metrics.preprocess_seconds.labels(model=name)
-                                   for name in SERVED}
-        # Large bodies are parsed and preprocessed here, one at a time (service/predict.py).
-        self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self.runners: dict[str, Runner[Any, Any]] = {}
-        self.batchers: dict[str, AdaptiveBatcher] = {}
-        self.ready = self.draining = False
-        self.load_error: str | None = None
-        self.metrics.worker_starts.labels(worker=str(bentoml.server_context.worker_index)).inc()
+        # All the request path sees of this worker (service/state.py): handed to it, so
+        # that it never reaches back into this class.
+        self.state = WorkerState(settings, SERVED)
+        metrics = self.state.metrics
+        metrics.worker_starts.labels(worker=str(bentoml.server_context.worker_index)).inc()
         for name in SERVED:
-            self.metrics.model_ready.labels(model=name).set(0)
+            metrics.model_ready.labels(model=name).set(0)
             # Series that exist from the start at 0: rate() and increase() miss a counter's
             # first event when the series appears with it, and these are rare by design.
             for stage in STAGES:
-                self.metrics.abandoned.labels(model=name, stage=stage)
+                metrics.abandoned.labels(model=name, stage=stage)
             for reason in SHED_REASONS:
-                self.metrics.shed.labels(model=name, reason=reason)
+                metrics.shed.labels(model=name, reason=reason)
         install_drain(self.begin_drain, settings.drain_delay_s, settings.drain_timeout_s)
         # Loading off the event loop lets /livez answer while models load (/readyz: 503).
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
@@ -176,21 +166,21 @@ class DLServe:
             for name, spec in SERVED.items():
                 runner = spec.load_runner(settings)
                 runner.warm_up()
-                self.batchers[name] = self._batcher(runner)
-                self.runners[name] = runner
-                self.metrics.model_info.labels(
+                self.state.batchers[name] = self._batcher(runner)
+                self.state.runners[name] = runner
+                self.state.metrics.model_info.labels(
                     model=name, version=runner.stored.version,
                     sha256=runner.manifest.onnx_sha256, provider=runner.provider,
                     precision=runner.manifest.precision).set(1)
-                self.metrics.model_ready.labels(model=name).set(1)
+                self.state.metrics.model_ready.labels(model=name).set(1)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("could not load the models: this worker stays not ready and "
                           "reports not alive on /livez")
             return
         tune_gc()
         start_trimming(settings.malloc_trim_s)
-        self.ready = True
+        self.state.ready = True
         threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog",
                          daemon=True).start()
 
@@ -200,9 +190,9 @@ class DLServe:
         manager replaces it; a worker is cheaper to start than to unstick."""
         while True:
             time.sleep(1)
-            for name, batcher in self.batchers.items():
+            for name, batcher in self.state.batchers.items():
                 if (stuck := batcher.stuck_for()) > settings.hang_timeout_s:
-                    self.load_error = f"{name}: a model run has taken {stuck:.0f} s"
+                    self.state.load_error = f"{name}: a model run has taken {stuck:.0f} s"
                     log.error("%s: a model run has taken %.0f s (DLSERVE_HANG_TIMEOUT_S=%g); "
                               "exiting so that a new worker replaces this one", name, stuck,
                               settings.hang_timeout_s)
@@ -210,20 +200,20 @@ class DLServe:
                     os._exit(70)  # EX_SOFTWARE
 
     def begin_drain(self) -> None:
-        self.draining = True
+        self.state.draining = True
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def close(self) -> None:
         """Stop each batcher's inference thread, and the preparing thread, with the worker."""
-        for batcher in self.batchers.values():
+        for batcher in self.state.batchers.values():
             batcher.close()
-        self.preparing.shutdown(wait=False, cancel_futures=True)
+        self.state.preparing.shutdown(wait=False, cancel_futures=True)
 
     def _batcher(self, runner: Runner[Any, Any]) -> AdaptiveBatcher:
-        inference = self.metrics.inference_seconds.labels(model=runner.name,
-                                                          provider=runner.provider)
-        batch_items = self.metrics.batch_items.labels(model=runner.name)
-        items_predicted = self.metrics.items_predicted.labels(model=runner.name)
+        metrics = self.state.metrics
+        inference = metrics.inference_seconds.labels(model=runner.name, provider=runner.provider)
+        batch_items = metrics.batch_items.labels(model=runner.name)
+        items_predicted = metrics.items_predicted.labels(model=runner.name)
 
         def on_batch(items: int, seconds: float) -> None:
             inference.observe(seconds)
@@ -238,27 +228,14 @@ class DLServe:
             join=runner.join,
             cost=runner.item_costs, max_run_cost=runner.run_budget,
             on_batch=on_batch,
-            on_wait=self.metrics.queue_seconds.labels(model=runner.name).observe,
+            on_wait=metrics.queue_seconds.labels(model=runner.name).observe,
         )
 
-    async def wait_until_loaded(self) -> bool:
-        """Whether the models are loaded, waiting up to half the request timeout for them.
-
-        A worker that circus starts next to a serving one (after a crash) accepts
-        connections before its models are loaded, and clients that reconnect land there
-        too; waiting out the load (seconds) serves them instead of failing them. /readyz
-        still says 503 meanwhile, so a load balancer sends no traffic to a server that has
-        no ready worker at all."""
-        deadline = time.monotonic() + settings.request_timeout_s / 2
-        while not self.ready and self.load_error is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        return self.ready
-
     async def __is_ready__(self) -> bool:
-        return self.ready and not self.draining
+        return self.state.ready and not self.state.draining
 
     async def __is_alive__(self) -> bool:
-        return self.load_error is None
+        return self.state.load_error is None
 
 
 # Refuse a server whose models do not match their manifests before any worker starts.

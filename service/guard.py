@@ -64,6 +64,7 @@ from service import predict, protocol
 from service.batching import Call
 from service.metrics import get_metrics
 from service.pages import is_page
+from service.state import WorkerState, current
 
 Refusal = tuple[int, str, dict[str, str]]
 Routes = dict[str, tuple[str, Route]]  # path → (model, route)
@@ -106,7 +107,7 @@ class RequestGuard:
         self.body_grace_s = settings.body_grace_s
         self.min_body_rate = settings.min_body_rate
         self.in_flight = 0
-        self.service: Any = None  # the worker's DLServe instance, found on first use
+        self.state: WorkerState | None = None  # the worker's, found on first use
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -178,18 +179,18 @@ class RequestGuard:
                      infer: re.Match[str] | None, call: Call) -> None:
         """A predict request (service/predict.py) or an infer request (service/protocol.py),
         cancelled if its client hangs up before the answer is ready."""
-        service = self.service or _current_service()
-        self.service = service
+        state = self.state or current()
+        self.state = state
         body = b"".join(m.get("body", b"") for m in messages)
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, call))
         try:
             if target is not None:
-                response = await predict.answer(service, target[0], target[1], body, call)
+                response = await predict.answer(state, target[0], target[1], body, call)
             else:
                 assert infer is not None
-                response = await protocol.infer(service, infer["name"], infer["version"],
+                response = await protocol.infer(state, infer["name"], infer["version"],
                                                 headers, body, call)
         except asyncio.CancelledError:
             if not call.gone:
@@ -340,9 +341,3 @@ async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], call: Call) -
     if (await receive())["type"] == "http.disconnect":
         call.gone = True
         task.cancel()
-
-
-def _current_service() -> Any:
-    import bentoml
-
-    return bentoml.get_current_service()

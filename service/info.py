@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import bentoml
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
@@ -20,6 +19,7 @@ from dlserve.errors import InputError
 from dlserve.registry import Lookup, ModelSpec
 from service import predict
 from service.openapi import SERVICE_TAG, Operation
+from service.state import current
 
 # A lookup answers from the model's own data, which changes only with the model version;
 # a browser may reuse an answer for this long (`private`: it can depend on the API key).
@@ -58,17 +58,13 @@ class ModelsResponse(BaseModel):
 
 
 async def list_models(_: Request) -> Response:
-    service = bentoml.get_current_service()
+    state = current()
     # /readyz may have been answered by another worker: an empty list from one still
     # loading would read as "nothing is served" (seen in CI).
-    if not service.ready and not await service.wait_until_loaded():
-        if service.load_error is not None:
-            return predict.json_response({"error": "this worker could not load the models: "
-                                          f"{service.load_error}"}, 503)
-        return predict.json_response({"error": "the models are still loading; retry "
-                                      "shortly"}, 503, {"Retry-After": "1"})
+    if (refusal := await predict.unless_loaded(state)) is not None:
+        return refusal
     answer = ModelsResponse(models=[ModelInfo.model_validate(r.describe())
-                                    for r in service.runners.values()])
+                                    for r in state.runners.values()])
     return Response(answer.model_dump_json(), media_type=predict.JSON)
 
 
@@ -76,15 +72,14 @@ def lookup_endpoint(model: str, lookup: Lookup) -> Any:
     """The endpoint of one of `model`'s lookups: parse the query, answer from the runner."""
 
     async def endpoint(request: Request) -> Response:
-        service = bentoml.get_current_service()
-        if not service.ready and not await service.wait_until_loaded():
-            return predict.error(service, model, 503, "the models are still loading; retry "
-                                 "shortly", "loading", {"Retry-After": "1"})
+        state = current()
+        if (refusal := await predict.unless_loaded(state, model)) is not None:
+            return refusal
         try:
             query = lookup.parse(request.query_params)
         except InputError as exc:
-            return predict.error(service, model, exc.status, str(exc), f"http_{exc.status}")
-        answer = lookup.answer(service.runners[model], query)
+            return predict.error(state, model, exc.status, str(exc), f"http_{exc.status}")
+        answer = lookup.answer(state.runners[model], query)
         return Response(answer.model_dump_json(), media_type=predict.JSON,
                         headers={"Cache-Control": f"private, max-age={LOOKUP_MAX_AGE_S}"})
 

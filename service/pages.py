@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import bentoml
 import orjson
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -29,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from dlserve.settings import Settings
 from service import predict
+from service.state import WorkerState, current
 
 STATIC = Path(__file__).with_name("static")
 DOCS_PAGES = ("/", "/docs")
@@ -42,7 +42,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
            "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 
-Build = Callable[[Any], dict[str, Any]]  # the worker's DLServe instance → the document
+Build = Callable[[WorkerState], dict[str, Any]]  # the worker's state → the document
 
 
 def is_page(path: str) -> bool:
@@ -82,10 +82,10 @@ def document_endpoint(build: Build) -> Callable[[Request], Any]:
     async def endpoint(_: Request) -> Response:
         if cached:
             return Response(cached[0], media_type=predict.JSON)
-        service = bentoml.get_current_service()
+        state = current()
         # As a predict request would, wait (a while) for the models, whose tags it names.
-        ready = service.ready or await service.wait_until_loaded()
-        body = orjson.dumps(build(service))
+        ready = state.ready or await state.wait_until_loaded()
+        body = orjson.dumps(build(state))
         if ready:
             cached.append(body)
         return Response(body, media_type=predict.JSON)

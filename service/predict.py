@@ -19,27 +19,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.responses import Response
 
 from dlserve.errors import InputError
-from dlserve.registry import Prepared, Route
+from dlserve.prepared import Prepared
+from dlserve.registry import Route
 from service.batching import Call, Overloaded, Shed
-
-if TYPE_CHECKING:
-    from service.app import DLServe
+from service.state import WorkerState
 
 # Bodies bigger than this (JSON, text, an image file) take 10 ms or more to parse and
 # prepare, so that is done off the event loop, where it would stall every other request,
-# on the worker's one preparing thread (DLServe.preparing): the work is Python, which holds
+# on the worker's one preparing thread (WorkerState.preparing): the work is Python, which holds
 # the GIL, so more threads would only contend for it; and a request whose client hangs up
 # while it waits for that thread is never prepared at all. With asyncio's default pool (6
 # threads here), the 6 preparations under way when 64 clients hung up ran on and held an
 # ordinary request sent after them for up to 1 s.
 HEAVY_BYTES = 100_000
 JSON = "application/json"
+LOADING = "the models are still loading; retry shortly"
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -47,13 +47,30 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status_code=status, media_type=JSON, headers=headers)
 
 
-def error(service: DLServe, model: str, status: int, message: str, reason: str,
+def error(state: WorkerState, model: str, status: int, message: str, reason: str,
           headers: dict[str, str] | None = None) -> Response:
-    service.metrics.errors.labels(model=model, reason=reason).inc()
+    state.metrics.errors.labels(model=model, reason=reason).inc()
     return json_response({"error": message}, status, headers)
 
 
-async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared],
+async def unless_loaded(state: WorkerState, model: str | None = None) -> Response | None:
+    """None once the worker's models are loaded (waiting a while for them:
+    `WorkerState.wait_until_loaded`); otherwise the 503 to answer with.
+
+    A request to `model` is counted in dlserve_errors_total (reason `loading`). GET /models
+    (`model` None) belongs to no model: it is not counted, and says instead why a worker
+    whose models failed to load cannot answer (no Retry-After: waiting will not help)."""
+    if state.ready or await state.wait_until_loaded():
+        return None
+    if model is not None:
+        return error(state, model, 503, LOADING, "loading", {"Retry-After": "1"})
+    if state.load_error is not None:
+        return json_response({"error": "this worker could not load the models: "
+                              f"{state.load_error}"}, 503)
+    return json_response({"error": LOADING}, 503, {"Retry-After": "1"})
+
+
+async def serve(state: WorkerState, model: str, prepare: Callable[[Any], Prepared],
                 respond: Callable[[Any, Prepared, Any], Response], *,
                 heavy: bool = False, call: Call | None = None) -> Response:
     """One request to `model`: `prepare(runner)` checks and preprocesses it,
@@ -62,45 +79,45 @@ async def serve(service: DLServe, model: str, prepare: Callable[[Any], Prepared]
     `call` (from the guard) carries the request's deadline, and says whether its client
     has gone: the guard cancels this coroutine when the client hangs up, which withdraws
     its queued work (service/batching.py); that is counted here, by the stage it reached."""
-    if not service.ready and not await service.wait_until_loaded():
-        return error(service, model, 503, "the models are still loading; retry shortly",
-                     "loading", {"Retry-After": "1"})
-    runner = service.runners[model]
+    # (checked inline first: the await costs every request once the models are loaded)
+    if not state.ready and (refusal := await unless_loaded(state, model)) is not None:
+        return refusal
+    runner = state.runners[model]
     started = time.perf_counter()
     try:
         if heavy:
             loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(service.preparing, prepare, runner)
+            prepared = await loop.run_in_executor(state.preparing, prepare, runner)
         else:
             prepared = prepare(runner)
     except InputError as exc:
-        return error(service, model, exc.status, str(exc), f"http_{exc.status}")
+        return error(state, model, exc.status, str(exc), f"http_{exc.status}")
     except asyncio.CancelledError:
-        _count_abandoned(service, model, call)
+        _count_abandoned(state, model, call)
         raise
-    service.preprocess_seconds[model].observe(time.perf_counter() - started)
+    state.preprocess_seconds[model].observe(time.perf_counter() - started)
     try:
-        result = await service.batchers[model].submit(prepared.part, prepared.items, call)
+        result = await state.batchers[model].submit(prepared.part, prepared.items, call)
     except (Overloaded, Shed) as exc:
         reason = "overloaded" if isinstance(exc, Overloaded) else "deadline"
-        service.metrics.shed.labels(model=model, reason=reason).inc()
-        return error(service, model, 503, str(exc), reason,
+        state.metrics.shed.labels(model=model, reason=reason).inc()
+        return error(state, model, 503, str(exc), reason,
                      {"Retry-After": str(exc.retry_after_s)})
     except asyncio.CancelledError:
-        _count_abandoned(service, model, call)
+        _count_abandoned(state, model, call)
         raise
     try:
         return respond(runner, prepared, result)
     except InputError as exc:  # an output asked for that this request cannot give
-        return error(service, model, exc.status, str(exc), f"http_{exc.status}")
+        return error(state, model, exc.status, str(exc), f"http_{exc.status}")
 
 
-def _count_abandoned(service: DLServe, model: str, call: Call | None) -> None:
+def _count_abandoned(state: WorkerState, model: str, call: Call | None) -> None:
     """Count a request whose client hung up, by how far it got: preparing (its input was
     being checked; nothing of it ran), queued (withdrawn before any model run), running
     (its model run finishes; nothing after it runs)."""
     if call is not None and call.gone:
-        service.metrics.abandoned.labels(model=model, stage=call.stage).inc()
+        state.metrics.abandoned.labels(model=model, stage=call.stage).inc()
 
 
 def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
@@ -110,17 +127,17 @@ def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
     return respond
 
 
-async def answer(service: DLServe, model: str, route: Route, body: bytes,
+async def answer(state: WorkerState, model: str, route: Route, body: bytes,
                  call: Call | None = None) -> Response:
     """The response to one request to a registry route, from its raw body."""
-    settings = service.settings
+    settings = state.settings
     return await serve(
-        service, model, lambda runner: route.prepare(runner, route.parse(body), settings),
+        state, model, lambda runner: route.prepare(runner, route.parse(body), settings),
         _respond(route), heavy=len(body) > HEAVY_BYTES, call=call)
 
 
-async def answer_parsed(service: DLServe, model: str, route: Route, request: Any) -> Response:
+async def answer_parsed(state: WorkerState, model: str, route: Route, request: Any) -> Response:
     """The response to one request to a registry route that BentoML has parsed already."""
-    settings = service.settings
-    return await serve(service, model, lambda runner: route.prepare(runner, request, settings),
+    settings = state.settings
+    return await serve(state, model, lambda runner: route.prepare(runner, request, settings),
                        _respond(route))

@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import bentoml
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
 
 from dlserve import __version__, protocol
 from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMediaType
-from dlserve.registry import ModelSpec, Prepared
+from dlserve.prepared import Prepared
+from dlserve.registry import ModelSpec
 from dlserve.runners.base import Runner
 from service import predict
 from service.batching import Call
 from service.openapi import PREDICT_ERRORS, Operation
-
-if TYPE_CHECKING:
-    from service.app import DLServe
+from service.state import WorkerState, current
 
 INFER = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
 TAG = "open inference protocol"
@@ -58,14 +56,14 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     return out
 
 
-async def infer(service: DLServe, name: str, version: str | None,
+async def infer(state: WorkerState, name: str, version: str | None,
                 headers: dict[bytes, bytes], body: bytes, call: Call | None = None) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer."""
-    spec = service.specs.get(name)
+    spec = state.specs.get(name)
     if spec is None or spec.tensors is None:
         return _not_served(name)
     tensors = spec.tensors
-    settings = service.settings
+    settings = state.settings
     encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
     length = headers.get(protocol.HEADER_LENGTH.encode())
 
@@ -90,7 +88,7 @@ async def infer(service: DLServe, name: str, version: str | None,
         media = "application/octet-stream" if extra else predict.JSON
         return Response(content, media_type=media, headers=extra)
 
-    return await predict.serve(service, name, prepare, respond,
+    return await predict.serve(state, name, prepare, respond,
                                heavy=len(body) > predict.HEAVY_BYTES, call=call)
 
 
@@ -104,29 +102,24 @@ def _not_served(name: str) -> Response:
     return predict.json_response({"error": f"model {name!r} is not served here"}, 404)
 
 
-def _service() -> DLServe:
-    service: DLServe = bentoml.get_current_service()
-    return service
-
-
 async def server_metadata(_: Request) -> Response:
     return predict.json_response({"name": "dlserve", "version": __version__,
                                   "extensions": EXTENSIONS})
 
 
 async def live(_: Request) -> Response:
-    service = _service()
-    if service.load_error is not None:
+    state = current()
+    if state.load_error is not None:
         return predict.json_response({"error": f"this worker cannot serve: "
-                                      f"{service.load_error}"}, 503)
+                                      f"{state.load_error}"}, 503)
     return predict.json_response({"live": True})
 
 
 async def ready(_: Request) -> Response:
-    service = _service()
-    if not service.ready or service.draining:
+    state = current()
+    if not state.ready or state.draining:
         return predict.json_response(
-            {"error": "draining" if service.draining else "the models are still loading"},
+            {"error": "draining" if state.draining else "the models are still loading"},
             503, {"Retry-After": "1"})
     return predict.json_response({"ready": True})
 
@@ -134,12 +127,12 @@ async def ready(_: Request) -> Response:
 def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Response:
     """The runner of the model the path names (and of the version it names), with the
     model's tensors; or the response that says why there is none."""
-    service = _service()
+    state = current()
     name, version = request.path_params["name"], request.path_params.get("version")
-    spec = service.specs.get(name)
+    spec = state.specs.get(name)
     if spec is None or spec.tensors is None:
         return _not_served(name)
-    runner = service.runners.get(name)
+    runner = state.runners.get(name)
     if runner is None:
         return predict.json_response({"error": f"model {name} is still loading"}, 503,
                                      {"Retry-After": "1"})
@@ -164,7 +157,7 @@ async def model_config(request: Request) -> Response:
         return loaded
     runner, tensors = loaded
     return predict.json_response(tensors.config(runner.name, PLATFORM,
-                                                _service().settings.max_items))
+                                                current().settings.max_items))
 
 
 async def model_ready(request: Request) -> Response:
@@ -177,7 +170,7 @@ async def model_ready(request: Request) -> Response:
 async def infer_endpoint(request: Request) -> Response:
     """POST .../infer as a mounted route: the guard answers these itself, so this serves
     only a request that reached the app some other way, the same way."""
-    return await infer(_service(), request.path_params["name"],
+    return await infer(current(), request.path_params["name"],
                        request.path_params.get("version"),
                        {k.lower(): v for k, v in request.headers.raw}, await request.body())
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from dlserve.models import digits
+from dlserve.prepared import Prepared
 from dlserve.preprocess.images import MNIST_MEAN, MNIST_STD, SIDE, normalize
-from dlserve.registry import DataSource, ModelSpec, Prepared, Ref, Route
+from dlserve.registry import DataSource, ModelSpec, Ref, Route
 from dlserve.runners.base import Runner, softmax, split_rows
 from dlserve.store import StoredModel
 

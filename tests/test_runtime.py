@@ -17,10 +17,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from dlserve.manifest import TensorSpec
+from dlserve.providers import CPU, CUDA, TENSORRT, resolve_providers
 from dlserve.runtime import (
-    CPU,
-    CUDA,
-    TENSORRT,
     GPURequired,
     SessionConfig,
     cpu_threads,
@@ -28,7 +26,6 @@ from dlserve.runtime import (
     cuda_options,
     profile,
     profile_shapes,
-    resolve_providers,
     session_config,
     tensorrt_options,
     warm_up_profile,

@@ -16,9 +16,10 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
+from dlserve.prepared import Prepared
 from dlserve.preprocess.images import SIDE, decode_image, to_mnist
 from dlserve.protocol import TensorDecl, Tensors
-from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Prepared, Ref, Route
+from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Ref, Route
 from dlserve.runners.digits import DigitsRunner
 from dlserve.settings import Settings
 

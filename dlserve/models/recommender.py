@@ -17,9 +17,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from dlserve.errors import InputError, PayloadTooLarge
+from dlserve.prepared import Prepared
 from dlserve.preprocess.ratings import UserRatings, rating_level
 from dlserve.protocol import TensorDecl, Tensors, parameter
-from dlserve.registry import DataSource, Lookup, ModelSpec, PrecisionPlan, Prepared, Ref, Route
+from dlserve.registry import DataSource, Lookup, ModelSpec, PrecisionPlan, Ref, Route
 from dlserve.runners.recommender import RecommenderRunner, Rows, distinct_positions
 from dlserve.settings import Settings
 

@@ -8,8 +8,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from dlserve.errors import InputError, PayloadTooLarge, check_item_list
+from dlserve.prepared import Prepared
 from dlserve.protocol import TensorDecl, Tensors
-from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Prepared, Ref, Route
+from dlserve.registry import DataSource, ModelSpec, PrecisionPlan, Ref, Route
 from dlserve.runners.sentiment import SentimentRunner
 from dlserve.settings import Settings
 

@@ -13,13 +13,8 @@ from typing import Any, Generic, Self, TypeVar
 import numpy as np
 
 from dlserve.manifest import Manifest
-from dlserve.runtime import (
-    TENSORRT,
-    Session,
-    create_session,
-    session_config,
-    warm_up_profile,
-)
+from dlserve.providers import TENSORRT
+from dlserve.runtime import Session, create_session, session_config, warm_up_profile
 from dlserve.settings import Settings
 from dlserve.store import StoredModel, load
 
