@@ -7,7 +7,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 
 .PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
-	container-tools container-test ray-tools install lint clean
+	container-tools container-test ray-tools install lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,7 @@ TEST_PROCESSES ?= 2
 LINTED = dlserve readers training export evaluation service cli bench scoring tests
 test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo --no-cache
 	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
@@ -83,8 +84,13 @@ bench: install bench-tools perf-analyzer
 
 lint: install
 	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo --no-cache
+
+# What `ruff format --check` in make test asks for.
+format: install
+	$(BIN)/ruff format $(LINTED)
 
 clean:
 	rm -rf $(VENV) artifacts .tools

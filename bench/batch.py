@@ -43,14 +43,22 @@ def ceiling_pass(runner: Any, pool: Any, items: int) -> float:
     done = 0
     while done < items:
         for i in range(0, len(pool), BATCH):
-            runner.run_batch([pool[i: i + BATCH]])
+            runner.run_batch([pool[i : i + BATCH]])
         done += len(pool)
     return done / (time.perf_counter() - started)
 
 
 def job_for(name: str, data: BatchInput, out: Path, engine: str = "local") -> Job:
-    return Job(model=name, input=data.path, output=out, engine=engine, batch_size=BATCH,
-               overwrite=True, quiet=True, **data.options)
+    return Job(
+        model=name,
+        input=data.path,
+        output=out,
+        engine=engine,
+        batch_size=BATCH,
+        overwrite=True,
+        quiet=True,
+        **data.options,
+    )
 
 
 def engine_pass(ctx: BenchContext, job: Job) -> Any:
@@ -59,8 +67,9 @@ def engine_pass(ctx: BenchContext, job: Job) -> Any:
     return counts
 
 
-def side_by_side(ctx: BenchContext, runner: Any, make_part: Any, job: Job,
-                 rows: int) -> dict[str, Any]:
+def side_by_side(
+    ctx: BenchContext, runner: Any, make_part: Any, job: Job, rows: int
+) -> dict[str, Any]:
     """The ceiling and the local engine, taking turns REPEATS times over the same number of
     items (the machine's load changes; turns see the same), medians of each."""
     pool = make_part(max(BATCH, min(CEILING_ITEMS, rows) // BATCH * BATCH))
@@ -71,10 +80,15 @@ def side_by_side(ctx: BenchContext, runner: Any, make_part: Any, job: Job,
         rates.append(counts.rows / counts.seconds)
         tops.append(ceiling_pass(runner, pool, counts.rows))
     top, rate = statistics.median(tops), statistics.median(rates)
-    return {"rows_per_s": round(rate), "rows": counts.rows, "rejected": counts.rejected,
-            "unit": counts.unit, "ceiling_items_per_s": round(top),
-            "ratio": round(rate / top, 3), "ratio_by_turn": [
-                round(r / t, 3) for r, t in zip(rates, tops, strict=True)]}
+    return {
+        "rows_per_s": round(rate),
+        "rows": counts.rows,
+        "rejected": counts.rejected,
+        "unit": counts.unit,
+        "ceiling_items_per_s": round(top),
+        "ratio": round(rate / top, 3),
+        "ratio_by_turn": [round(r / t, 3) for r, t in zip(rates, tops, strict=True)],
+    }
 
 
 # `dlserve score` in a process that reports its peak RSS at the end: VmHWM, the high-water
@@ -93,9 +107,23 @@ def peak_rss_mib(name: str, data: BatchInput, out: Path) -> float:
     """Peak RSS of a `dlserve score` process scoring the input."""
     options = {"batch_size": BATCH, **data.options}
     flags = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    result = subprocess.run([sys.executable, "-c", RSS_PROBE, "score", name, str(data.path),
-                             str(out), "--quiet", "--overwrite", *flags],
-                            capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RSS_PROBE,
+            "score",
+            name,
+            str(data.path),
+            str(out),
+            "--quiet",
+            "--overwrite",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if result.returncode != 0:
         raise RuntimeError(f"dlserve score {name} failed: {result.stderr[-2000:]}")
     return int(result.stdout.split("VmHWM")[-1]) / 1024
@@ -109,8 +137,12 @@ def start_ray(actors: int) -> float | None:
         return None
     env = {k: v for k, v in os.environ.items() if k.startswith((PREFIX, "BENTOML_"))}
     started = time.perf_counter()
-    ray.init(num_cpus=actors + 1, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
+    ray.init(
+        num_cpus=actors + 1,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
     return time.perf_counter() - started
 
 
@@ -128,20 +160,33 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             runner = registry.load_runner(name, ctx.settings)
             make_part = workload.parts(runner, source)
             for n, data in enumerate(inputs):
-                log.info("bench: %s batch scoring (%s), local engine and ceiling", name,
-                         data.layout)
-                row = {"model": name, "layout": data.layout, "provider": runner.provider,
-                       **side_by_side(ctx, runner, make_part,
-                                      job_for(name, data, folder / f"{name}-{n}.parquet"),
-                                      workload.batch_rows)}
+                log.info(
+                    "bench: %s batch scoring (%s), local engine and ceiling", name, data.layout
+                )
+                row = {
+                    "model": name,
+                    "layout": data.layout,
+                    "provider": runner.provider,
+                    **side_by_side(
+                        ctx,
+                        runner,
+                        make_part,
+                        job_for(name, data, folder / f"{name}-{n}.parquet"),
+                        workload.batch_rows,
+                    ),
+                }
                 if n == 0:  # memory and Ray: for the first layout
-                    tenth = workload.batch(source, folder,
-                                           max(1, workload.batch_rows // 10))[0]
-                    rss = [peak_rss_mib(name, d, folder / f"{name}-rss.parquet")
-                           for d in (tenth, data)]
-                    row.update({"rss_mib": [round(r) for r in rss],
-                                "rss_rows": [workload.batch_rows // 10, workload.batch_rows],
-                                "rss_growth": round(rss[1] / rss[0] - 1, 3)})
+                    tenth = workload.batch(source, folder, max(1, workload.batch_rows // 10))[0]
+                    rss = [
+                        peak_rss_mib(name, d, folder / f"{name}-rss.parquet") for d in (tenth, data)
+                    ]
+                    row.update(
+                        {
+                            "rss_mib": [round(r) for r in rss],
+                            "rss_rows": [workload.batch_rows // 10, workload.batch_rows],
+                            "rss_growth": round(rss[1] / rss[0] - 1, 3),
+                        }
+                    )
                     plans.append((name, data, row))
                 models.append(row)
         startup = start_ray(actors) if plans else None
@@ -151,26 +196,42 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             try:
                 for name, full, row in plans:
                     log.info("bench: %s batch scoring, Ray engine", name)
-                    ray_job = replace(job_for(name, full, folder / f"{name}-ray.parquet", "ray"),
-                                      ray_actors=actors)
-                    row["ray_rows_per_s"] = round(statistics.median(
-                        c.rows / c.seconds for c in (engine_pass(ctx, ray_job)
-                                                     for _ in range(REPEATS))))
+                    ray_job = replace(
+                        job_for(name, full, folder / f"{name}-ray.parquet", "ray"),
+                        ray_actors=actors,
+                    )
+                    row["ray_rows_per_s"] = round(
+                        statistics.median(
+                            c.rows / c.seconds
+                            for c in (engine_pass(ctx, ray_job) for _ in range(REPEATS))
+                        )
+                    )
             finally:
                 ray.shutdown()
-    return {"batch_size": BATCH, "models": models, "ray_actors": actors,
-            "ray_startup_s": None if startup is None else round(startup, 1)}
+    return {
+        "batch_size": BATCH,
+        "models": models,
+        "ray_actors": actors,
+        "ray_startup_s": None if startup is None else round(startup, 1),
+    }
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
-    rows = [[m["model"], m["layout"], m["provider"].removesuffix("ExecutionProvider"),
-             f"{m['rows']:,} {m['unit']}", f"{m['ceiling_items_per_s']:,}",
-             f"{m['rows_per_s']:,}", f"{m['ratio']:.0%} "
-             f"({', '.join(f'{x:.0%}' for x in m['ratio_by_turn'])})",
-             f"{m['ray_rows_per_s']:,}" if m.get("ray_rows_per_s") else "—",
-             f"{m['rss_mib'][0]:,} / {m['rss_mib'][1]:,}" if "rss_mib" in m else "—",
-             f"{m['rss_growth']:+.0%}" if "rss_mib" in m else "—"]
-            for m in r["models"]]
+    rows = [
+        [
+            m["model"],
+            m["layout"],
+            m["provider"].removesuffix("ExecutionProvider"),
+            f"{m['rows']:,} {m['unit']}",
+            f"{m['ceiling_items_per_s']:,}",
+            f"{m['rows_per_s']:,}",
+            f"{m['ratio']:.0%} ({', '.join(f'{x:.0%}' for x in m['ratio_by_turn'])})",
+            f"{m['ray_rows_per_s']:,}" if m.get("ray_rows_per_s") else "—",
+            f"{m['rss_mib'][0]:,} / {m['rss_mib'][1]:,}" if "rss_mib" in m else "—",
+            f"{m['rss_growth']:+.0%}" if "rss_mib" in m else "—",
+        ]
+        for m in r["models"]
+    ]
     out = [
         "## Batch scoring (`dlserve score`)",
         "",
@@ -185,16 +246,32 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         f"of items take turns, {REPEATS} each; the table gives the medians and each turn's "
         "ratio. The Ray engine (median of "
         f"{REPEATS} runs) uses {r['ray_actors']} actors on a local Ray started once beforehand"
-        + (f" (start-up {r['ray_startup_s']} s, not counted; each run still starts its "
-           "actors and loads the model in each)" if r["ray_startup_s"] else
-           " (Ray not installed: not measured)")
+        + (
+            f" (start-up {r['ray_startup_s']} s, not counted; each run still starts its "
+            "actors and loads the model in each)"
+            if r["ray_startup_s"]
+            else " (Ray not installed: not measured)"
+        )
         + ". Peak RSS is the high-water mark of a whole `dlserve score` process, for a tenth "
         "of the rows and for all of them.",
         "",
-        report.table(["model", "input", "provider", "rows", "ceiling (items/s)",
-                       "local engine (rows/s)", "of ceiling (each turn)", "Ray engine (rows/s)",
-                       "peak RSS MiB (tenth / all)", "RSS growth"], rows),
-        ""]
+        report.table(
+            [
+                "model",
+                "input",
+                "provider",
+                "rows",
+                "ceiling (items/s)",
+                "local engine (rows/s)",
+                "of ceiling (each turn)",
+                "Ray engine (rows/s)",
+                "peak RSS MiB (tenth / all)",
+                "RSS growth",
+            ],
+            rows,
+        ),
+        "",
+    ]
     return out
 
 

@@ -28,8 +28,7 @@ CLIENTS = 64
 
 def checkout_server(name: str, root: Path, models: list[str], workers: int) -> http.Server:
     """dlserve as `dlserve_server` starts it, from the code in `root`."""
-    server = http.dlserve_server(name, models, DLSERVE_WORKERS=str(workers),
-                                 PYTHONPATH=str(root))
+    server = http.dlserve_server(name, models, DLSERVE_WORKERS=str(workers), PYTHONPATH=str(root))
     server.cwd = root
     server.command = [*server.command, "--working-dir", str(root)]
     return server
@@ -37,25 +36,52 @@ def checkout_server(name: str, root: Path, models: list[str], workers: int) -> h
 
 def compare_checkouts(before: Path, *, seconds: int, rounds: int, workers: int) -> str:
     settings = load_settings(workers=workers)
-    sources = {name: (spec.workload.load(), spec.data(settings))
-               for name, spec in registry.serving(settings).items()}
+    sources = {
+        name: (spec.workload.load(), spec.data(settings))
+        for name, spec in registry.serving(settings).items()
+    }
     models = list(sources)
-    servers = [checkout_server("before", before.resolve(), models, workers),
-               http.dlserve_server("after", models, DLSERVE_WORKERS=str(workers))]
+    servers = [
+        checkout_server("before", before.resolve(), models, workers),
+        http.dlserve_server("after", models, DLSERVE_WORKERS=str(workers)),
+    ]
     cells = [Cell(m, 1, CLIENTS, seconds, rounds=rounds) for m in models]
     rows = compare.with_servers(servers, lambda: compare.run_cells(servers, cells, sources))
     table = []
     for model in models:
-        med = {s.name: {k: statistics.median(r[k] for r in rows
-                                             if r["model"] == model and r["server"] == s.name)
-                        for k in ("requests_per_s", "p99")} for s in servers}
+        med = {
+            s.name: {
+                k: statistics.median(
+                    r[k] for r in rows if r["model"] == model and r["server"] == s.name
+                )
+                for k in ("requests_per_s", "p99")
+            }
+            for s in servers
+        }
         errors = sum(r["non_2xx"] + r["socket_errors"] for r in rows if r["model"] == model)
-        table.append([model, f"{med['before']['requests_per_s']:,.0f}",
-                      f"{med['after']['requests_per_s']:,.0f}",
-                      f"{med['after']['requests_per_s'] / med['before']['requests_per_s']:.3f}×",
-                      med["before"]["p99"], med["after"]["p99"], errors])
-    return report.table(["model", "before req/s", "after req/s", "after ÷ before",
-                         "before p99 ms", "after p99 ms", "non-2xx + socket errors"], table)
+        table.append(
+            [
+                model,
+                f"{med['before']['requests_per_s']:,.0f}",
+                f"{med['after']['requests_per_s']:,.0f}",
+                f"{med['after']['requests_per_s'] / med['before']['requests_per_s']:.3f}×",
+                med["before"]["p99"],
+                med["after"]["p99"],
+                errors,
+            ]
+        )
+    return report.table(
+        [
+            "model",
+            "before req/s",
+            "after req/s",
+            "after ÷ before",
+            "before p99 ms",
+            "after p99 ms",
+            "non-2xx + socket errors",
+        ],
+        table,
+    )
 
 
 def main() -> None:
@@ -66,8 +92,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="workers per server (default 2)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    print(compare_checkouts(args.before, seconds=args.seconds, rounds=args.rounds,
-                            workers=args.workers))
+    print(
+        compare_checkouts(
+            args.before, seconds=args.seconds, rounds=args.rounds, workers=args.workers
+        )
+    )
 
 
 if __name__ == "__main__":

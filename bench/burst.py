@@ -70,6 +70,7 @@ TARGET_RSS_RATIO = 1.5
 
 # --- the server's processes ---------------------------------------------------------------
 
+
 def tree(root_pid: int) -> list[psutil.Process]:
     """The server's root process and every process it has spawned (none once it is gone)."""
     try:
@@ -153,6 +154,7 @@ def wait_idle(clock: CpuClock, since: float, threshold: float) -> float | None:
 
 # --- /metrics ------------------------------------------------------------------------------
 
+
 def scrape(url: str) -> str:
     import httpx  # a dependency of BentoML's
 
@@ -196,16 +198,18 @@ def errors(text: str) -> dict[str, float]:
 
 def grown(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """Each series' growth between two scrapes, those that grew only."""
-    return {k: v - before.get(k, 0.0) for k, v in sorted(after.items())
-            if v > before.get(k, 0.0)}
+    return {k: v - before.get(k, 0.0) for k, v in sorted(after.items()) if v > before.get(k, 0.0)}
 
 
 # --- the clients ---------------------------------------------------------------------------
 
+
 def request_bytes(url: str, body: bytes) -> bytes:
     host = urlsplit(url).netloc
-    head = (f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n")
+    head = (
+        f"POST {PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -237,8 +241,10 @@ def hang_up_burst(url: str, data: bytes) -> list[Client]:
     address = (where.hostname or "127.0.0.1", where.port or 80)
     clients = [Client(socket.create_connection(address)) for _ in range(CLIENTS)]
     start = threading.Barrier(CLIENTS)
-    threads = [threading.Thread(target=c.send_and_hang_up, args=(data, start),
-                                name=f"burst-{i}") for i, c in enumerate(clients)]
+    threads = [
+        threading.Thread(target=c.send_and_hang_up, args=(data, start), name=f"burst-{i}")
+        for i, c in enumerate(clients)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -252,8 +258,9 @@ def ordinary(url: str, text: str) -> dict[str, Any]:
 
     began = time.perf_counter()
     try:
-        status = httpx.post(url + PATH, json={"texts": [text]},
-                            timeout=ORDINARY_TIMEOUT_S).status_code
+        status = httpx.post(
+            url + PATH, json={"texts": [text]}, timeout=ORDINARY_TIMEOUT_S
+        ).status_code
     except httpx.HTTPError as exc:
         log.warning("bench: burst: the ordinary request failed: %r", exc)
         status = 0
@@ -262,16 +269,25 @@ def ordinary(url: str, text: str) -> dict[str, Any]:
 
 # --- the scenario --------------------------------------------------------------------------
 
+
 def burst_body(texts: list[str], max_body_bytes: int) -> bytes:
     body = orjson.dumps({"texts": [texts[i % len(texts)] for i in range(ITEMS)]})
     if len(body) > max_body_bytes:  # a 413 would measure the wrong thing
-        raise ValueError(f"the burst's request body is {len(body):,} bytes, over "
-                         f"DLSERVE_MAX_BODY_BYTES ({max_body_bytes:,})")
+        raise ValueError(
+            f"the burst's request body is {len(body):,} bytes, over "
+            f"DLSERVE_MAX_BODY_BYTES ({max_body_bytes:,})"
+        )
     return body
 
 
-def measure(url: str, root_pid: int, texts: list[str], short_text: str = "a fine film",
-            *, max_body_bytes: int = 8 * MIB) -> dict[str, Any]:
+def measure(
+    url: str,
+    root_pid: int,
+    texts: list[str],
+    short_text: str = "a fine film",
+    *,
+    max_body_bytes: int = 8 * MIB,
+) -> dict[str, Any]:
     """The scenario against the ready dlserve server at `url` whose root process is
     `root_pid`: `texts` are the long texts the burst's requests are made of, `short_text`
     the ordinary request's."""
@@ -282,12 +298,20 @@ def measure(url: str, root_pid: int, texts: list[str], short_text: str = "a fine
     pids = [p.pid for p in workers(root_pid)]
     ready = rss_mib(pids)
     before = scrape(url)
-    log.info("bench: burst: %d workers %s, RSS %s MiB, idle %.2f cores", len(pids), pids,
-             ready, idle_cores)
+    log.info(
+        "bench: burst: %d workers %s, RSS %s MiB, idle %.2f cores",
+        len(pids),
+        pids,
+        ready,
+        idle_cores,
+    )
 
     result: dict[str, Any] = {}
-    sampler = threading.Thread(target=lambda: result.update(
-        idle_s=wait_idle(clock, result["hang_up"], idle_cores + IDLE_CORES)))
+    sampler = threading.Thread(
+        target=lambda: result.update(
+            idle_s=wait_idle(clock, result["hang_up"], idle_cores + IDLE_CORES)
+        )
+    )
     began = time.perf_counter()
     clients = hang_up_burst(url, data)
     result["hang_up"] = max(c.closed_at for c in clients)
@@ -306,9 +330,12 @@ def measure(url: str, root_pid: int, texts: list[str], short_text: str = "a fine
     # surely did.
     gone = items_predicted(after) - items_predicted(before) - int(answer["status"] == 200)
     return {
-        "clients": CLIENTS, "items_per_request": ITEMS, "body_bytes": len(data),
-        "send_spread_ms": round((max(c.sent_at for c in clients)
-                                 - min(c.sent_at for c in clients)) * 1e3, 1),
+        "clients": CLIENTS,
+        "items_per_request": ITEMS,
+        "body_bytes": len(data),
+        "send_spread_ms": round(
+            (max(c.sent_at for c in clients) - min(c.sent_at for c in clients)) * 1e3, 1
+        ),
         "sends_ms": round((sent - began) * 1e3, 1),
         "send_errors": sum(c.error is not None for c in clients),
         "idle_cores_before": idle_cores,
@@ -316,26 +343,31 @@ def measure(url: str, root_pid: int, texts: list[str], short_text: str = "a fine
         "gone_items": round(gone),
         "idle_s": result["idle_s"],
         # None: the server has no such counter (before the fix)
-        "abandoned": (grown(abandoned(before), abandoned(after))
-                      if abandoned(after) else None),
+        "abandoned": (grown(abandoned(before), abandoned(after)) if abandoned(after) else None),
         "errors": grown(errors(before), errors(after)),
-        "workers": [{"pid": pid, "rss_ready_mib": ready[pid], "rss_after_mib": after_idle[pid],
-                     "rss_30s_mib": later[pid],
-                     "ratio": (round(later[pid] / ready[pid], 2)
-                               if later[pid] and ready[pid] else None)} for pid in pids],
+        "workers": [
+            {
+                "pid": pid,
+                "rss_ready_mib": ready[pid],
+                "rss_after_mib": after_idle[pid],
+                "rss_30s_mib": later[pid],
+                "ratio": (round(later[pid] / ready[pid], 2) if later[pid] and ready[pid] else None),
+            }
+            for pid in pids
+        ],
     }
 
 
 def judge(r: dict[str, Any]) -> dict[str, bool]:
     """Each target: met or not (a worker that did not last 30 s misses the RSS one)."""
     return {
-        "ordinary": (r["ordinary"]["status"] == 200
-                     and r["ordinary"]["ms"] <= TARGET_ORDINARY_S * 1e3),
+        "ordinary": (
+            r["ordinary"]["status"] == 200 and r["ordinary"]["ms"] <= TARGET_ORDINARY_S * 1e3
+        ),
         "gone_items": r["gone_items"] <= TARGET_GONE_ITEMS,
         "idle": r["idle_s"] is not None and r["idle_s"] <= TARGET_IDLE_S,
-        "rss": bool(r["workers"]) and all(w["ratio"] is not None
-                                          and w["ratio"] <= TARGET_RSS_RATIO
-                                          for w in r["workers"]),
+        "rss": bool(r["workers"])
+        and all(w["ratio"] is not None and w["ratio"] <= TARGET_RSS_RATIO for w in r["workers"]),
     }
 
 
@@ -355,8 +387,9 @@ def burst(settings: Settings, models: list[str]) -> dict[str, Any]:
     server.start()
     try:
         assert server.process is not None
-        r = measure(server.url, server.process.pid, texts, short,
-                    max_body_bytes=settings.max_body_bytes)
+        r = measure(
+            server.url, server.process.pid, texts, short, max_body_bytes=settings.max_body_bytes
+        )
     finally:
         server.stop()
     return {"models": models, "server_workers": WORKERS, **r, "met": judge(r)}
@@ -369,6 +402,7 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 
 # --- the report ----------------------------------------------------------------------------
+
 
 def _counts(series: dict[str, float]) -> str:
     return ", ".join(f"{k}: {v:g}" for k, v in series.items()) or "none"
@@ -384,21 +418,35 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
     met = r["met"]
     o = r["ordinary"]
     idle = f"{r['idle_s']:g}" if r["idle_s"] is not None else f"> {IDLE_CAP_S:g}"
-    abandoned_text = ("not counted by this server" if r["abandoned"] is None
-                      else _counts(r["abandoned"]))
+    abandoned_text = (
+        "not counted by this server" if r["abandoned"] is None else _counts(r["abandoned"])
+    )
     rows = [
-        ["ordinary request: status, latency ms", f"{o['status']}, {o['ms']:,.0f}",
-         f"200 in ≤ {TARGET_ORDINARY_S * 1e3:,.0f}", _mark(met["ordinary"])],
-        ["items run for gone clients", f"{r['gone_items']:,}", f"≤ {TARGET_GONE_ITEMS:,}",
-         _mark(met["gone_items"])],
+        [
+            "ordinary request: status, latency ms",
+            f"{o['status']}, {o['ms']:,.0f}",
+            f"200 in ≤ {TARGET_ORDINARY_S * 1e3:,.0f}",
+            _mark(met["ordinary"]),
+        ],
+        [
+            "items run for gone clients",
+            f"{r['gone_items']:,}",
+            f"≤ {TARGET_GONE_ITEMS:,}",
+            _mark(met["gone_items"]),
+        ],
         ["seconds from hang-up to idle", idle, f"≤ {TARGET_IDLE_S:g}", _mark(met["idle"])],
     ]
     for i, w in enumerate(r["workers"], 1):
         ok = w["ratio"] is not None and w["ratio"] <= TARGET_RSS_RATIO
-        rows.append([f"worker {i} RSS MiB: ready / after idle / 30 s later (ratio)",
-                     f"{w['rss_ready_mib']} / {w['rss_after_mib']} / {w['rss_30s_mib']} "
-                     f"({w['ratio'] if w['ratio'] is not None else 'exited'}×)",
-                     f"30 s later ≤ {TARGET_RSS_RATIO:g}× ready", _mark(ok)])
+        rows.append(
+            [
+                f"worker {i} RSS MiB: ready / after idle / 30 s later (ratio)",
+                f"{w['rss_ready_mib']} / {w['rss_after_mib']} / {w['rss_30s_mib']} "
+                f"({w['ratio'] if w['ratio'] is not None else 'exited'}×)",
+                f"30 s later ≤ {TARGET_RSS_RATIO:g}× ready",
+                _mark(ok),
+            ]
+        )
     return [
         "## Hang-up burst",
         "",
@@ -427,10 +475,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.burst",
         description="The hang-up burst on a fresh dlserve server from this checkout (models "
-                    "from the store in BENTOML_HOME), or on a running one (--url and --pid); "
-                    "prints the results as JSON.")
-    parser.add_argument("--models", help="models to serve, comma-separated (default: "
-                                         "DLSERVE_MODELS, or every registered model)")
+        "from the store in BENTOML_HOME), or on a running one (--url and --pid); "
+        "prints the results as JSON.",
+    )
+    parser.add_argument(
+        "--models",
+        help="models to serve, comma-separated (default: "
+        "DLSERVE_MODELS, or every registered model)",
+    )
     parser.add_argument("--url", help="a running dlserve server, e.g. http://127.0.0.1:3000")
     parser.add_argument("--pid", type=int, help="the running server's root process id")
     args = parser.parse_args()
@@ -440,8 +492,9 @@ def main() -> None:
         if args.pid is None:
             parser.error("--url needs --pid (the `bentoml serve` process)")
         short, texts = short_and_long(settings)
-        r = measure(args.url.rstrip("/"), args.pid, texts, short,
-                    max_body_bytes=settings.max_body_bytes)
+        r = measure(
+            args.url.rstrip("/"), args.pid, texts, short, max_body_bytes=settings.max_body_bytes
+        )
         result = {**r, "met": judge(r)}
     else:
         result = burst(settings, list(registry.serving(settings)))

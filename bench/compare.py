@@ -44,8 +44,9 @@ class Cell:
     peers: bool = False  # the framework and hand-written peers take part too
 
 
-def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
-         rounds: int = 1) -> list[Cell]:
+def plan(
+    workloads: dict[str, Workload], *, hold_s: float, short_s: float, rounds: int = 1
+) -> list[Cell]:
     """Every model at 1/16/64 clients with 1- and 32-item requests (unless its requests
     carry one item by design, as the recommender's do: one user), each multi-item encoding
     the model's workload has (digits: JSON numbers and base64), and a mixed run; single-item
@@ -57,8 +58,17 @@ def plan(workloads: dict[str, Workload], *, hold_s: float, short_s: float,
             for encoding in workload.encodings if items > 1 else ("json",):
                 for clients in CLIENTS:
                     held = clients == max(CLIENTS) and items == 1
-                    cells.append(Cell(model, items, clients, hold_s if held else short_s,
-                                      encoding, rounds if held else 1, peers=held))
+                    cells.append(
+                        Cell(
+                            model,
+                            items,
+                            clients,
+                            hold_s if held else short_s,
+                            encoding,
+                            rounds if held else 1,
+                            peers=held,
+                        )
+                    )
     if len(workloads) > 1:
         cells.append(Cell("mixed", 1, max(CLIENTS), hold_s, rounds=rounds))
     return cells
@@ -75,8 +85,9 @@ def requests_for(model: str, items: int, encoding: str, sources: Sources) -> lis
     return workload.requests(source, items, POOL, encoding)
 
 
-def measure(server: http.Server, requests: list[Request], clients: int,
-            duration_s: float) -> dict[str, Any]:
+def measure(
+    server: http.Server, requests: list[Request], clients: int, duration_s: float
+) -> dict[str, Any]:
     """One wrk run after a short warm-up; dlserve's mean batch size from its /metrics, and
     how the clients' connections were split over the server's processes half-way through."""
     http.run_wrk(server.url, requests, clients=clients, duration_s=WARM_UP_S)
@@ -90,14 +101,19 @@ def measure(server: http.Server, requests: list[Request], clients: int,
     finally:
         sampler.cancel()
         sampler.join()
-    result["mean_batch"] = (http.mean_batch(before, http.batch_stats(server.metrics_text()))
-                            if scrape else None)
+    result["mean_batch"] = (
+        http.mean_batch(before, http.batch_stats(server.metrics_text())) if scrape else None
+    )
     result["connections"] = split
     return result
 
 
-def run_cells(servers: list[http.Server], cells: list[Cell], sources: Sources,
-              peers: list[http.Server] | None = None) -> list[dict[str, Any]]:
+def run_cells(
+    servers: list[http.Server],
+    cells: list[Cell],
+    sources: Sources,
+    peers: list[http.Server] | None = None,
+) -> list[dict[str, Any]]:
     """Every cell on every server (and, for a cell that asks, every peer that can serve
     its model), taking turns in a rotating order, round after round."""
     rows = []
@@ -114,9 +130,16 @@ def run_cells(servers: list[http.Server], cells: list[Cell], sources: Sources,
             turn += 1
             for server in taking_part[shift:] + taking_part[:shift]:
                 server.resume()
-                log.info("bench: %s %s × %d items, %d clients, %g s (round %d of %d)",
-                         server.name, cell.model, cell.items, cell.clients, cell.duration_s,
-                         round_, cell.rounds)
+                log.info(
+                    "bench: %s %s × %d items, %d clients, %g s (round %d of %d)",
+                    server.name,
+                    cell.model,
+                    cell.items,
+                    cell.clients,
+                    cell.duration_s,
+                    round_,
+                    cell.rounds,
+                )
                 result = measure(server, requests, cell.clients, cell.duration_s)
                 server.pause()
                 result["items_per_s"] = round(result["requests_per_s"] * cell.items, 1)
@@ -142,8 +165,11 @@ def with_servers(servers: list[http.Server], body: Any) -> Any:
             server.signal_all(signal.SIGSTOP)
         for server in servers:
             server.signal_all(signal.SIGCONT)
-            log.info("bench: %s uses %.2f cores while idle", server.name,
-                     server.measure_idle(settle=False))
+            log.info(
+                "bench: %s uses %.2f cores while idle",
+                server.name,
+                server.measure_idle(settle=False),
+            )
             server.signal_all(signal.SIGSTOP)
             server.paused = True
         return body()
@@ -152,23 +178,31 @@ def with_servers(servers: list[http.Server], body: Any) -> Any:
             server.stop()
 
 
-def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
-        rounds: int) -> dict[str, Any]:
+def run(
+    sources: Sources, *, workers: int, hold_s: float, short_s: float, rounds: int
+) -> dict[str, Any]:
     """The whole HTTP comparison, plus two single-purpose runs: the worker count (the first
     model, one item per request, 64 clients, 1 worker against `workers`) and overload (the
     model whose workload is marked for it, sentiment: 32 items per request from
     OVERLOAD_CLIENTS clients, far past what the model can run)."""
     models = list(sources)
-    servers = [http.naive_server(models, workers),
-               http.dlserve_server("dlserve-unbatched", models, DLSERVE_BATCHING="false",
-                                   DLSERVE_WORKERS=str(workers)),
-               http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers))]
-    peers = [http.lean_server(models, workers), http.ceiling_server(models, workers),
-             http.bentoml_batchable_server(models, workers),
-             http.litserve_server(models, workers)]
+    servers = [
+        http.naive_server(models, workers),
+        http.dlserve_server(
+            "dlserve-unbatched", models, DLSERVE_BATCHING="false", DLSERVE_WORKERS=str(workers)
+        ),
+        http.dlserve_server("dlserve", models, DLSERVE_WORKERS=str(workers)),
+    ]
+    peers = [
+        http.lean_server(models, workers),
+        http.ceiling_server(models, workers),
+        http.bentoml_batchable_server(models, workers),
+        http.litserve_server(models, workers),
+    ]
     peers = [p for p in peers if any(p.can_serve(m) for m in models)]
-    cells = plan({m: w for m, (w, _) in sources.items()}, hold_s=hold_s, short_s=short_s,
-                 rounds=rounds)
+    cells = plan(
+        {m: w for m, (w, _) in sources.items()}, hold_s=hold_s, short_s=short_s, rounds=rounds
+    )
     heavy = next((m for m, (w, _) in sources.items() if w.overload and w.multi_item), None)
 
     def main_runs() -> dict[str, Any]:
@@ -181,23 +215,42 @@ def run(sources: Sources, *, workers: int, hold_s: float, short_s: float,
     results = with_servers(servers + peers, main_runs)
     if workers != 1:
         first = models[0]
-        one = [http.naive_server(models, 1),
-               http.dlserve_server("dlserve", models, DLSERVE_WORKERS="1")]
+        one = [
+            http.naive_server(models, 1),
+            http.dlserve_server("dlserve", models, DLSERVE_WORKERS="1"),
+        ]
         cell = Cell(first, 1, max(CLIENTS), short_s)
         rows = with_servers(one, lambda: run_cells(one, [cell], sources))
-        same = [r for r in results["runs"] if r["model"] == first and r["items"] == 1
-                and r["clients"] == max(CLIENTS) and r["server"] != "dlserve-unbatched"]
-        results["worker_runs"] = [{**r, "workers": 1} for r in rows] + \
-                                 [{**r, "workers": workers} for r in same]
-    return {"load_generator": http.wrk_version(), "workers": workers, "rounds": rounds,
-            "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
-            "lean_targets": {m: w.lean_target for m, (w, _) in sources.items()},
-            "idle_cpu": {s.name: s.idle_cpu for s in servers + peers}, **results}
+        same = [
+            r
+            for r in results["runs"]
+            if r["model"] == first
+            and r["items"] == 1
+            and r["clients"] == max(CLIENTS)
+            and r["server"] != "dlserve-unbatched"
+        ]
+        results["worker_runs"] = [{**r, "workers": 1} for r in rows] + [
+            {**r, "workers": workers} for r in same
+        ]
+    return {
+        "load_generator": http.wrk_version(),
+        "workers": workers,
+        "rounds": rounds,
+        "p50_targets_ms": {m: w.p50_target_ms for m, (w, _) in sources.items()},
+        "lean_targets": {m: w.lean_target for m, (w, _) in sources.items()},
+        "idle_cpu": {s.name: s.idle_cpu for s in servers + peers},
+        **results,
+    }
 
 
 def run_section(ctx: BenchContext) -> dict[str, Any]:
-    return run(ctx.sources, workers=ctx.settings.workers, hold_s=ctx.hold_s,
-               short_s=ctx.short_s, rounds=ctx.rounds)
+    return run(
+        ctx.sources,
+        workers=ctx.settings.workers,
+        hold_s=ctx.hold_s,
+        short_s=ctx.short_s,
+        rounds=ctx.rounds,
+    )
 
 
 SECTION = Section("http", run_section, report.render_http)

@@ -88,14 +88,16 @@ def _below(pid: int) -> list[psutil.Process]:
         return []
 
 
-def wait_ready(url: str, process: subprocess.Popen[Any], timeout_s: float = 180.0,
-               path: str = "/readyz") -> None:
+def wait_ready(
+    url: str, process: subprocess.Popen[Any], timeout_s: float = 180.0, path: str = "/readyz"
+) -> None:
     """Poll `url + path` until it answers 200; fail at once if the process exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited with {process.returncode} "
-                               "before it was ready")
+            raise RuntimeError(
+                f"{url}: the server exited with {process.returncode} before it was ready"
+            )
         try:
             with urllib.request.urlopen(url + path, timeout=2) as r:
                 if r.status == 200:
@@ -111,7 +113,8 @@ def find_wrk() -> str:
     if wrk is None:
         raise FileNotFoundError(
             "wrk (the HTTP load generator) is not installed: run `make bench-tools` "
-            "(apt-get install wrk) or put wrk on PATH")
+            "(apt-get install wrk) or put wrk on PATH"
+        )
     return wrk
 
 
@@ -148,13 +151,19 @@ class Server:
 
     def start(self, timeout_s: float = 180.0, *, wait: bool = True) -> None:
         """Start the process and, if `wait`, return once it answers ready."""
-        fd, log = tempfile.mkstemp(prefix=f"dlserve-{self.name}-{self.port}-", suffix=".log",
-                                   dir=self.log_dir)
+        fd, log = tempfile.mkstemp(
+            prefix=f"dlserve-{self.name}-{self.port}-", suffix=".log", dir=self.log_dir
+        )
         self.log_path = Path(log)
         command = [c.replace("{port}", str(self.port)) for c in self.command]
         self.process = subprocess.Popen(
-            command, cwd=self.cwd, env={**os.environ, **self.env}, stdout=fd,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            command,
+            cwd=self.cwd,
+            env={**os.environ, **self.env},
+            stdout=fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         os.close(fd)
         if wait:
             self.wait_until_ready(timeout_s)
@@ -166,8 +175,9 @@ class Server:
             wait_ready(self.url, self.process, timeout_s, self.ready_path)
         except (RuntimeError, TimeoutError) as exc:
             self.stop()
-            raise type(exc)(f"{self.name}: {exc}; see {self.log_path}:\n"
-                            + self.output()[-2000:]) from None
+            raise type(exc)(
+                f"{self.name}: {exc}; see {self.log_path}:\n" + self.output()[-2000:]
+            ) from None
 
     def processes(self) -> list[psutil.Process]:
         """The server's process and every process it has spawned."""
@@ -187,6 +197,7 @@ class Server:
 
     def cpu_used(self, window_s: float) -> float:
         """Cores the server's processes used over the next `window_s` seconds."""
+
         def total(procs: list[psutil.Process]) -> float:
             seconds = 0.0
             for p in procs:
@@ -196,6 +207,7 @@ class Server:
                 except psutil.NoSuchProcess:
                     pass
             return seconds
+
         procs = self.processes()
         before = total(procs)
         time.sleep(window_s)
@@ -217,8 +229,10 @@ class Server:
         keeps a model run from being frozen half-way (dlserve's watchdog would take it
         for a hung run)."""
         deadline = time.monotonic() + timeout_s
-        while (self.cpu_used(IDLE_WINDOW_S / 4) > self.idle_cpu + BUSY_CORES
-               and time.monotonic() < deadline):
+        while (
+            self.cpu_used(IDLE_WINDOW_S / 4) > self.idle_cpu + BUSY_CORES
+            and time.monotonic() < deadline
+        ):
             pass
         if self.process is not None and self.process.poll() is None:
             self.signal_all(signal.SIGSTOP)
@@ -258,9 +272,11 @@ class Server:
         of the kernel's socket table, so that a connection that moves from one worker to
         another while the processes are looked at is not counted twice."""
         pids = {p.pid for p in self.processes()}
-        held = Counter(c.pid for c in psutil.net_connections("tcp")
-                       if c.pid in pids and c.status == psutil.CONN_ESTABLISHED
-                       and c.laddr.port == self.port)
+        held = Counter(
+            c.pid
+            for c in psutil.net_connections("tcp")
+            if c.pid in pids and c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
+        )
         return sorted(held.values(), reverse=True)
 
 
@@ -279,19 +295,60 @@ def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
     environment overrides (DLSERVE_*). Unless they name a BENTOML_HOME, it gets a private
     one sharing the model store."""
     home = None if "BENTOML_HOME" in settings else private_bentoml_home(name)
-    env = {"DLSERVE_MODELS": ",".join(models),
-           **({"BENTOML_HOME": str(home)} if home else {}), **settings}
-    return Server(name, [sys.executable, "-m", "bentoml", "serve", "service.app:DLServe",
-                         "--host", "127.0.0.1", "--port", "{port}"], env, "/readyz",
-                  private_home=home, batch_metrics=True)
+    env = {
+        "DLSERVE_MODELS": ",".join(models),
+        **({"BENTOML_HOME": str(home)} if home else {}),
+        **settings,
+    }
+    return Server(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.app:DLServe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+        ],
+        env,
+        "/readyz",
+        private_home=home,
+        batch_metrics=True,
+    )
 
 
-def uvicorn_server(name: str, app: str, models: list[str], workers: int, *,
-                   ready_path: str = "/health", serves: frozenset[str] | None = None) -> Server:
+def uvicorn_server(
+    name: str,
+    app: str,
+    models: list[str],
+    workers: int,
+    *,
+    ready_path: str = "/health",
+    serves: frozenset[str] | None = None,
+) -> Server:
     """A peer from bench/peers/ under uvicorn, with as many worker processes as dlserve."""
-    return Server(name, [sys.executable, "-m", "uvicorn", app, "--port", "{port}",
-                         "--workers", str(workers), "--no-access-log", "--log-level", "warning"],
-                  {"DLSERVE_MODELS": ",".join(models)}, ready_path, serves=serves)
+    return Server(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--port",
+            "{port}",
+            "--workers",
+            str(workers),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        {"DLSERVE_MODELS": ",".join(models)},
+        ready_path,
+        serves=serves,
+    )
 
 
 def naive_server(models: list[str], workers: int = 1) -> Server:
@@ -301,8 +358,9 @@ def naive_server(models: list[str], workers: int = 1) -> Server:
 
 def lean_server(models: list[str], workers: int) -> Server:
     """The lean hand-written Starlette + orjson peer (no batching)."""
-    return uvicorn_server("lean", "bench.peers.lean:app", models, workers,
-                          serves=frozenset(LEAN_MODELS))
+    return uvicorn_server(
+        "lean", "bench.peers.lean:app", models, workers, serves=frozenset(LEAN_MODELS)
+    )
 
 
 def ceiling_server(models: list[str], workers: int) -> Server:
@@ -314,20 +372,39 @@ def bentoml_batchable_server(models: list[str], workers: int) -> Server:
     """BentoML's own `batchable=True` APIs, its defaults otherwise."""
     served = [m for m in models if m in BATCHABLE_MODELS]
     home = private_bentoml_home("batchable")
-    return Server("bentoml-batchable",
-                  [sys.executable, "-m", "bentoml", "serve",
-                   "bench.peers.bentoml_batchable:Batchable", "--host", "127.0.0.1",
-                   "--port", "{port}"],
-                  {"DLSERVE_MODELS": ",".join(served), "DLSERVE_WORKERS": str(workers),
-                   "BENTOML_HOME": str(home)}, "/readyz", private_home=home,
-                  serves=frozenset(served))
+    return Server(
+        "bentoml-batchable",
+        [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "bench.peers.bentoml_batchable:Batchable",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+        ],
+        {
+            "DLSERVE_MODELS": ",".join(served),
+            "DLSERVE_WORKERS": str(workers),
+            "BENTOML_HOME": str(home),
+        },
+        "/readyz",
+        private_home=home,
+        serves=frozenset(served),
+    )
 
 
 def litserve_server(models: list[str], workers: int) -> Server:
     """LitServe with its batching."""
-    return Server("litserve", [sys.executable, "-m", "bench.peers.litserve_peer", "{port}"],
-                  {"DLSERVE_MODELS": ",".join(models), "DLSERVE_WORKERS": str(workers)},
-                  "/health", serves=frozenset(LEAN_MODELS))
+    return Server(
+        "litserve",
+        [sys.executable, "-m", "bench.peers.litserve_peer", "{port}"],
+        {"DLSERVE_MODELS": ",".join(models), "DLSERVE_WORKERS": str(workers)},
+        "/health",
+        serves=frozenset(LEAN_MODELS),
+    )
 
 
 def batch_stats(metrics_text: str) -> dict[str, tuple[float, float]]:
@@ -340,40 +417,61 @@ def batch_stats(metrics_text: str) -> dict[str, tuple[float, float]]:
     return {m: (s, c) for m, (s, c) in out.items()}
 
 
-def mean_batch(before: dict[str, tuple[float, float]],
-               after: dict[str, tuple[float, float]]) -> float | None:
+def mean_batch(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> float | None:
     """Mean items per model run between two scrapes, over all models."""
     items = sum(after[m][0] - before.get(m, (0, 0))[0] for m in after)
     runs = sum(after[m][1] - before.get(m, (0, 0))[1] for m in after)
     return round(items / runs, 2) if runs else None
 
 
-def run_wrk(url: str, requests: list[Request], *, clients: int, duration_s: float,
-            threads: int = 1) -> dict[str, Any]:
+def run_wrk(
+    url: str, requests: list[Request], *, clients: int, duration_s: float, threads: int = 1
+) -> dict[str, Any]:
     """Hold `clients` connections, each sending its next request as soon as the last is
     answered, for `duration_s`; wrk's summary with throughput and latency in ms."""
     lines = b"".join(path.encode() + b"\t" + body + b"\n" for path, body in requests)
     return _wrk(url, LUA_SCRIPT, lines, clients=clients, duration_s=duration_s, threads=threads)
 
 
-def run_wrk_mixed(url: str, requests: list[tuple[str, str, bytes]], *, clients: int,
-                  duration_s: float) -> dict[str, Any]:
+def run_wrk_mixed(
+    url: str, requests: list[tuple[str, str, bytes]], *, clients: int, duration_s: float
+) -> dict[str, Any]:
     """run_wrk for requests of any body type, (path, content type, body), with the answers
     counted by status class (status_2xx, status_4xx, status_5xx)."""
-    records = b"".join(b"%s\n%s\n%d\n%s" % (path.encode(), kind.encode(), len(body), body)
-                       for path, kind, body in requests)
+    records = b"".join(
+        b"%s\n%s\n%d\n%s" % (path.encode(), kind.encode(), len(body), body)
+        for path, kind, body in requests
+    )
     return _wrk(url, MIXED_SCRIPT, records, clients=clients, duration_s=duration_s)
 
 
-def _wrk(url: str, script: Path, requests: bytes, *, clients: int, duration_s: float,
-         threads: int = 1) -> dict[str, Any]:
+def _wrk(
+    url: str, script: Path, requests: bytes, *, clients: int, duration_s: float, threads: int = 1
+) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("wb", suffix=".requests", delete=False) as f:
         f.write(requests)
     try:
         out = subprocess.run(
-            [find_wrk(), f"-t{min(threads, clients)}", f"-c{clients}", f"-d{duration_s:g}s",
-             "--timeout", "10s", "-s", str(script), url, "--", f.name],
-            capture_output=True, text=True, timeout=duration_s + 60, check=True).stdout
+            [
+                find_wrk(),
+                f"-t{min(threads, clients)}",
+                f"-c{clients}",
+                f"-d{duration_s:g}s",
+                "--timeout",
+                "10s",
+                "-s",
+                str(script),
+                url,
+                "--",
+                f.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration_s + 60,
+            check=True,
+        ).stdout
     finally:
         os.unlink(f.name)
     line = next(x for x in out.splitlines() if x.startswith("DLSERVE_RESULT "))
@@ -389,8 +487,9 @@ def _wrk(url: str, script: Path, requests: bytes, *, clients: int, duration_s: f
     }
 
 
-def send_at_once(url: str, request: tuple[str, str, bytes], *, clients: int,
-                 timeout_s: float = 120.0) -> list[dict[str, Any]]:
+def send_at_once(
+    url: str, request: tuple[str, str, bytes], *, clients: int, timeout_s: float = 120.0
+) -> list[dict[str, Any]]:
     """Send one request (path, content type, body) from `clients` threads at the same
     moment, each on a connection of its own: a burst, as many clients retrying together
     make. Per answer: its status (0 when none came: a connection error or a timeout),
@@ -409,8 +508,11 @@ def send_at_once(url: str, request: tuple[str, str, bytes], *, clients: int,
                 status, retry = r.status_code, "retry-after" in r.headers
             except httpx.HTTPError:
                 status, retry = 0, False
-            return {"status": status, "retry_after": retry,
-                    "seconds": round(time.perf_counter() - began, 3)}
+            return {
+                "status": status,
+                "retry_after": retry,
+                "seconds": round(time.perf_counter() - began, 3),
+            }
 
     with ThreadPoolExecutor(clients, thread_name_prefix="burst") as pool:
         return list(pool.map(send, range(clients)))

@@ -28,16 +28,27 @@ def ceiling(runner: Runner, make_part: Callable[[int], Any]) -> dict[str, Any]:
     pool = make_part(POOL)
     rows = []
     for size in BATCH_SIZES:
+
         def run_pool(size: int = size) -> None:
             for i in range(0, POOL, size):
-                runner.run_batch([pool[i: i + size]])
+                runner.run_batch([pool[i : i + size]])
 
         seconds = median_seconds(run_pool, repeats=5) / (POOL // size)
-        rows.append({"batch": size, "ms_per_batch": round(seconds * 1e3, 3),
-                     "items_per_s": round(size / seconds)})
+        rows.append(
+            {
+                "batch": size,
+                "ms_per_batch": round(seconds * 1e3, 3),
+                "items_per_s": round(size / seconds),
+            }
+        )
     best = max(rows, key=lambda r: r["items_per_s"])
-    return {"model": runner.name, "provider": runner.provider, "by_batch": rows,
-            "batch_1_items_per_s": rows[0]["items_per_s"], "best": best}
+    return {
+        "model": runner.name,
+        "provider": runner.provider,
+        "by_batch": rows,
+        "batch_1_items_per_s": rows[0]["items_per_s"],
+        "best": best,
+    }
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:

@@ -28,15 +28,22 @@ from dlserve.settings import Settings
 
 log = logging.getLogger("dlserve.bench")
 # In the order of the report. A new measurement is one more Section here.
-SECTIONS: tuple[Section, ...] = (inprocess.SECTION, memory.SECTION, precision.SECTION,
-                                 compare.SECTION, batch.SECTION, profile.SECTION,
-                                 perf_analyzer.SECTION, burst.SECTION, soak.SECTION)
+SECTIONS: tuple[Section, ...] = (
+    inprocess.SECTION,
+    memory.SECTION,
+    precision.SECTION,
+    compare.SECTION,
+    batch.SECTION,
+    profile.SECTION,
+    perf_analyzer.SECTION,
+    burst.SECTION,
+    soak.SECTION,
+)
 # Sections that run only when asked for with their own option: the soak takes an hour.
 ON_REQUEST = {"soak": "--soak MINUTES"}
 
 
-def select(only: list[str] | None, skip: list[str] | None,
-           requested: set[str]) -> list[Section]:
+def select(only: list[str] | None, skip: list[str] | None, requested: set[str]) -> list[Section]:
     """The sections to run: --only's, or all but --skip's; an on-request section only when
     its option (`requested`) asked for it."""
     names = [s.name for s in SECTIONS]
@@ -46,20 +53,34 @@ def select(only: list[str] | None, skip: list[str] | None,
     for name in only or []:
         if name in ON_REQUEST and name not in requested:
             raise ValueError(f"the {name} section needs {ON_REQUEST[name]}")
-    return [s for s in SECTIONS if (not only or s.name in only) and s.name not in (skip or [])
-            and (s.name not in ON_REQUEST or s.name in requested)]
+    return [
+        s
+        for s in SECTIONS
+        if (not only or s.name in only)
+        and s.name not in (skip or [])
+        and (s.name not in ON_REQUEST or s.name in requested)
+    ]
 
 
-def run_bench(settings: Settings, *, out: Path, only: list[str] | None = None,
-              skip: list[str] | None = None, hold_s: float, short_s: float,
-              rounds: int, soak_minutes: float = 0.0) -> Path:
+def run_bench(
+    settings: Settings,
+    *,
+    out: Path,
+    only: list[str] | None = None,
+    skip: list[str] | None = None,
+    hold_s: float,
+    short_s: float,
+    rounds: int,
+    soak_minutes: float = 0.0,
+) -> Path:
     """Run the chosen sections for every model of the settings (DLSERVE_MODELS); write
     BENCHMARKS.md and benchmarks.json into `out`, keeping the last results of the sections
     not run, and return the former's path."""
     chosen = select(only, skip, {"soak"} if soak_minutes > 0 else set())
     sources: dict[str, tuple[Workload, DataSource]] = {
         name: (spec.workload.load(), spec.data(settings))
-        for name, spec in registry.serving(settings).items()}
+        for name, spec in registry.serving(settings).items()
+    }
     ctx = BenchContext(settings, sources, hold_s, short_s, rounds, soak_minutes, out)
     path = out / "benchmarks.json"
     results: dict[str, Any] = {}

@@ -59,10 +59,15 @@ CONFIGS = (
     Config("no arena, no pattern, bounded runs", False, False, 64, True),
     # glibc's malloc raises its mmap threshold after each large free, so later large
     # blocks come from its heaps and stay there; a fixed threshold hands each back.
-    Config("no arena, bounded runs, fixed mmap threshold", False, True, 64, True,
-           (("MALLOC_MMAP_THRESHOLD_", "131072"),)),
-    Config("no arena, bounded runs, jemalloc", False, True, 64, True,
-           (("LD_PRELOAD", JEMALLOC),)),
+    Config(
+        "no arena, bounded runs, fixed mmap threshold",
+        False,
+        True,
+        64,
+        True,
+        (("MALLOC_MMAP_THRESHOLD_", "131072"),),
+    ),
+    Config("no arena, bounded runs, jemalloc", False, True, 64, True, (("LD_PRELOAD", JEMALLOC),)),
 )
 
 
@@ -89,8 +94,9 @@ def measure(model: str, config: Config) -> dict[str, Any]:
         bounds = [(0, LARGE)]
     else:  # as the service's batcher splits the request: by items, and by the run's cost
         costs = runner.item_costs(large) if runner.run_budget else [1] * LARGE
-        bounds = [(a, b) for a, b, _ in chunk_bounds(costs, config.chunk,
-                                                      runner.run_budget or LARGE)]
+        bounds = [
+            (a, b) for a, b, _ in chunk_bounds(costs, config.chunk, runner.run_budget or LARGE)
+        ]
     for _ in range(3):
         for start, end in bounds:
             runner.run_batch([large[start:end]])
@@ -107,7 +113,7 @@ def measure(model: str, config: Config) -> dict[str, Any]:
             n, length = int(rng.integers(1, 9)), int(rng.integers(1, 201))
             part = [large[int(rng.integers(LARGE))][:length] for _ in range(n)]
         else:
-            part = small[:int(rng.integers(1, 65))]
+            part = small[: int(rng.integers(1, 65))]
         runner.run_batch([part])
     out["after_varied_mib"] = rss_mib()
     if config.timed:
@@ -121,8 +127,12 @@ def run_child(model: str, config: Config) -> dict[str, Any]:
     """`measure` in a fresh Python process; its JSON answer."""
     done = subprocess.run(
         [sys.executable, "-m", "bench.memory", model, json.dumps(asdict(config))],
-        capture_output=True, text=True, check=False, env={**os.environ, **dict(config.env)},
-        timeout=900)
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **dict(config.env)},
+        timeout=900,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"bench memory {model} {config.name}: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -133,22 +143,34 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     for model in ctx.sources:
         for config in CONFIGS:
             if any(k == "LD_PRELOAD" and not os.path.exists(v) for k, v in config.env):
-                log.warning("bench: memory: %s skipped (apt-get install libjemalloc2)",
-                            config.name)
+                log.warning("bench: memory: %s skipped (apt-get install libjemalloc2)", config.name)
                 continue
             log.info("bench: memory, %s, %s", model, config.name)
             rows.append({"model": model, "config": config.name, **run_child(model, config)})
-    return {"large_items": LARGE, "small_runs": SMALL_RUNS, "varied_runs": VARIED_RUNS,
-            "bounded": BOUNDED, "rows": rows}
+    return {
+        "large_items": LARGE,
+        "small_runs": SMALL_RUNS,
+        "varied_runs": VARIED_RUNS,
+        "bounded": BOUNDED,
+        "rows": rows,
+    }
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
-    rows = [[x["model"], x["config"], x["loaded_mib"], x["after_burst_mib"],
-             x["after_small_mib"], f"{x['after_small_mib'] / x['loaded_mib']:.2f}×",
-             x["after_varied_mib"],
-             f"{x['items_per_s_1']:,}" if "items_per_s_1" in x else "",
-             f"{x['items_per_s_64']:,}" if "items_per_s_64" in x else ""]
-            for x in r["rows"]]
+    rows = [
+        [
+            x["model"],
+            x["config"],
+            x["loaded_mib"],
+            x["after_burst_mib"],
+            x["after_small_mib"],
+            f"{x['after_small_mib'] / x['loaded_mib']:.2f}×",
+            x["after_varied_mib"],
+            f"{x['items_per_s_1']:,}" if "items_per_s_1" in x else "",
+            f"{x['items_per_s_64']:,}" if "items_per_s_64" in x else "",
+        ]
+        for x in r["rows"]
+    ]
     return [
         "## Memory: ONNX Runtime's options after a burst",
         "",
@@ -158,12 +180,24 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         "items of varied shapes (sentiment: 1-8 texts cut to one length of 1-200 tokens); "
         "resident memory "
         "(MiB) after each step. "
-        f"\"{r.get('bounded', 'runs of 64')}\" splits the large request as the service's "
+        f'"{r.get("bounded", "runs of 64")}" splits the large request as the service\'s '
         "batcher did when measured. Items/s: "
         "batches of 1 and 64, in-process, medians of 5 repeats (one thread).",
         "",
-        report.table(["model", "configuration", "loaded", "after burst", "after small runs",
-                      "kept ×", "after varied shapes", "items/s at 1", "items/s at 64"], rows),
+        report.table(
+            [
+                "model",
+                "configuration",
+                "loaded",
+                "after burst",
+                "after small runs",
+                "kept ×",
+                "after varied shapes",
+                "items/s at 1",
+                "items/s at 64",
+            ],
+            rows,
+        ),
         "",
     ]
 

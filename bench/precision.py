@@ -35,17 +35,25 @@ def measure(spec: ModelSpec, tag: str, provider: str, ctx: BenchContext) -> dict
         runner = spec.runner.open(stored, settings)
     except RuntimeError as exc:  # the message ends with "<provider>: <why>)"
         name = SHORT_NAMES[provider]
-        return {"provider": name, "usable": False,
-                "why": str(exc).rsplit(f"{name}: ", 1)[-1].removesuffix(")")[:300]}
+        return {
+            "provider": name,
+            "usable": False,
+            "why": str(exc).rsplit(f"{name}: ", 1)[-1].removesuffix(")")[:300],
+        }
     pool = workload.parts(runner, source)(BATCH)
     seconds = median_seconds(lambda: runner.run_batch([pool]), repeats=5)
     metrics = spec.evaluate.load()(runner, source)
     plan = spec.precision
     metric = plan.metric if plan is not None else "accuracy"
     threads = cpu_threads(settings.ort_threads, settings.workers, len(os.sched_getaffinity(0)))
-    return {"provider": runner.provider, "usable": True, "threads": threads,
-            "items_per_s": round(BATCH / seconds), "metric": metric,
-            "value": metrics.get(metric)}
+    return {
+        "provider": runner.provider,
+        "usable": True,
+        "threads": threads,
+        "items_per_s": round(BATCH / seconds),
+        "metric": metric,
+        "value": metrics.get(metric),
+    }
 
 
 def run(ctx: BenchContext) -> dict[str, Any]:
@@ -58,24 +66,43 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                 continue
             for provider in PROVIDERS:
                 log.info("bench: precision %s %s on %s", tag, precision, provider)
-                rows.append({"model": name, "precision": precision, "tag": tag,
-                             **measure(spec, tag, provider, ctx)})
+                rows.append(
+                    {
+                        "model": name,
+                        "precision": precision,
+                        "tag": tag,
+                        **measure(spec, tag, provider, ctx),
+                    }
+                )
     return {"batch": BATCH, "rows": rows}
 
 
 def _against_fp32(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    fp32 = {(r["model"], r["provider"]): r for r in rows
-            if r["usable"] and r["precision"] == "fp32"}
+    fp32 = {
+        (r["model"], r["provider"]): r for r in rows if r["usable"] and r["precision"] == "fp32"
+    }
     out = []
     for r in rows:
         if not r["usable"]:
             continue
         base = fp32.get((r["model"], r["provider"]))
         speed = f"{r['items_per_s'] / base['items_per_s']:.2f}×" if base else "n/a"
-        delta = (f"{r['value'] - base['value']:+.4f}"
-                 if base and r["value"] is not None and base["value"] is not None else "n/a")
-        out.append([r["model"], r["precision"], r["provider"], f"{r['items_per_s']:,}", speed,
-                    f"{r['metric']} {r['value']}", delta])
+        delta = (
+            f"{r['value'] - base['value']:+.4f}"
+            if base and r["value"] is not None and base["value"] is not None
+            else "n/a"
+        )
+        out.append(
+            [
+                r["model"],
+                r["precision"],
+                r["provider"],
+                f"{r['items_per_s']:,}",
+                speed,
+                f"{r['metric']} {r['value']}",
+                delta,
+            ]
+        )
     return out
 
 
@@ -90,11 +117,24 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         "model's held-out metric through ONNX Runtime (accuracy on MNIST test and SST-2 dev; "
         "RMSE on u1.test, lower is better), each against the FP32 version on the same provider.",
         "",
-        report.table(["model", "precision", "provider", f"items/s (batch {r['batch']})",
-                      "× fp32", "metric", "Δ vs fp32"], _against_fp32(r["rows"])),
+        report.table(
+            [
+                "model",
+                "precision",
+                "provider",
+                f"items/s (batch {r['batch']})",
+                "× fp32",
+                "metric",
+                "Δ vs fp32",
+            ],
+            _against_fp32(r["rows"]),
+        ),
         "",
-        *([f"Not measured, not usable on this machine: {'; '.join(unusable)}.", ""]
-          if unusable else []),
+        *(
+            [f"Not measured, not usable on this machine: {'; '.join(unusable)}.", ""]
+            if unusable
+            else []
+        ),
     ]
 
 

@@ -29,9 +29,26 @@ SECONDS = 20
 RATE = 100
 # Frames whose file's first folder is one of these are this project's own code.
 OWN = ("dlserve", "service", "readers", "bench")
-STDLIB = {"asyncio", "concurrent", "threading.py", "selectors.py", "queue.py", "socket.py",
-          "contextlib.py", "functools.py", "logging", "json", "enum.py", "typing.py",
-          "weakref.py", "abc.py", "inspect.py", "re", "copy.py", "base64.py"}
+STDLIB = {
+    "asyncio",
+    "concurrent",
+    "threading.py",
+    "selectors.py",
+    "queue.py",
+    "socket.py",
+    "contextlib.py",
+    "functools.py",
+    "logging",
+    "json",
+    "enum.py",
+    "typing.py",
+    "weakref.py",
+    "abc.py",
+    "inspect.py",
+    "re",
+    "copy.py",
+    "base64.py",
+}
 
 
 def place(frame: str) -> str:
@@ -62,18 +79,38 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     server.start()
     try:
         assert server.process is not None
-        (worker,) = [p for p in psutil.Process(server.process.pid).children(recursive=True)
-                     if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+        (worker,) = [
+            p
+            for p in psutil.Process(server.process.pid).children(recursive=True)
+            if "_bentoml_impl.worker.service" in " ".join(p.cmdline())
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "stacks.txt"
-            load = threading.Thread(target=http.run_wrk, args=(server.url, requests),
-                                    kwargs={"clients": 64, "duration_s": SECONDS + 4})
+            load = threading.Thread(
+                target=http.run_wrk,
+                args=(server.url, requests),
+                kwargs={"clients": 64, "duration_s": SECONDS + 4},
+            )
             load.start()
-            subprocess.run([str(Path(sys.executable).with_name("py-spy")), "record",
-                            "--pid", str(worker.pid), "--duration", str(SECONDS),
-                            "--rate", str(RATE), "--format", "raw", "--gil",
-                            "--output", str(out)],
-                           capture_output=True, check=True)
+            subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--pid",
+                    str(worker.pid),
+                    "--duration",
+                    str(SECONDS),
+                    "--rate",
+                    str(RATE),
+                    "--format",
+                    "raw",
+                    "--gil",
+                    "--output",
+                    str(out),
+                ],
+                capture_output=True,
+                check=True,
+            )
             load.join()
             lines = out.read_text().splitlines()
     finally:
@@ -88,9 +125,13 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         places[charge(frames)] += int(count)
         leaves[frames[-1]] += int(count)
     total = sum(places.values())
-    return {"model": model, "seconds": SECONDS, "samples": total,
-            "places": {k: round(v / total, 4) for k, v in places.most_common()},
-            "leaves": {k: round(v / total, 4) for k, v in leaves.most_common(15)}}
+    return {
+        "model": model,
+        "seconds": SECONDS,
+        "samples": total,
+        "places": {k: round(v / total, 4) for k, v in places.most_common()},
+        "leaves": {k: round(v / total, 4) for k, v in leaves.most_common(15)},
+    }
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
@@ -104,13 +145,13 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         "library's plumbing: the library it is in, or dlserve's own folder. Reproduce with "
         "`dlserve bench --only profile`.",
         "",
-        report.table(["where", "share of samples"],
-                     [[k, f"{v:.1%}"] for k, v in r["places"].items()]),
+        report.table(
+            ["where", "share of samples"], [[k, f"{v:.1%}"] for k, v in r["places"].items()]
+        ),
         "",
         "The innermost frames that took most samples:",
         "",
-        report.table(["frame", "share"], [[f"`{k}`", f"{v:.1%}"]
-                                          for k, v in r["leaves"].items()]),
+        report.table(["frame", "share"], [[f"`{k}`", f"{v:.1%}"] for k, v in r["leaves"].items()]),
         "",
     ]
 

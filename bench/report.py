@@ -16,25 +16,36 @@ KEEPALIVE_DEFAULT = Settings.model_fields["keepalive_requests"].default
 FRAMEWORKS = ("bentoml-batchable", "litserve")  # the serving frameworks among the peers
 PEER_NOTES = {
     "naive": "FastAPI + pydantic, one model run per request (`bench/peers/naive.py`)",
-    "lean": "Starlette + orjson, one model run per request, hand-written "
-            "(`bench/peers/lean.py`)",
+    "lean": "Starlette + orjson, one model run per request, hand-written (`bench/peers/lean.py`)",
     "ceiling": "Starlette + orjson, parses the JSON and runs no model: the HTTP ceiling "
-               "(`bench/peers/ceiling.py`)",
+    "(`bench/peers/ceiling.py`)",
     "bentoml-batchable": "BentoML's own `batchable=True` API, its defaults "
-                         "(`bench/peers/bentoml_batchable.py`; no recommender: its requests "
-                         "have no batch axis)",
+    "(`bench/peers/bentoml_batchable.py`; no recommender: its requests "
+    "have no batch axis)",
     "litserve": "LitServe with its batching, max_batch_size 64, batch_timeout 10 ms, "
-                "fast_queue (`bench/peers/litserve_peer.py`)",
+    "fast_queue (`bench/peers/litserve_peer.py`)",
     "dlserve-unbatched": "the service with `DLSERVE_BATCHING=false`",
     "dlserve": "the service with its defaults",
 }
 
 
 def machine() -> dict[str, Any]:
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown")
-    mem_kb = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines()
-                   if line.startswith("MemTotal:")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown",
+    )
+    mem_kb = next(
+        (
+            int(line.split()[1])
+            for line in _read("/proc/meminfo").splitlines()
+            if line.startswith("MemTotal:")
+        ),
+        0,
+    )
     return {
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)),
@@ -76,15 +87,19 @@ def render(sections: dict[str, dict[str, Any]], order: list[Any]) -> str:
     for section in order:
         if (results := sections.get(section.name)) is not None:
             out += section.render(results, sections)
-            out += [f"*Measured {results['machine']['date']} on {describe(results['machine'])}.*",
-                    ""]
+            out += [
+                f"*Measured {results['machine']['date']} on {describe(results['machine'])}.*",
+                "",
+            ]
     return "\n".join(out)
 
 
 def describe(m: dict[str, Any]) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
-            f"{m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']}, "
-            f"bentoml {m['bentoml']}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB RAM, GPU: {m['gpu']}; "
+        f"{m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']}, "
+        f"bentoml {m['bentoml']}"
+    )
 
 
 def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
@@ -98,12 +113,17 @@ def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         "",
     ]
     for c in r["ceiling"]:
-        out += [f"**{c['model']}** ({c['provider']}): batch 1 {c['batch_1_items_per_s']:,} "
-                f"items/s; best {c['best']['items_per_s']:,} items/s at batch "
-                f"{c['best']['batch']}.", "",
-                table(["batch", "ms per batch", "items/s"],
-                       [[r["batch"], r["ms_per_batch"], f"{r['items_per_s']:,}"]
-                        for r in c["by_batch"]]), ""]
+        out += [
+            f"**{c['model']}** ({c['provider']}): batch 1 {c['batch_1_items_per_s']:,} "
+            f"items/s; best {c['best']['items_per_s']:,} items/s at batch "
+            f"{c['best']['batch']}.",
+            "",
+            table(
+                ["batch", "ms per batch", "items/s"],
+                [[r["batch"], r["ms_per_batch"], f"{r['items_per_s']:,}"] for r in c["by_batch"]],
+            ),
+            "",
+        ]
     if b := r.get("bucketing"):
         out += [
             "## Length bucketing (sentiment)",
@@ -114,8 +134,10 @@ def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
             "the runner instead sorts texts by length and runs each length bucket on its own "
             "(`dlserve/runners/sentiment.py`).",
             "",
-            table(["batch", "padded to longest (ms)", "length buckets (ms)", "speed-up"],
-                   [[b["batch"], b["ms_padded"], b["ms_bucketed"], f"{b['speedup']}×"]]),
+            table(
+                ["batch", "padded to longest (ms)", "length buckets (ms)", "speed-up"],
+                [[b["batch"], b["ms_padded"], b["ms_bucketed"], f"{b['speedup']}×"]],
+            ),
             "",
         ]
     return out
@@ -139,14 +161,18 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for group in groups.values():
         batches = [r["mean_batch"] for r in group if r["mean_batch"] is not None]
-        out.append({
-            **group[0],
-            **{k: statistics.median(r[k] for r in group)
-               for k in ("requests_per_s", "items_per_s", "p50", "p95", "p99")},
-            **{k: sum(r[k] for r in group) for k in ("requests", "non_2xx", "socket_errors")},
-            "mean_batch": round(statistics.median(batches), 2) if batches else None,
-            "round_runs": group,
-        })
+        out.append(
+            {
+                **group[0],
+                **{
+                    k: statistics.median(r[k] for r in group)
+                    for k in ("requests_per_s", "items_per_s", "p50", "p95", "p99")
+                },
+                **{k: sum(r[k] for r in group) for k in ("requests", "non_2xx", "socket_errors")},
+                "mean_batch": round(statistics.median(batches), 2) if batches else None,
+                "round_runs": group,
+            }
+        )
     return out
 
 
@@ -154,15 +180,30 @@ def _run_rows(cells: list[dict[str, Any]], naive: dict[tuple, float]) -> list[li
     rows = []
     for r in cells:
         ratio = r["requests_per_s"] / naive[_cell(r)] if naive.get(_cell(r)) else None
-        rows.append([
-            r["model"], f"{r['items']}" + (" (base64)" if r["encoding"] == "base64" else ""),
-            r["clients"], r["server"], len(r["round_runs"]), f"{r['requests_per_s']:,.0f}",
-            f"{r['items_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p95"]), _ms(r["p99"]),
-            r["non_2xx"] + r["socket_errors"],
-            r["mean_batch"] if r["mean_batch"] is not None else "—",
-            f"{ratio:.2f}×" if ratio is not None and r["server"] != "naive" else "",
-        ])
+        rows.append(
+            [
+                r["model"],
+                f"{r['items']}" + (" (base64)" if r["encoding"] == "base64" else ""),
+                r["clients"],
+                r["server"],
+                len(r["round_runs"]),
+                f"{r['requests_per_s']:,.0f}",
+                f"{r['items_per_s']:,.0f}",
+                _ms(r["p50"]),
+                _ms(r["p95"]),
+                _ms(r["p99"]),
+                r["non_2xx"] + r["socket_errors"],
+                r["mean_batch"] if r["mean_batch"] is not None else "—",
+                f"{ratio:.2f}×" if ratio is not None and r["server"] != "naive" else "",
+            ]
+        )
     return rows
+
+
+def _round_cell(run: dict[str, Any]) -> str:
+    """One round's throughput, and its connections per worker."""
+    split = "/".join(map(str, run.get("connections", [])))
+    return f"{run['requests_per_s']:,.0f} ({split})"
 
 
 def _round_rows(cells: list[dict[str, Any]]) -> list[list[Any]]:
@@ -170,11 +211,15 @@ def _round_rows(cells: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for r in cells:
         if len(r["round_runs"]) > 1:
-            rows.append([
-                r["model"], r["clients"], r["server"],
-                *(f"{x['requests_per_s']:,.0f} ({'/'.join(map(str, x.get('connections', [])))})"
-                  for x in r["round_runs"]),
-                f"{r['requests_per_s']:,.0f}"])
+            rows.append(
+                [
+                    r["model"],
+                    r["clients"],
+                    r["server"],
+                    *(_round_cell(x) for x in r["round_runs"]),
+                    f"{r['requests_per_s']:,.0f}",
+                ]
+            )
     return rows
 
 
@@ -194,19 +239,32 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
     in-process ceiling), each with the measurement and whether it is met."""
     cells = summarise(h["runs"])
 
-    def find(model: str, items: int, clients: int, server: str,
-             encoding: str = "json") -> dict[str, Any] | None:
-        return next((r for r in cells if (r["model"], r["items"], r["clients"],
-                     r["server"], r["encoding"]) == (model, items, clients, server, encoding)),
-                    None)
+    def find(
+        model: str, items: int, clients: int, server: str, encoding: str = "json"
+    ) -> dict[str, Any] | None:
+        return next(
+            (
+                r
+                for r in cells
+                if (r["model"], r["items"], r["clients"], r["server"], r["encoding"])
+                == (model, items, clients, server, encoding)
+            ),
+            None,
+        )
 
     out = []
     most = max(r["clients"] for r in cells)
-    held = [r for r in cells
-            if r["clients"] == most and r["items"] == 1 and r["server"] == "dlserve"]
+    held = [
+        r for r in cells if r["clients"] == most and r["items"] == 1 and r["server"] == "dlserve"
+    ]
     failed = sum(r["non_2xx"] + r["socket_errors"] for r in held)
-    out.append(["0 non-2xx at 64 clients, single items, every model and mixed",
-                f"{failed} of {sum(r['requests'] for r in held):,}", failed == 0])
+    out.append(
+        [
+            "0 non-2xx at 64 clients, single items, every model and mixed",
+            f"{failed} of {sum(r['requests'] for r in held):,}",
+            failed == 0,
+        ]
+    )
     models = list(dict.fromkeys(r["model"] for r in cells if r["model"] != "mixed"))
     for model in models:
         ours, base = find(model, 1, 64, "dlserve"), find(model, 1, 64, "naive")
@@ -215,12 +273,16 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
             # all its connections landed on one worker, it serves half as much (below).
             peak = max(base["round_runs"], key=lambda r: r["requests_per_s"])
             ratio = ours["requests_per_s"] / peak["requests_per_s"]
-            out.append([f"{model}: ≥ 1.5× naive throughput, p99 ≤ naive's (1 item, 64 clients, "
-                        f"dlserve's median of {len(ours['round_runs'])} against naive's best "
-                        "round)",
-                        f"{ratio:.2f}× ({ours['requests_per_s'] / base['requests_per_s']:.2f}× "
-                        f"naive's median); p99 {_ms(ours['p99'])} vs {_ms(peak['p99'])} ms",
-                        ratio >= 1.5 and ours["p99"] <= peak["p99"]])
+            out.append(
+                [
+                    f"{model}: ≥ 1.5× naive throughput, p99 ≤ naive's (1 item, 64 clients, "
+                    f"dlserve's median of {len(ours['round_runs'])} against naive's best "
+                    "round)",
+                    f"{ratio:.2f}× ({ours['requests_per_s'] / base['requests_per_s']:.2f}× "
+                    f"naive's median); p99 {_ms(ours['p99'])} vs {_ms(peak['p99'])} ms",
+                    ratio >= 1.5 and ours["p99"] <= peak["p99"],
+                ]
+            )
     for model in models:
         ours, lean = find(model, 1, 64, "dlserve"), find(model, 1, 64, "lean")
         if ours and lean and lean["requests_per_s"] and model in h.get("lean_targets", {}):
@@ -228,28 +290,47 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
             ratio = ours["requests_per_s"] / lean["requests_per_s"]
             p99_ok = p99_factor is None or ours["p99"] <= p99_factor * lean["p99"]
             p99_goal = f", p99 ≤ {p99_factor:g}× its p99" if p99_factor else ""
-            out.append([f"{model}: ≥ {want:g}× the lean hand-written peer{p99_goal} (1 item, "
-                        "64 clients, medians)",
-                        f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(lean['p99'])} ms",
-                        ratio >= want and p99_ok])
+            out.append(
+                [
+                    f"{model}: ≥ {want:g}× the lean hand-written peer{p99_goal} (1 item, "
+                    "64 clients, medians)",
+                    f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(lean['p99'])} ms",
+                    ratio >= want and p99_ok,
+                ]
+            )
         for peer in FRAMEWORKS:
             # a peer that answered nothing in a run has no ratio (it shows as 0 in its table)
             if ours and (theirs := find(model, 1, 64, peer)) and theirs["requests_per_s"]:
                 ratio = ours["requests_per_s"] / theirs["requests_per_s"]
-                out.append([f"{model}: ≥ 2× {peer} (1 item, 64 clients, medians)",
-                            f"{ratio:.2f}×", ratio >= 2])
+                out.append(
+                    [
+                        f"{model}: ≥ 2× {peer} (1 item, 64 clients, medians)",
+                        f"{ratio:.2f}×",
+                        ratio >= 2,
+                    ]
+                )
     best = {c["model"]: c["best"]["items_per_s"] for c in ceiling}
     for r in cells:
-        if (r["items"] == 32 and r["clients"] == 64 and r["server"] == "dlserve"
-                and r["model"] in best):
+        if (
+            r["items"] == 32
+            and r["clients"] == 64
+            and r["server"] == "dlserve"
+            and r["model"] in best
+        ):
             share = r["items_per_s"] / best[r["model"]]
-            out.append([f"{r['model']}: 32-item requests ({r['encoding']}) ≥ 25 % of the "
-                        "in-process ceiling", f"{share:.0%} ({r['items_per_s']:,.0f} of "
-                        f"{best[r['model']]:,} items/s)", share >= 0.25])
+            out.append(
+                [
+                    f"{r['model']}: 32-item requests ({r['encoding']}) ≥ 25 % of the "
+                    "in-process ceiling",
+                    f"{share:.0%} ({r['items_per_s']:,.0f} of {best[r['model']]:,} items/s)",
+                    share >= 0.25,
+                ]
+            )
     for model, limit in h.get("p50_targets_ms", {}).items():
         if r := find(model, 1, 1, "dlserve"):
-            out.append([f"{model}: p50 ≤ {limit} ms at 1 client", f"{_ms(r['p50'])} ms",
-                        r["p50"] <= limit])
+            out.append(
+                [f"{model}: p50 ≤ {limit} ms at 1 client", f"{_ms(r['p50'])} ms", r["p50"] <= limit]
+            )
     return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
 
 
@@ -259,22 +340,44 @@ def render_peers(cells: list[dict[str, Any]], idle: dict[str, float]) -> list[st
     each server used while idle."""
     out = ["### Against every peer, one item per request, 64 clients", ""]
     for model in dict.fromkeys(r["model"] for r in cells):
-        held = [r for r in cells if r["model"] == model and r["items"] == 1
-                and r["clients"] == 64]
+        held = [r for r in cells if r["model"] == model and r["items"] == 1 and r["clients"] == 64]
         ours = next((r for r in held if r["server"] == "dlserve"), None)
         top = next((r for r in held if r["server"] == "ceiling"), None)
         if ours is None or len(held) < 4:
             continue
-        rows = [[r["server"], f"{r['requests_per_s']:,.0f}", _ms(r["p50"]), _ms(r["p99"]),
-                 r["non_2xx"] + r["socket_errors"],
-                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×"
-                 if r["requests_per_s"] else "—",
-                 f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—",
-                 f"{idle[r['server']]:.2f}" if r["server"] in idle else "—"]
-                for r in sorted(held, key=lambda r: -r["requests_per_s"])]
-        out += [f"**{model}**", "",
-                table(["server", "requests/s", "p50 ms", "p99 ms", "non-2xx",
-                       "dlserve ÷ server", "share of the ceiling", "idle cores"], rows), ""]
+        rows = [
+            [
+                r["server"],
+                f"{r['requests_per_s']:,.0f}",
+                _ms(r["p50"]),
+                _ms(r["p99"]),
+                r["non_2xx"] + r["socket_errors"],
+                f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×"
+                if r["requests_per_s"]
+                else "—",
+                f"{r['requests_per_s'] / top['requests_per_s']:.0%}" if top else "—",
+                f"{idle[r['server']]:.2f}" if r["server"] in idle else "—",
+            ]
+            for r in sorted(held, key=lambda r: -r["requests_per_s"])
+        ]
+        out += [
+            f"**{model}**",
+            "",
+            table(
+                [
+                    "server",
+                    "requests/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "non-2xx",
+                    "dlserve ÷ server",
+                    "share of the ceiling",
+                    "idle cores",
+                ],
+                rows,
+            ),
+            "",
+        ]
     return out
 
 
@@ -282,8 +385,21 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     ceiling = sections.get("inprocess", {}).get("ceiling", [])
     cells = summarise(h["runs"])
     naive = {_cell(r): r["requests_per_s"] for r in cells if r["server"] == "naive"}
-    header = ["model", "items/request", "clients", "server", "runs", "requests/s", "items/s",
-              "p50 ms", "p95 ms", "p99 ms", "non-2xx", "mean batch", "vs naive"]
+    header = [
+        "model",
+        "items/request",
+        "clients",
+        "server",
+        "runs",
+        "requests/s",
+        "items/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "non-2xx",
+        "mean batch",
+        "vs naive",
+    ]
     out = [
         "## Over HTTP: dlserve against the servers people pick",
         "",
@@ -295,25 +411,26 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         "",
         f"Servers, each with {h['workers']} worker process(es) and the same models, runners "
         "and ONNX Runtime settings (`bench/peers/`): "
-        + "; ".join(f"**{name}**, {note}" for name, note in PEER_NOTES.items()) + ". "
+        + "; ".join(f"**{name}**, {note}" for name, note in PEER_NOTES.items())
+        + ". "
         "They take turns cell by cell, in rotating order; the peers other than naive run the "
         "cells the targets are judged on (one item per request, 64 clients). Every server is "
         "started once, and whichever is not under load is paused (SIGSTOP, once it has "
-        "finished what wrk left behind): some servers spin while idle (\"idle cores\" below: "
+        'finished what wrk left behind): some servers spin while idle ("idle cores" below: '
         "the cores each used while ready and unloaded), and would otherwise slow the one "
         "being measured. Ray Serve is left out: on 2 cores its HTTP proxy, controller and "
         "replicas would share the two cores with the server's own work and with wrk, so it "
         "would measure the machine more than Ray Serve. Payloads: MNIST "
         "test images as JSON arrays of 0-255 integers (or `images_base64`), SST-2 dev "
         "sentences, one u1.base user's ratings per recommend request (85 on average, "
-        "k = 10). \"mean batch\" is items per model run, read from `/metrics` "
+        'k = 10). "mean batch" is items per model run, read from `/metrics` '
         "(`dlserve_batch_items`).",
         "",
         "### Targets",
         "",
         "Against the naive server, throughput is judged as dlserve's median round against "
         "its best round (its median beside it): in a round where every connection lands on "
-        "one worker of a server, that server serves about half as much (\"Round by round\" "
+        'one worker of a server, that server serves about half as much ("Round by round" '
         "below), and such a round of the naive server must not flatter dlserve. Against the "
         "other peers, medians against medians.",
         "",
@@ -330,73 +447,94 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     ]
     if rounds := _round_rows(cells):
         most = max(len(r["round_runs"]) for r in cells)
-        one_sided = "; ".join(f"{server} {n}" for server, n in
-                              _one_sided(cells, h["workers"]).items())
-        out += ["### Round by round, and connection balance",
-                "",
-                "Requests/s of each round of the cells above that ran more than once, with "
-                "how many of the clients' connections each server process held half-way "
-                "through (sampled with psutil). The workers of both servers share one "
-                "listening socket, and whichever calls accept() first takes a new connection: "
-                "a burst of new connections can all land on one worker, which then does all "
-                "the work while the other idles for as long as the clients keep their "
-                "connections, at about half the throughput. dlserve closes one keep-alive "
-                f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({KEEPALIVE_DEFAULT}) "
-                "responses at random "
-                "(`Connection: close`; `service/guard.py`), so that a client reconnects "
-                "and the split evens out within seconds; the naive server keeps uvicorn's "
-                f"behaviour. Runs in which one process held every connection: {one_sided}.",
-                "",
-                table(["model", "clients", "server", *(f"round {i + 1}" for i in range(most)),
-                        "median"], rounds),
-                ""]
-    if rows := h.get("worker_runs"):
-        out += ["### Worker processes",
-                "",
-                "Digits, one image per request, 64 clients: the default (one worker per core) "
-                "against one worker, for both servers.",
-                "",
-                table(["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
-                       [[r["workers"], r["server"], f"{r['requests_per_s']:,.0f}",
-                         _ms(r["p50"]), _ms(r["p99"]), r["non_2xx"] + r["socket_errors"]]
-                        for r in rows]),
-                ""]
-    if rows := h.get("overload"):
-        out += ["### Beyond capacity",
-                "",
-                "Sentiment, 32 texts per request from 512 clients: 16,384 texts in flight, "
-                "several seconds of model work, against each worker's queue, bounded at "
-                "`DLSERVE_MAX_QUEUE_ITEMS` (4,096 items). Requests that do not fit are refused "
-                "at once with 503 and `Retry-After: 1` (wrk does not wait before retrying, so "
-                "it keeps knocking). Accepted requests wait at most about a full queue's "
-                "worth of work (4,096 texts are several seconds of LSTM), well inside the "
-                "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
-                "a shorter wait.",
-                "",
-                table(header, _run_rows(summarise(rows), {})),
-                ""]
-    out += ["### Where the time goes",
+        one_sided = "; ".join(
+            f"{server} {n}" for server, n in _one_sided(cells, h["workers"]).items()
+        )
+        out += [
+            "### Round by round, and connection balance",
             "",
-            "A py-spy profile of one dlserve worker under 64 clients sending single images "
-            "showed the HTTP tier, not the model, as the cost. Before tuning, BentoML's "
-            "middleware stack (OpenTelemetry span, access log, metrics, timeout, context) and "
-            "Starlette routing took most of each request: excluding routes from tracing took "
-            "digits from ~650 to ~1,030 requests/s on one worker, and freezing the start-up "
-            "heap and raising the gen-0 GC threshold took two workers from ~2,000 to ~2,900 "
-            "and p99 from ~150 to ~35 ms. Next went dlserve's three ASGI layers (now one, "
-            "`service/guard.py`) and BentoML's request timeout, which spawns a task and a "
-            "never-cancelled timer per request (now the guard's `asyncio.timeout`; "
-            "`service/bentoml_patches.py`): +4 % together in an 8-round A/B. After that, the "
-            "profile (samples of the worker's threads) reads: uvicorn's socket writes 12 %, "
-            "pydantic checking the 784 pixels of each request 10 %, dlserve's parsing and "
-            "formatting 10 %, BentoML's request handling (its endpoint wrapper, "
-            "`inspect` calls, dependency injection) about 20 %, Starlette 8 %, the event loop "
-            "7 %, the hand-over to the inference thread 7 %, Prometheus metrics 7 %, ONNX "
-            "Runtime 5 %. Dropping OpenTelemetry's or BentoML's metrics middleware, or a "
-            "higher GC threshold, gained 1 % or less each and was not kept. "
-            "Sentiment is different: its LSTM costs 0.55-0.85 ms of CPU per text at any "
-            "batch size (the in-process table above), so under load the two workers' "
-            "inference threads and their event loops share the same two cores, and batching "
-            "saves little (in-process, its best batch is well under 2× batch 1).",
-            ""]
+            "Requests/s of each round of the cells above that ran more than once, with "
+            "how many of the clients' connections each server process held half-way "
+            "through (sampled with psutil). The workers of both servers share one "
+            "listening socket, and whichever calls accept() first takes a new connection: "
+            "a burst of new connections can all land on one worker, which then does all "
+            "the work while the other idles for as long as the clients keep their "
+            "connections, at about half the throughput. dlserve closes one keep-alive "
+            f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({KEEPALIVE_DEFAULT}) "
+            "responses at random "
+            "(`Connection: close`; `service/guard.py`), so that a client reconnects "
+            "and the split evens out within seconds; the naive server keeps uvicorn's "
+            f"behaviour. Runs in which one process held every connection: {one_sided}.",
+            "",
+            table(
+                ["model", "clients", "server", *(f"round {i + 1}" for i in range(most)), "median"],
+                rounds,
+            ),
+            "",
+        ]
+    if rows := h.get("worker_runs"):
+        out += [
+            "### Worker processes",
+            "",
+            "Digits, one image per request, 64 clients: the default (one worker per core) "
+            "against one worker, for both servers.",
+            "",
+            table(
+                ["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
+                [
+                    [
+                        r["workers"],
+                        r["server"],
+                        f"{r['requests_per_s']:,.0f}",
+                        _ms(r["p50"]),
+                        _ms(r["p99"]),
+                        r["non_2xx"] + r["socket_errors"],
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    if rows := h.get("overload"):
+        out += [
+            "### Beyond capacity",
+            "",
+            "Sentiment, 32 texts per request from 512 clients: 16,384 texts in flight, "
+            "several seconds of model work, against each worker's queue, bounded at "
+            "`DLSERVE_MAX_QUEUE_ITEMS` (4,096 items). Requests that do not fit are refused "
+            "at once with 503 and `Retry-After: 1` (wrk does not wait before retrying, so "
+            "it keeps knocking). Accepted requests wait at most about a full queue's "
+            "worth of work (4,096 texts are several seconds of LSTM), well inside the "
+            "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
+            "a shorter wait.",
+            "",
+            table(header, _run_rows(summarise(rows), {})),
+            "",
+        ]
+    out += [
+        "### Where the time goes",
+        "",
+        "A py-spy profile of one dlserve worker under 64 clients sending single images "
+        "showed the HTTP tier, not the model, as the cost. Before tuning, BentoML's "
+        "middleware stack (OpenTelemetry span, access log, metrics, timeout, context) and "
+        "Starlette routing took most of each request: excluding routes from tracing took "
+        "digits from ~650 to ~1,030 requests/s on one worker, and freezing the start-up "
+        "heap and raising the gen-0 GC threshold took two workers from ~2,000 to ~2,900 "
+        "and p99 from ~150 to ~35 ms. Next went dlserve's three ASGI layers (now one, "
+        "`service/guard.py`) and BentoML's request timeout, which spawns a task and a "
+        "never-cancelled timer per request (now the guard's `asyncio.timeout`; "
+        "`service/bentoml_patches.py`): +4 % together in an 8-round A/B. After that, the "
+        "profile (samples of the worker's threads) reads: uvicorn's socket writes 12 %, "
+        "pydantic checking the 784 pixels of each request 10 %, dlserve's parsing and "
+        "formatting 10 %, BentoML's request handling (its endpoint wrapper, "
+        "`inspect` calls, dependency injection) about 20 %, Starlette 8 %, the event loop "
+        "7 %, the hand-over to the inference thread 7 %, Prometheus metrics 7 %, ONNX "
+        "Runtime 5 %. Dropping OpenTelemetry's or BentoML's metrics middleware, or a "
+        "higher GC threshold, gained 1 % or less each and was not kept. "
+        "Sentiment is different: its LSTM costs 0.55-0.85 ms of CPU per text at any "
+        "batch size (the in-process table above), so under load the two workers' "
+        "inference threads and their event loops share the same two cores, and batching "
+        "saves little (in-process, its best batch is well under 2× batch 1).",
+        "",
+    ]
     return out

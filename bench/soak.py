@@ -87,8 +87,7 @@ def settled_sample(server: http.Server, within_s: float = 3.0) -> dict[str, floa
         if now["fds"] == last["fds"]:
             return now
         last = now
-    log.info("bench: soak: the server's descriptors still changed %.0f s after wrk ended",
-             within_s)
+    log.info("bench: soak: the server's descriptors still changed %.0f s after wrk ended", within_s)
     return last
 
 
@@ -156,8 +155,11 @@ class ProcessTracker:
     def _worker_name(self, proc: psutil.Process, live: set[int]) -> str:
         wid = worker_id(proc)
         if wid is None:
-            free = (s for s, pid in sorted(self._slots.items(), key=lambda x: _slot_number(x[0]))
-                    if pid not in live)
+            free = (
+                s
+                for s, pid in sorted(self._slots.items(), key=lambda x: _slot_number(x[0]))
+                if pid not in live
+            )
             slot = next(free, f"worker-{len(self._slots) + 1}")
         else:
             slot = f"worker-{wid}"
@@ -237,20 +239,34 @@ def fit(samples: list[tuple[float, float]], from_s: float) -> dict[str, Any] | N
     t, mib = np.array(kept).T
     slope, intercept = np.polyfit(t, mib, 1)  # MiB/s
     start = slope * t[0] + intercept
-    return {"from_s": float(t[0]), "samples": len(kept), "start_mib": round(float(start), 1),
-            "mib_per_hour": round(float(slope * 3600), 2),
-            "pct_per_hour": round(float(slope * 3600 / start * 100), 3)}
+    return {
+        "from_s": float(t[0]),
+        "samples": len(kept),
+        "start_mib": round(float(start), 1),
+        "mib_per_hour": round(float(slope * 3600), 2),
+        "pct_per_hour": round(float(slope * 3600 / start * 100), 3),
+    }
 
 
-def summarise_burst(answers: list[dict[str, Any]], *, t: float, slice_: int, path: str,
-                    items: int) -> dict[str, Any]:
+def summarise_burst(
+    answers: list[dict[str, Any]], *, t: float, slice_: int, path: str, items: int
+) -> dict[str, Any]:
     """One burst's answers by kind: a 503 with Retry-After is the service shedding load as
     it should; any other 5xx, or no answer at all, is a failure."""
     kinds = Counter(_kind(a) for a in answers)
-    return {"slice": slice_, "t": round(t, 1), "path": path, "items": items,
-            "clients": len(answers), "status_2xx": kinds["2xx"], "status_503": kinds["503"],
-            "status_4xx": kinds["4xx"], "status_5xx": kinds["5xx"], "no_answer": kinds["none"],
-            "max_s": max(a["seconds"] for a in answers)}
+    return {
+        "slice": slice_,
+        "t": round(t, 1),
+        "path": path,
+        "items": items,
+        "clients": len(answers),
+        "status_2xx": kinds["2xx"],
+        "status_503": kinds["503"],
+        "status_4xx": kinds["4xx"],
+        "status_5xx": kinds["5xx"],
+        "no_answer": kinds["none"],
+        "max_s": max(a["seconds"] for a in answers),
+    }
 
 
 def _kind(answer: dict[str, Any]) -> str:
@@ -260,8 +276,16 @@ def _kind(answer: dict[str, Any]) -> str:
     return "none" if status == 0 else f"{status // 100}xx"
 
 
-def send_bursts(url: str, bursts: list[Mixed], *, clients: int, items: int, delay_s: float,
-                clock: Callable[[], float], slice_: int) -> list[dict[str, Any]]:
+def send_bursts(
+    url: str,
+    bursts: list[Mixed],
+    *,
+    clients: int,
+    items: int,
+    delay_s: float,
+    clock: Callable[[], float],
+    slice_: int,
+) -> list[dict[str, Any]]:
     """After `delay_s`, each model's burst in turn: `clients` of its large request at once."""
     time.sleep(delay_s)
     out = []
@@ -275,23 +299,39 @@ def send_bursts(url: str, bursts: list[Mixed], *, clients: int, items: int, dela
 
 def burst_requests(ctx: BenchContext, items: int) -> list[Mixed]:
     """Each served model's large request of `items` items, if its workload has one."""
-    out = [workload.burst(source, items) for workload, source in ctx.sources.values()
-           if workload.burst is not None]
+    out = [
+        workload.burst(source, items)
+        for workload, source in ctx.sources.values()
+        if workload.burst is not None
+    ]
     for path, _, body in out:
         if len(body) > ctx.settings.max_body_bytes:  # a 413 would measure nothing
-            raise ValueError(f"the soak's burst to {path} is {len(body):,} bytes, over "
-                             f"DLSERVE_MAX_BODY_BYTES ({ctx.settings.max_body_bytes:,})")
+            raise ValueError(
+                f"the soak's burst to {path} is {len(body):,} bytes, over "
+                f"DLSERVE_MAX_BODY_BYTES ({ctx.settings.max_body_bytes:,})"
+            )
     return out
 
 
-def soak(ctx: BenchContext, minutes: float, slice_s: float = SLICE_S, *,
-         sample_s: float = SAMPLE_S, burst_clients: int = BURST_CLIENTS) -> dict[str, Any]:
-    requests = [r for workload, source in ctx.sources.values() if workload.mixed is not None
-                for r in workload.mixed(source, ITEMS_PER_MODEL)]
+def soak(
+    ctx: BenchContext,
+    minutes: float,
+    slice_s: float = SLICE_S,
+    *,
+    sample_s: float = SAMPLE_S,
+    burst_clients: int = BURST_CLIENTS,
+) -> dict[str, Any]:
+    requests = [
+        r
+        for workload, source in ctx.sources.values()
+        if workload.mixed is not None
+        for r in workload.mixed(source, ITEMS_PER_MODEL)
+    ]
     items = min(BURST_ITEMS, ctx.settings.max_items)
     bursts = burst_requests(ctx, items)
-    server = http.dlserve_server("dlserve", list(ctx.sources),
-                                 DLSERVE_WORKERS=str(ctx.settings.workers))
+    server = http.dlserve_server(
+        "dlserve", list(ctx.sources), DLSERVE_WORKERS=str(ctx.settings.workers)
+    )
     slices: list[dict[str, Any]] = []
     burst_log: list[dict[str, Any]] = []
     server.start()
@@ -305,11 +345,19 @@ def soak(ctx: BenchContext, minutes: float, slice_s: float = SLICE_S, *,
                 # that the slice measures the mixed traffic's answers during the burst.
                 sent: Future[list[dict[str, Any]]] | None = None
                 if bursts:
-                    sent = pool.submit(send_bursts, server.url, bursts, clients=burst_clients,
-                                       items=items, delay_s=slice_s * BURST_AT,
-                                       clock=sampler.now, slice_=i + 1)
-                result = http.run_wrk_mixed(server.url, requests, clients=CLIENTS,
-                                            duration_s=slice_s)
+                    sent = pool.submit(
+                        send_bursts,
+                        server.url,
+                        bursts,
+                        clients=burst_clients,
+                        items=items,
+                        delay_s=slice_s * BURST_AT,
+                        clock=sampler.now,
+                        slice_=i + 1,
+                    )
+                result = http.run_wrk_mixed(
+                    server.url, requests, clients=CLIENTS, duration_s=slice_s
+                )
                 burst_log += sent.result() if sent is not None else []
                 slices.append({"slice": i + 1, **result, **settled_sample(server)})
                 log.info("bench: soak slice %d: %s", i + 1, slices[-1])
@@ -323,39 +371,61 @@ def soak(ctx: BenchContext, minutes: float, slice_s: float = SLICE_S, *,
     return r
 
 
-def summarise(ctx: BenchContext, minutes: float, slice_s: float, requests: list[Mixed],
-              started: dict[str, float], slices: list[dict[str, Any]],
-              bursts: list[dict[str, Any]], sampler: Sampler) -> dict[str, Any]:
+def summarise(
+    ctx: BenchContext,
+    minutes: float,
+    slice_s: float,
+    requests: list[Mixed],
+    started: dict[str, float],
+    slices: list[dict[str, Any]],
+    bursts: list[dict[str, Any]],
+    sampler: Sampler,
+) -> dict[str, Any]:
     """The soak's results: the slices' totals, the bursts', and each process's fit."""
     base = slices[min(WARM_UP_SLICES, len(slices) - 1)]
     last = slices[-1]
     from_s = warm_up(minutes * 60)
-    processes = {name: {"role": s.role, "pid": s.pid, "samples": s.samples,
-                        "fit": fit(s.samples, from_s)}
-                 for name, s in sampler.tracker.series.items()}
-    burst_totals = {k: sum(b[k] for b in bursts)
-                    for k in ("status_2xx", "status_503", "status_4xx", "status_5xx",
-                              "no_answer")}
+    processes = {
+        name: {"role": s.role, "pid": s.pid, "samples": s.samples, "fit": fit(s.samples, from_s)}
+        for name, s in sampler.tracker.series.items()
+    }
+    burst_totals = {
+        k: sum(b[k] for b in bursts)
+        for k in ("status_2xx", "status_503", "status_4xx", "status_5xx", "no_answer")
+    }
     # A helper process that came and went has too few samples to fit; the supervisor and
     # the workers must have a slope.
     fits = [p["fit"] for p in processes.values() if p["fit"] is not None or p["role"] != "other"]
     failures = sum(s["status_5xx"] for s in slices) + burst_totals["status_5xx"]
-    passed = (all(f is not None and f["pct_per_hour"] < SLOPE_TARGET for f in fits)
-              and failures == 0 and burst_totals["no_answer"] == 0
-              and sampler.tracker.restarts == 0)
-    return {"minutes": minutes, "slice_s": slice_s, "clients": CLIENTS,
-            "workers": ctx.settings.workers, "distinct_requests": len(requests),
-            "at_start": started, "slices": slices,
-            "rss_growth": round(last["rss_mib"] / base["rss_mib"] - 1, 4),
-            "fd_growth": last["fds"] - base["fds"],
-            "status_5xx": sum(s["status_5xx"] for s in slices),
-            "socket_errors": sum(s["socket_errors"] for s in slices),
-            "sample_s": sampler.every_s, "warm_up_s": round(from_s, 1),
-            "processes": processes, "restarts": sampler.tracker.restarts,
-            "bursts": bursts, "burst_totals": burst_totals,
-            "burst_at_s": round(slice_s * BURST_AT, 1),
-            "slope_target_pct_per_hour": SLOPE_TARGET, "failures_5xx": failures,
-            "passed": passed}
+    passed = (
+        all(f is not None and f["pct_per_hour"] < SLOPE_TARGET for f in fits)
+        and failures == 0
+        and burst_totals["no_answer"] == 0
+        and sampler.tracker.restarts == 0
+    )
+    return {
+        "minutes": minutes,
+        "slice_s": slice_s,
+        "clients": CLIENTS,
+        "workers": ctx.settings.workers,
+        "distinct_requests": len(requests),
+        "at_start": started,
+        "slices": slices,
+        "rss_growth": round(last["rss_mib"] / base["rss_mib"] - 1, 4),
+        "fd_growth": last["fds"] - base["fds"],
+        "status_5xx": sum(s["status_5xx"] for s in slices),
+        "socket_errors": sum(s["socket_errors"] for s in slices),
+        "sample_s": sampler.every_s,
+        "warm_up_s": round(from_s, 1),
+        "processes": processes,
+        "restarts": sampler.tracker.restarts,
+        "bursts": bursts,
+        "burst_totals": burst_totals,
+        "burst_at_s": round(slice_s * BURST_AT, 1),
+        "slope_target_pct_per_hour": SLOPE_TARGET,
+        "failures_5xx": failures,
+        "passed": passed,
+    }
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
@@ -368,15 +438,22 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax = fig.add_subplot()
     ax.axvspan(0, r["warm_up_s"] / 60, color="0.9", label="warm-up (not fitted)")
     for i, b in enumerate(r["bursts"]):
-        ax.axvline(b["t"] / 60, color="0.55", linestyle=":", linewidth=0.8, alpha=0.7,
-                   label="burst" if i == 0 else None)
+        ax.axvline(
+            b["t"] / 60,
+            color="0.55",
+            linestyle=":",
+            linewidth=0.8,
+            alpha=0.7,
+            label="burst" if i == 0 else None,
+        )
     for name, p in r["processes"].items():
         t, mib = zip(*p["samples"], strict=True) if p["samples"] else ((), ())
         ax.plot([x / 60 for x in t], mib, label=name, linewidth=1.4)
     ax.set_xlabel("minutes")
     ax.set_ylabel("RSS (MiB)")
-    ax.set_title(f"dlserve soak: resident memory per process ({r['minutes']:g} min, "
-                 f"{r['workers']} workers)")
+    ax.set_title(
+        f"dlserve soak: resident memory per process ({r['minutes']:g} min, {r['workers']} workers)"
+    )
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
@@ -389,14 +466,28 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 
 
 def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
-    rows = [[s["slice"], f"{s['requests_per_s']:,.0f}", s["p99"], s["status_2xx"],
-             s["status_4xx"], s["status_5xx"], s["socket_errors"], _burst_cell(r, s["slice"]),
-             s["rss_mib"], s["fds"]]
-            for s in r["slices"]]
+    rows = [
+        [
+            s["slice"],
+            f"{s['requests_per_s']:,.0f}",
+            s["p99"],
+            s["status_2xx"],
+            s["status_4xx"],
+            s["status_5xx"],
+            s["socket_errors"],
+            _burst_cell(r, s["slice"]),
+            s["rss_mib"],
+            s["fds"],
+        ]
+        for s in r["slices"]
+    ]
     p99 = statistics.median(s["p99"] for s in r["slices"])
     return [
-        ("## Soak: mixed traffic and bursts, memory per process" if "processes" in r
-         else "## Soak: mixed traffic, sampled every minute"),  # results from before both
+        (
+            "## Soak: mixed traffic and bursts, memory per process"
+            if "processes" in r
+            else "## Soak: mixed traffic, sampled every minute"
+        ),  # results from before both
         "",
         f"{r['minutes']:g} minute{'' if r['minutes'] == 1 else 's'} of every route of every "
         f"model, valid and invalid requests mixed ({r['distinct_requests']} distinct "
@@ -408,8 +499,21 @@ def render(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
         f"all its processes. At start: {r['at_start']['rss_mib']} MiB, "
         f"{r['at_start']['fds']} descriptors.",
         "",
-        report.table(["slice", "requests/s", "p99 ms", "2xx", "4xx", "5xx", "socket errors",
-                      "burst 2xx / 503 / other", "RSS MiB", "open fds"], rows),
+        report.table(
+            [
+                "slice",
+                "requests/s",
+                "p99 ms",
+                "2xx",
+                "4xx",
+                "5xx",
+                "socket errors",
+                "burst 2xx / 503 / other",
+                "RSS MiB",
+                "open fds",
+            ],
+            rows,
+        ),
         "",
         f"Memory over all processes from slice {WARM_UP_SLICES + 1} to the last: "
         f"{r['rss_growth']:+.1%}; descriptors: {r['fd_growth']:+d}; 5xx: {r['status_5xx']}; "
@@ -432,9 +536,11 @@ def _burst_note(r: dict[str, Any]) -> str:
     if not r.get("bursts"):
         return ""
     b = r["bursts"][0]
-    return (f"Once a slice, {r['burst_at_s']:g} s in, a burst: {b['clients']} clients at "
-            f"once each send a request of {b['items']} large items (`{b['path']}`: long "
-            "reviews): large requests set each worker's memory high-water mark. ")
+    return (
+        f"Once a slice, {r['burst_at_s']:g} s in, a burst: {b['clients']} clients at "
+        f"once each send a request of {b['items']} large items (`{b['path']}`: long "
+        "reviews): large requests set each worker's memory high-water mark. "
+    )
 
 
 def render_processes(r: dict[str, Any]) -> list[str]:
@@ -447,10 +553,18 @@ def render_processes(r: dict[str, Any]) -> list[str]:
     for name, p in r["processes"].items():
         mibs = [mib for _, mib in p["samples"]] or [0.0]
         f = p["fit"]
-        rows.append([name, p["role"], mibs[0], max(mibs), mibs[-1],
-                     f["start_mib"] if f else "–",
-                     f"{f['mib_per_hour']:+.1f}" if f else "–",
-                     f"{f['pct_per_hour']:+.2f} %" if f else "–"])
+        rows.append(
+            [
+                name,
+                p["role"],
+                mibs[0],
+                max(mibs),
+                mibs[-1],
+                f["start_mib"] if f else "–",
+                f"{f['mib_per_hour']:+.1f}" if f else "–",
+                f"{f['pct_per_hour']:+.2f} %" if f else "–",
+            ]
+        )
     totals = r["burst_totals"]
     return [
         f"Each process's resident memory, sampled every {r['sample_s']:g} s by role: the "
@@ -459,8 +573,19 @@ def render_processes(r: dict[str, Any]) -> list[str]:
         f"each process's samples after a {_span(r['warm_up_s'])} warm-up gives its "
         "growth per hour, as a share of the line's value at the start of the fit.",
         "",
-        report.table(["process", "role", "RSS at start MiB", "peak MiB", "last MiB",
-                      "fit start MiB", "slope MiB/h", "slope % of RSS/h"], rows),
+        report.table(
+            [
+                "process",
+                "role",
+                "RSS at start MiB",
+                "peak MiB",
+                "last MiB",
+                "fit start MiB",
+                "slope MiB/h",
+                "slope % of RSS/h",
+            ],
+            rows,
+        ),
         "",
         f"Bursts: {len(r['bursts'])} sent, {sum(b['clients'] for b in r['bursts'])} requests: "
         f"{totals['status_2xx']} answered 2xx, {totals['status_503']} refused 503 with "
@@ -470,8 +595,11 @@ def render_processes(r: dict[str, Any]) -> list[str]:
         "",
         verdict(r, target),
         "",
-        *([f"![Resident memory per process over the soak]({r['plot']})", ""]
-          if r.get("plot") else []),
+        *(
+            [f"![Resident memory per process over the soak]({r['plot']})", ""]
+            if r.get("plot")
+            else []
+        ),
     ]
 
 
@@ -485,18 +613,25 @@ def verdict(r: dict[str, Any], target: float) -> str:
     unfitted = [n for n, p in r["processes"].items() if p["fit"] is None]
     worst = max(fitted, key=lambda n: fitted[n]["pct_per_hour"], default=None)
     over = [n for n, f in fitted.items() if f["pct_per_hour"] >= target]
-    parts = [f"largest slope {worst} {fitted[worst]['pct_per_hour']:+.2f} %/h"
-             if worst else "no process had enough samples to fit"]
+    parts = [
+        f"largest slope {worst} {fitted[worst]['pct_per_hour']:+.2f} %/h"
+        if worst
+        else "no process had enough samples to fit"
+    ]
     if over:
         parts.append(f"at or over the target: {', '.join(over)}")
     if unfitted:
         parts.append(f"too few samples after the warm-up to fit: {', '.join(unfitted)}")
-    parts.append(f"5xx: {r['failures_5xx']} (wrk {r['status_5xx']}, bursts "
-                 f"{r['burst_totals']['status_5xx']}), unanswered burst requests "
-                 f"{r['burst_totals']['no_answer']}, worker restarts {r['restarts']}")
+    parts.append(
+        f"5xx: {r['failures_5xx']} (wrk {r['status_5xx']}, bursts "
+        f"{r['burst_totals']['status_5xx']}), unanswered burst requests "
+        f"{r['burst_totals']['no_answer']}, worker restarts {r['restarts']}"
+    )
     word = "met" if r["passed"] else "NOT met"
-    return (f"**Target: every process < {target:g} % of its RSS per hour after the warm-up, "
-            f"0 5xx: {word}** ({'; '.join(parts)}).")
+    return (
+        f"**Target: every process < {target:g} % of its RSS per hour after the warm-up, "
+        f"0 5xx: {word}** ({'; '.join(parts)})."
+    )
 
 
 SECTION = Section("soak", run, render)

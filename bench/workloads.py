@@ -82,17 +82,27 @@ def digits_parts(runner: Any, source: DataSource) -> MakePart:
     return lambda n: np.resize(images, (n, *images.shape[1:]))
 
 
-def digits_requests(source: DataSource, items: int, count: int,
-                    encoding: str = "json") -> list[Request]:
+def digits_requests(
+    source: DataSource, items: int, count: int, encoding: str = "json"
+) -> list[Request]:
     """Images as JSON arrays of 0-255 integers, or in the compact `images_base64` form."""
     images = load_mnist(source.folder, "test").images  # uint8 [N, 28, 28]
     picks = np.resize(np.arange(len(images)), count * items).reshape(count, items)
     if encoding == "base64":
-        return [("/digits/predict", orjson.dumps(
-            {"images_base64": [base64.b64encode(images[i].tobytes()).decode() for i in rows]}))
-            for rows in picks]
-    return [("/digits/predict", orjson.dumps({"images": images[rows].tolist()}))
-            for rows in picks]
+        return [
+            (
+                "/digits/predict",
+                orjson.dumps(
+                    {
+                        "images_base64": [
+                            base64.b64encode(images[i].tobytes()).decode() for i in rows
+                        ]
+                    }
+                ),
+            )
+            for rows in picks
+        ]
+    return [("/digits/predict", orjson.dumps({"images": images[rows].tolist()})) for rows in picks]
 
 
 def sentiment_texts(runner: Any, source: DataSource) -> tuple[list[list[int]], list[list[int]]]:
@@ -108,8 +118,15 @@ def sentiment_texts(runner: Any, source: DataSource) -> tuple[list[list[int]], l
     return short, long
 
 
-def bucketing(runner: Any, short: list[list[int]], long: list[list[int]],
-              *, batch: int = 64, long_share: float = 0.1, seed: int = 0) -> dict[str, Any]:
+def bucketing(
+    runner: Any,
+    short: list[list[int]],
+    long: list[list[int]],
+    *,
+    batch: int = 64,
+    long_share: float = 0.1,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Sentiment batches of mostly short texts with a few long ones: length buckets against
     padding every text to the batch's longest."""
     rng = np.random.default_rng(seed)
@@ -120,9 +137,12 @@ def bucketing(runner: Any, short: list[list[int]], long: list[list[int]],
     padded = median_seconds(lambda: runner.predict(seqs, bucketed=False))
     lengths = [len(s) for s in seqs]
     return {
-        "batch": batch, "long_texts": n_long,
-        "tokens_real": sum(lengths), "tokens_padded": max(lengths) * batch,
-        "ms_bucketed": round(bucketed * 1e3, 2), "ms_padded": round(padded * 1e3, 2),
+        "batch": batch,
+        "long_texts": n_long,
+        "tokens_real": sum(lengths),
+        "tokens_padded": max(lengths) * batch,
+        "ms_bucketed": round(bucketed * 1e3, 2),
+        "ms_padded": round(padded * 1e3, 2),
         "speedup": round(padded / bucketed, 2),
     }
 
@@ -147,16 +167,24 @@ def sentiment_long_texts(source: DataSource) -> list[str]:
 def sentiment_burst(source: DataSource, items: int) -> Mixed:
     """One request of `items` long texts (repeated as needed)."""
     texts = sentiment_long_texts(source)
-    return ("/sentiment/predict", JSON,
-            orjson.dumps({"texts": [texts[i % len(texts)] for i in range(items)]}))
+    return (
+        "/sentiment/predict",
+        JSON,
+        orjson.dumps({"texts": [texts[i % len(texts)] for i in range(items)]}),
+    )
 
 
-def sentiment_requests(source: DataSource, items: int, count: int,
-                       encoding: str = "json") -> list[Request]:
+def sentiment_requests(
+    source: DataSource, items: int, count: int, encoding: str = "json"
+) -> list[Request]:
     texts = load_sst2(source.folder, "dev").texts
-    return [("/sentiment/predict",
-             orjson.dumps({"texts": [texts[(i * items + j) % len(texts)] for j in range(items)]}))
-            for i in range(count)]
+    return [
+        (
+            "/sentiment/predict",
+            orjson.dumps({"texts": [texts[(i * items + j) % len(texts)] for j in range(items)]}),
+        )
+        for i in range(count)
+    ]
 
 
 def recommender_parts(runner: Any, source: DataSource) -> MakePart:
@@ -165,14 +193,17 @@ def recommender_parts(runner: Any, source: DataSource) -> MakePart:
     return cycle(list(users.values()))
 
 
-def recommender_requests(source: DataSource, items: int, count: int,
-                         encoding: str = "json") -> list[Request]:
+def recommender_requests(
+    source: DataSource, items: int, count: int, encoding: str = "json"
+) -> list[Request]:
     train = load_movielens(source.folder).train
     out = []
     for user in np.unique(train.users)[:count]:
         mine = train.users == user
-        ratings = [{"movie_id": int(m), "rating": int(r)}
-                   for m, r in zip(train.movies[mine], train.levels[mine], strict=True)]
+        ratings = [
+            {"movie_id": int(m), "rating": int(r)}
+            for m, r in zip(train.movies[mine], train.levels[mine], strict=True)
+        ]
         out.append(("/recommender/recommend", orjson.dumps({"ratings": ratings, "k": 10})))
     return out
 
@@ -195,43 +226,85 @@ def digits_mixed(source: DataSource, count: int) -> list[Mixed]:
     for image in images:
         png = BytesIO()
         Image.fromarray(image).save(png, "PNG")
-        out += [("/digits/predict", JSON, orjson.dumps({"images": [image.tolist()]})),
-                ("/digits/predict", JSON, orjson.dumps(
-                    {"images_base64": [base64.b64encode(image.tobytes()).decode()]})),
-                ("/digits/predict_image", "image/png", png.getvalue()),
-                _infer("digits", [{"name": "pixels", "shape": [1, 28, 28], "datatype": "UINT8",
-                                   "data": image.ravel().tolist()}])]
-    return out + [("/digits/predict", JSON, b"{}"),
-                  ("/digits/predict", JSON, orjson.dumps({"images": [[[0] * 27] * 28]})),
-                  ("/digits/predict_image", "image/png", b"not an image"),
-                  _infer("digits", [{"name": "pixels", "shape": [1], "datatype": "INT64",
-                                     "data": [0]}])]
+        out += [
+            ("/digits/predict", JSON, orjson.dumps({"images": [image.tolist()]})),
+            (
+                "/digits/predict",
+                JSON,
+                orjson.dumps({"images_base64": [base64.b64encode(image.tobytes()).decode()]}),
+            ),
+            ("/digits/predict_image", "image/png", png.getvalue()),
+            _infer(
+                "digits",
+                [
+                    {
+                        "name": "pixels",
+                        "shape": [1, 28, 28],
+                        "datatype": "UINT8",
+                        "data": image.ravel().tolist(),
+                    }
+                ],
+            ),
+        ]
+    return out + [
+        ("/digits/predict", JSON, b"{}"),
+        ("/digits/predict", JSON, orjson.dumps({"images": [[[0] * 27] * 28]})),
+        ("/digits/predict_image", "image/png", b"not an image"),
+        _infer("digits", [{"name": "pixels", "shape": [1], "datatype": "INT64", "data": [0]}]),
+    ]
 
 
 def sentiment_mixed(source: DataSource, count: int) -> list[Mixed]:
     texts = load_sst2(source.folder, "dev").texts[:count]
     out = [("/sentiment/predict", JSON, orjson.dumps({"texts": [t]})) for t in texts]
-    out += [_infer("sentiment", [{"name": "text", "shape": [1], "datatype": "BYTES",
-                                  "data": [t]}]) for t in texts]
-    return out + [("/sentiment/predict", JSON, orjson.dumps({"texts": ["   "]})),
-                  ("/sentiment/predict", JSON, b"not json")]
+    out += [
+        _infer("sentiment", [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [t]}])
+        for t in texts
+    ]
+    return out + [
+        ("/sentiment/predict", JSON, orjson.dumps({"texts": ["   "]})),
+        ("/sentiment/predict", JSON, b"not json"),
+    ]
 
 
 def recommender_mixed(source: DataSource, count: int) -> list[Mixed]:
     out: list[Mixed] = []
     for path, body in recommender_requests(source, 1, count):
         ratings = orjson.loads(body)["ratings"]
-        out += [(path, JSON, body),
-                ("/recommender/predict", JSON, orjson.dumps(
-                    {"ratings": ratings, "movie_ids": [1, 2, 3]})),
-                _infer("recommender", [
-                    {"name": "rated_movie_ids", "shape": [len(ratings)], "datatype": "INT64",
-                     "data": [r["movie_id"] for r in ratings]},
-                    {"name": "ratings", "shape": [len(ratings)], "datatype": "FP32",
-                     "data": [r["rating"] for r in ratings]}], k=10)]
-    return out + [("/recommender/recommend", JSON, orjson.dumps(
-        {"ratings": [{"movie_id": 999999, "rating": 5}], "k": 10})),
-        ("/recommender/recommend", JSON, orjson.dumps({"ratings": [], "k": 0}))]
+        out += [
+            (path, JSON, body),
+            (
+                "/recommender/predict",
+                JSON,
+                orjson.dumps({"ratings": ratings, "movie_ids": [1, 2, 3]}),
+            ),
+            _infer(
+                "recommender",
+                [
+                    {
+                        "name": "rated_movie_ids",
+                        "shape": [len(ratings)],
+                        "datatype": "INT64",
+                        "data": [r["movie_id"] for r in ratings],
+                    },
+                    {
+                        "name": "ratings",
+                        "shape": [len(ratings)],
+                        "datatype": "FP32",
+                        "data": [r["rating"] for r in ratings],
+                    },
+                ],
+                k=10,
+            ),
+        ]
+    return out + [
+        (
+            "/recommender/recommend",
+            JSON,
+            orjson.dumps({"ratings": [{"movie_id": 999999, "rating": 5}], "k": 10}),
+        ),
+        ("/recommender/recommend", JSON, orjson.dumps({"ratings": [], "k": 0})),
+    ]
 
 
 def digits_batch(source: DataSource, folder: Path, rows: int) -> list[BatchInput]:
@@ -244,16 +317,23 @@ def digits_batch(source: DataSource, folder: Path, rows: int) -> list[BatchInput
     images = load_mnist(source.folder, "test").images.reshape(-1, 784)
     pixels = np.resize(images, (rows, 784))
     layouts = {
-        "lists": ("Parquet, pixels as lists of 784 uint8", pa.FixedSizeListArray.from_arrays(
-            pa.array(pixels.reshape(-1)), 784)),
-        "bytes": ("Parquet, pixels as 784 bytes", pa.FixedSizeBinaryArray.from_buffers(
-            pa.binary(784), rows, [None, pa.py_buffer(pixels.tobytes())])),
+        "lists": (
+            "Parquet, pixels as lists of 784 uint8",
+            pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), 784),
+        ),
+        "bytes": (
+            "Parquet, pixels as 784 bytes",
+            pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(784), rows, [None, pa.py_buffer(pixels.tobytes())]
+            ),
+        ),
     }
     out = []
     for name, (layout, column) in layouts.items():
         path = folder / f"digits-{name}-{rows}.parquet"
-        pq.write_table(pa.table({"id": np.arange(rows), "pixels": column}), path,
-                       row_group_size=10_000)
+        pq.write_table(
+            pa.table({"id": np.arange(rows), "pixels": column}), path, row_group_size=10_000
+        )
         out.append(BatchInput(path, layout))
     return out
 
@@ -265,8 +345,10 @@ def sentiment_batch(source: DataSource, folder: Path, rows: int) -> list[BatchIn
 
     texts = load_sst2(source.folder, "dev").texts
     path = folder / f"sentiment-{rows}.csv"
-    pacsv.write_csv(pa.table({"id": np.arange(rows),
-                              "text": [texts[i % len(texts)] for i in range(rows)]}), path)
+    pacsv.write_csv(
+        pa.table({"id": np.arange(rows), "text": [texts[i % len(texts)] for i in range(rows)]}),
+        path,
+    )
     return [BatchInput(path, "CSV, id and text")]
 
 
@@ -277,18 +359,42 @@ def recommender_batch(source: DataSource, folder: Path, rows: int) -> list[Batch
     users = np.unique(train.users)
     mine = np.isin(train.users, np.resize(users, min(rows, len(users))))
     path = folder / f"recommender-{rows}.data"
-    path.write_text("".join(f"{u}\t{m}\t{r}\t0\n" for u, m, r in zip(
-        train.users[mine], train.movies[mine], train.levels[mine], strict=True)))
+    path.write_text(
+        "".join(
+            f"{u}\t{m}\t{r}\t0\n"
+            for u, m, r in zip(
+                train.users[mine], train.movies[mine], train.levels[mine], strict=True
+            )
+        )
+    )
     return [BatchInput(path, "u.data layout (TSV, no header), top 10 per user", {"k": 10})]
 
 
-DIGITS = Workload(digits_parts, digits_requests, encodings=("json", "base64"),
-                  mixed=digits_mixed, lean_target=(0.6, 1.5), batch=digits_batch,
-                  batch_rows=100_000)
-SENTIMENT = Workload(lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
-                     sentiment_requests, extra=sentiment_bucketing, overload=True,
-                     mixed=sentiment_mixed, batch=sentiment_batch, batch_rows=5_000,
-                     burst=sentiment_burst)
-RECOMMENDER = Workload(recommender_parts, recommender_requests, multi_item=False,
-                       p50_target_ms=10.0, mixed=recommender_mixed, batch=recommender_batch,
-                       batch_rows=943)
+DIGITS = Workload(
+    digits_parts,
+    digits_requests,
+    encodings=("json", "base64"),
+    mixed=digits_mixed,
+    lean_target=(0.6, 1.5),
+    batch=digits_batch,
+    batch_rows=100_000,
+)
+SENTIMENT = Workload(
+    lambda runner, source: cycle(sentiment_texts(runner, source)[0]),
+    sentiment_requests,
+    extra=sentiment_bucketing,
+    overload=True,
+    mixed=sentiment_mixed,
+    batch=sentiment_batch,
+    batch_rows=5_000,
+    burst=sentiment_burst,
+)
+RECOMMENDER = Workload(
+    recommender_parts,
+    recommender_requests,
+    multi_item=False,
+    p50_target_ms=10.0,
+    mixed=recommender_mixed,
+    batch=recommender_batch,
+    batch_rows=943,
+)

@@ -81,6 +81,7 @@ class Stopped(Exception):
 
 # --- The port -------------------------------------------------------------------------------
 
+
 def check_port_free(port: int, *, what: str = "port", host: str = "0.0.0.0") -> None:
     """Raise PortInUseError, naming the process that holds it, if `port` cannot be bound.
 
@@ -107,9 +108,17 @@ def port_holder(port: int) -> psutil.Process | None:
     this goes up from that one to the ancestor that shares it too (BentoML's arbiter, the
     `bentoml serve` process, rather than one of its workers)."""
     try:
-        holder = next((psutil.Process(c.pid) for c in psutil.net_connections(kind="tcp")
-                       if c.status == psutil.CONN_LISTEN and c.laddr
-                       and c.laddr.port == port and c.pid is not None), None)
+        holder = next(
+            (
+                psutil.Process(c.pid)
+                for c in psutil.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+                and c.laddr
+                and c.laddr.port == port
+                and c.pid is not None
+            ),
+            None,
+        )
     except psutil.Error:  # no permission, or it has just exited
         return None
     while holder is not None:
@@ -131,8 +140,10 @@ def _listens_on(process: psutil.Process, port: int) -> bool:
     # Process.net_connections is psutil >= 6's name for 5.9's Process.connections.
     connections = getattr(process, "net_connections", None) or process.connections
     try:
-        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
-                   for c in connections(kind="tcp"))
+        return any(
+            c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+            for c in connections(kind="tcp")
+        )
     except psutil.Error:
         return False
 
@@ -147,10 +158,11 @@ def describe(process: psutil.Process, width: int = 120) -> str:
     if argv[0].startswith("python") and len(argv) > 2 and argv[1] == "-m":
         argv = argv[2:]
     text = " ".join(" ".join(argv).split())  # one line, whatever the arguments hold
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # --- Signals and the process tree -----------------------------------------------------------
+
 
 class StopSignals:
     """Records SIGTERM and SIGINT for the supervisor's loop, which relays them.
@@ -191,6 +203,7 @@ def _sigterm_when_parent_dies(parent: int) -> Callable[[], None]:
         _libc_prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
+
     return preexec
 
 
@@ -244,8 +257,11 @@ def end_tree(grace_s: float, left: list[psutil.Process] | None = None) -> None:
     `grace_s` later; reap it all."""
     left = descendants() if left is None else left
     if left:
-        log.warning("stopping %d process(es) left behind: %s", len(left),
-                    ", ".join(str(p.pid) for p in left))
+        log.warning(
+            "stopping %d process(es) left behind: %s",
+            len(left),
+            ", ".join(str(p.pid) for p in left),
+        )
         send(left, signal.SIGTERM)
         _, still = psutil.wait_procs(left, timeout=grace_s)
         send(still, signal.SIGKILL)
@@ -263,6 +279,7 @@ def _reap_zombies() -> None:
 
 
 # --- Relaying ---------------------------------------------------------------------------------
+
 
 def relay_to_server(child: psutil.Process, signum: int, count: int) -> None:
     """How a stop signal reaches `bentoml serve` (see the module's docstring)."""
@@ -282,16 +299,25 @@ def relay_to_task(child: psutil.Process, signum: int, count: int) -> None:
     kill_tree(child, stop, {})
 
 
-def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, stop_s: float,
-              env: Mapping[str, str] | None = None) -> int:
+def supervise(
+    command: Sequence[str],
+    signals: StopSignals,
+    *,
+    relay: Relay,
+    stop_s: float,
+    env: Mapping[str, str] | None = None,
+) -> int:
     """Run `command` in a session of its own until it exits; relay each stop signal to it
     and kill its whole tree `stop_s` after the first. Returns its exit status (128 + N if
     signal N ended it)."""
     if signals.received:
         raise Stopped(signals.received[0])
-    child = subprocess.Popen(list(command), env=None if env is None else dict(env),
-                             start_new_session=True,
-                             preexec_fn=_sigterm_when_parent_dies(os.getpid()))
+    child = subprocess.Popen(
+        list(command),
+        env=None if env is None else dict(env),
+        start_new_session=True,
+        preexec_fn=_sigterm_when_parent_dies(os.getpid()),
+    )
     handle = psutil.Process(child.pid)
     known: dict[int, psutil.Process] = {}  # its tree, as seen so far
     relayed = 0
@@ -307,8 +333,11 @@ def supervise(command: Sequence[str], signals: StopSignals, *, relay: Relay, sto
             relayed += 1
             deadline = deadline or time.monotonic() + stop_s
         if deadline is not None and time.monotonic() > deadline:
-            log.warning("still running %.0f s after %s: killing every process it started",
-                        stop_s, signal.Signals(signals.received[0]).name)
+            log.warning(
+                "still running %.0f s after %s: killing every process it started",
+                stop_s,
+                signal.Signals(signals.received[0]).name,
+            )
             kill_tree(handle, signal.SIGKILL, known)
             deadline = float("inf")  # killed once; now wait for the exit
     # Workers whose arbiter died: they may drain, as after a signal.

@@ -24,8 +24,10 @@ def registered(extra_modules: tuple[str, ...] = ()) -> dict[str, Any]:
         try:
             model = importlib.import_module(module).MODEL
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"model module {module!r} cannot be registered ({exc}); it must "
-                             "be importable and define MODEL, a ModelSpec") from None
+            raise ValueError(
+                f"model module {module!r} cannot be registered ({exc}); it must "
+                "be importable and define MODEL, a ModelSpec"
+            ) from None
         if model.name in models:
             raise ValueError(f"model {model.name!r} is registered twice (again by {module})")
         models[model.name] = model

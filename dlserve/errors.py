@@ -34,15 +34,15 @@ class UnsupportedMediaType(InputError):
     status = 415
 
 
-def check_item_list(items: object, field: str, *, expected: str, noun: str,
-                    max_items: int) -> None:
+def check_item_list(items: object, field: str, *, expected: str, noun: str, max_items: int) -> None:
     """A request's list of items (or an array of them, a fast parse's): a non-empty list
     (400) of at most `max_items` (413)."""
     if not isinstance(items, list | np.ndarray) or not len(items):
         raise InputError(f"{field}: expected a non-empty list of {expected}")
     if len(items) > max_items:
         raise PayloadTooLarge(
-            f"{field}: {len(items)} {noun} is more than the limit of {max_items} per request")
+            f"{field}: {len(items)} {noun} is more than the limit of {max_items} per request"
+        )
 
 
 def describe_validation_errors(errors: Sequence[Mapping[str, Any]], limit: int = 5) -> str:

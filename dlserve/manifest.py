@@ -87,14 +87,17 @@ def read_manifest(model_dir: Path) -> Manifest:
         if written != FORMAT_VERSION:
             raise ModelIntegrityError(
                 f"{path} is manifest format {written}, and this dlserve reads format "
-                f"{FORMAT_VERSION}; re-export the model with this version (dlserve export)")
+                f"{FORMAT_VERSION}; re-export the model with this version (dlserve export)"
+            )
         return Manifest.from_dict(raw)
     except FileNotFoundError:
         raise ModelIntegrityError(
-            f"{path} is missing; re-export the model (dlserve export)") from None
+            f"{path} is missing; re-export the model (dlserve export)"
+        ) from None
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelIntegrityError(
-            f"{path} is not a valid dlserve manifest ({exc}); re-export the model") from exc
+            f"{path} is not a valid dlserve manifest ({exc}); re-export the model"
+        ) from exc
 
 
 def verify_onnx(model_dir: Path, manifest: Manifest) -> Path:
@@ -146,4 +149,5 @@ def check_external_data(onnx_path: Path) -> None:
             raise ModelIntegrityError(
                 f"{onnx_path}: tensor {tensor.name!r} reads its data from {location!r}, "
                 f"outside the model's folder; refusing to load it. Re-export the model "
-                "(dlserve export) with its weights inside the ONNX file.")
+                "(dlserve export) with its weights inside the ONNX file."
+            )

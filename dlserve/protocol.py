@@ -27,10 +27,18 @@ if TYPE_CHECKING:
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
     "BYTES": np.dtype(object),
 }
 
@@ -65,9 +73,13 @@ class Tensors:
     example: dict[str, Any] = field(default_factory=dict)
 
     def metadata(self, name: str, version: str, platform: str) -> dict[str, Any]:
-        return {"name": name, "versions": [version], "platform": platform,
-                "inputs": [t.metadata() for t in self.inputs],
-                "outputs": [t.metadata() for t in self.outputs]}
+        return {
+            "name": name,
+            "versions": [version],
+            "platform": platform,
+            "inputs": [t.metadata() for t in self.inputs],
+            "outputs": [t.metadata() for t in self.outputs],
+        }
 
     def config(self, name: str, platform: str, max_batch_size: int) -> dict[str, Any]:
         """Triton's model configuration (its model-configuration extension), which Triton's
@@ -80,17 +92,26 @@ class Tensors:
 
         def entry(t: TensorDecl) -> dict[str, Any]:
             kind = t.datatypes[0].replace("BYTES", "STRING")  # Triton's name for it
-            out = {"name": t.name, "data_type": "TYPE_" + kind, "dims": dims(t),
-                   "optional": t.optional}
+            out = {
+                "name": t.name,
+                "data_type": "TYPE_" + kind,
+                "dims": dims(t),
+                "optional": t.optional,
+            }
             if batched and len(t.shape) == 1:  # [N] itself: Triton writes dims [1], no reshape
                 out["reshape"] = {"shape": []}
             return out
 
-        return {"name": name, "platform": platform, "backend": "onnxruntime",
-                "max_batch_size": max_batch_size if batched else 0,
-                "input": [entry(t) for t in self.inputs],
-                "output": [{k: v for k, v in entry(t).items() if k != "optional"}
-                           for t in self.outputs]}
+        return {
+            "name": name,
+            "platform": platform,
+            "backend": "onnxruntime",
+            "max_batch_size": max_batch_size if batched else 0,
+            "input": [entry(t) for t in self.inputs],
+            "output": [
+                {k: v for k, v in entry(t).items() if k != "optional"} for t in self.outputs
+            ],
+        }
 
 
 class _Open(BaseModel):
@@ -128,15 +149,16 @@ class Decoded:
         return self.request.parameters or {}
 
 
-def decode(body: bytes, header_length: str | None, tensors: Tensors, *,
-           max_body: int) -> Decoded:
+def decode(body: bytes, header_length: str | None, tensors: Tensors, *, max_body: int) -> Decoded:
     """An infer request → its JSON part and named input arrays, checked against `tensors`."""
     json_part, binary = body, b""
     if header_length is not None:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
-            raise InputError(f"Inference-Header-Content-Length: {header_length!r} is not a "
-                             f"byte count within the {len(body)}-byte body")
-        json_part, binary = body[: int(header_length)], body[int(header_length):]
+            raise InputError(
+                f"Inference-Header-Content-Length: {header_length!r} is not a "
+                f"byte count within the {len(body)}-byte body"
+            )
+        json_part, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         request = InferRequest.model_validate_json(json_part or b"{}")
     except ValidationError as exc:
@@ -148,39 +170,49 @@ def decode(body: bytes, header_length: str | None, tensors: Tensors, *,
         where = f"inputs[{i}] ({tensor.name})"
         decl = declared.get(tensor.name)
         if decl is None:
-            raise InputError(f"{where}: no input of that name; this model takes "
-                             f"{', '.join(declared)}")
+            raise InputError(
+                f"{where}: no input of that name; this model takes {', '.join(declared)}"
+            )
         if tensor.name in arrays:
             raise InputError(f"{where}: sent twice")
         if tensor.datatype not in decl.datatypes:
-            raise InputError(f"{where}: datatype {tensor.datatype} is not accepted; send "
-                             f"{' or '.join(decl.datatypes)}")
+            raise InputError(
+                f"{where}: datatype {tensor.datatype} is not accepted; send "
+                f"{' or '.join(decl.datatypes)}"
+            )
         size = (tensor.parameters or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InputError(f"{where}: binary_data_size {size!r} does not fit the "
-                                 f"{len(binary)} bytes after the JSON header")
-            arrays[tensor.name] = _from_binary(binary[offset: offset + size], tensor, where,
-                                               max_body)
+                raise InputError(
+                    f"{where}: binary_data_size {size!r} does not fit the "
+                    f"{len(binary)} bytes after the JSON header"
+                )
+            arrays[tensor.name] = _from_binary(
+                binary[offset : offset + size], tensor, where, max_body
+            )
             offset += size
         else:
             arrays[tensor.name] = _from_json(tensor, where, max_body)
     if offset != len(binary):
-        raise InputError(f"body: {len(binary) - offset} bytes of binary data that no input's "
-                         "binary_data_size accounts for")
+        raise InputError(
+            f"body: {len(binary) - offset} bytes of binary data that no input's "
+            "binary_data_size accounts for"
+        )
     missing = [t.name for t in tensors.inputs if not t.optional and t.name not in arrays]
     if missing:
-        raise InputError(f"inputs: missing {', '.join(missing)}; this model takes "
-                         + ", ".join(t.name + ("" if not t.optional else " (optional)")
-                                     for t in tensors.inputs))
+        raise InputError(
+            f"inputs: missing {', '.join(missing)}; this model takes "
+            + ", ".join(t.name + ("" if not t.optional else " (optional)") for t in tensors.inputs)
+        )
     return Decoded(request, arrays)
 
 
 def _count(shape: list[int], where: str, max_body: int) -> int:
     count = int(np.prod(shape, dtype=np.int64)) if shape else 1
     if count > max_body:  # no tensor of more elements than body bytes can be real
-        raise PayloadTooLarge(f"{where}: shape {shape} is {count:,} elements, more than the "
-                              "request could carry")
+        raise PayloadTooLarge(
+            f"{where}: shape {shape} is {count:,} elements, more than the request could carry"
+        )
     return count
 
 
@@ -191,15 +223,15 @@ def _from_json(tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
     if not isinstance(data, list):
         data = [data] if data is not None else None
     if data is None:
-        raise InputError(f"{where}: no data (give `data`, or binary data with "
-                         "parameters.binary_data_size)")
+        raise InputError(
+            f"{where}: no data (give `data`, or binary data with parameters.binary_data_size)"
+        )
     try:
         flat = np.asarray(data, dtype=object if dtype.kind == "O" else None).ravel()
     except ValueError:
         raise InputError(f"{where}: data is a ragged list; send it flat, row-major") from None
     if flat.size != count:
-        raise InputError(f"{where}: {flat.size} values for shape {tensor.shape} "
-                         f"({count} expected)")
+        raise InputError(f"{where}: {flat.size} values for shape {tensor.shape} ({count} expected)")
     if dtype.kind == "O":
         if not all(isinstance(x, str) for x in flat):
             raise InputError(f"{where}: BYTES data in JSON must be strings")
@@ -209,8 +241,11 @@ def _from_json(tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
         raise InputError(f"{where}: data must be {kind} for {tensor.datatype}")
     if dtype.kind in "iu" and flat.dtype.kind == "f" and flat.size:  # [] reads as floats
         raise InputError(f"{where}: {tensor.datatype} data must be whole numbers")
-    if dtype.kind in "iu" and flat.size and (flat.min() < np.iinfo(dtype).min
-                                             or flat.max() > np.iinfo(dtype).max):
+    if (
+        dtype.kind in "iu"
+        and flat.size
+        and (flat.min() < np.iinfo(dtype).min or flat.max() > np.iinfo(dtype).max)
+    ):
         raise InputError(f"{where}: a value is outside the range of {tensor.datatype}")
     return flat.astype(dtype).reshape(tensor.shape)
 
@@ -220,23 +255,25 @@ def _from_binary(raw: bytes, tensor: RequestInput, where: str, max_body: int) ->
     dtype = DATATYPES[tensor.datatype]
     if dtype.kind != "O":
         if len(raw) != count * dtype.itemsize:
-            raise InputError(f"{where}: {len(raw)} bytes of binary data for shape "
-                             f"{tensor.shape} of {tensor.datatype} "
-                             f"({count * dtype.itemsize} expected)")
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(
-            tensor.shape)
+            raise InputError(
+                f"{where}: {len(raw)} bytes of binary data for shape "
+                f"{tensor.shape} of {tensor.datatype} "
+                f"({count * dtype.itemsize} expected)"
+            )
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype).reshape(tensor.shape)
     items, at = [], 0
     while at < len(raw):
         if at + 4 > len(raw):
             raise InputError(f"{where}: BYTES data ends inside an element's 4-byte length")
-        n = int.from_bytes(raw[at: at + 4], "little")
+        n = int.from_bytes(raw[at : at + 4], "little")
         if at + 4 + n > len(raw):
             raise InputError(f"{where}: a BYTES element of {n} bytes runs past its data")
-        items.append(raw[at + 4: at + 4 + n])
+        items.append(raw[at + 4 : at + 4 + n])
         at += 4 + n
     if len(items) != count:
-        raise InputError(f"{where}: {len(items)} BYTES elements for shape {tensor.shape} "
-                         f"({count} expected)")
+        raise InputError(
+            f"{where}: {len(items)} BYTES elements for shape {tensor.shape} ({count} expected)"
+        )
     return np.array(items, dtype=object).reshape(tensor.shape)
 
 
@@ -249,8 +286,10 @@ def requested_outputs(decoded: Decoded, tensors: Tensors) -> list[tuple[str, boo
     out = []
     for i, o in enumerate(decoded.request.outputs):
         if o.name not in given:
-            raise InputError(f"outputs[{i}] ({o.name}): no output of that name; this model "
-                             f"gives {', '.join(given)}")
+            raise InputError(
+                f"outputs[{i}] ({o.name}): no output of that name; this model "
+                f"gives {', '.join(given)}"
+            )
         out.append((o.name, bool((o.parameters or {}).get("binary_data", binary_all))))
     return out
 
@@ -265,15 +304,23 @@ def _binary(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
-def encode(model: str, version: str, request_id: str | None, arrays: dict[str, np.ndarray],
-           wanted: list[tuple[str, bool]]) -> tuple[bytes, dict[str, str]]:
+def encode(
+    model: str,
+    version: str,
+    request_id: str | None,
+    arrays: dict[str, np.ndarray],
+    wanted: list[tuple[str, bool]],
+) -> tuple[bytes, dict[str, str]]:
     """The infer response body and its extra headers: the JSON object, followed by the
     binary data of the outputs asked for as binary (Inference-Header-Content-Length)."""
     outputs, blobs = [], []
     for name, as_binary in wanted:
         array = arrays[name]
-        entry: dict[str, Any] = {"name": name, "datatype": _datatype(array),
-                                 "shape": list(array.shape)}
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": _datatype(array),
+            "shape": list(array.shape),
+        }
         if as_binary:
             blob = _binary(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
@@ -296,6 +343,5 @@ def parameter(parameters: dict[str, Any], name: str, default: Any, kind: type) -
     """A request parameter of the expected type; InputError names it otherwise."""
     value = parameters.get(name, default)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise InputError(f"parameters.{name}: expected {kind.__name__}, got "
-                         f"{json.dumps(value)}")
+        raise InputError(f"parameters.{name}: expected {kind.__name__}, got {json.dumps(value)}")
     return value

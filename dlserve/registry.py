@@ -113,8 +113,10 @@ class Route:
         route also takes a body with no Content-Type."""
         if self.request is not None and media_type == "":
             return True
-        return any(media_type == t or (t.endswith("/*") and media_type.startswith(t[:-1]))
-                   for t in self.content_types)
+        return any(
+            media_type == t or (t.endswith("/*") and media_type.startswith(t[:-1]))
+            for t in self.content_types
+        )
 
     def parse(self, body: bytes) -> Any:
         """The body as this route's request type (a file route: the bytes themselves).

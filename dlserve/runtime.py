@@ -78,8 +78,9 @@ def cpu_threads(explicit: int | None, workers: int, cores: int) -> int:
     return explicit if explicit is not None else max(1, cores // workers)
 
 
-def profile(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
-            opt_batch: int, max_batch: int) -> Profile:
+def profile(
+    inputs: list[TensorSpec], preprocessing: dict[str, Any], *, opt_batch: int, max_batch: int
+) -> Profile:
     """TensorRT's optimisation profile: each input's min, opt and max shape. The first
     axis is the batch (1 → `max_batch`, tuned for `opt_batch`); any other dynamic axis X
     is bounded by the manifest's `preprocessing["max_X"]` (the LSTM's `max_tokens`), tuned
@@ -96,8 +97,10 @@ def profile(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
             else:
                 bound = preprocessing.get(f"max_{dim}")
                 if not isinstance(bound, int):
-                    raise ValueError(f"input {spec.name}: dynamic axis {dim!r} has no bound "
-                                     f"(the manifest's preprocessing has no max_{dim})")
+                    raise ValueError(
+                        f"input {spec.name}: dynamic axis {dim!r} has no bound "
+                        f"(the manifest's preprocessing has no max_{dim})"
+                    )
                 low, opt, high = 1, min(TYPICAL_LENGTH, bound), bound
             for key, value in (("min", low), ("opt", opt), ("max", high)):
                 dims[key].append(value)
@@ -108,21 +111,24 @@ def profile(inputs: list[TensorSpec], preprocessing: dict[str, Any], *,
 
 def profile_shapes(shapes: Profile) -> dict[str, str]:
     """The profile in the TensorRT provider's option syntax ("token_ids:1x1,...")."""
-    return {f"trt_profile_{key}_shapes": ",".join(
-                f"{name}:{'x'.join(map(str, shape))}" for name, shape in by_input.items())
-            for key, by_input in shapes.items()}
+    return {
+        f"trt_profile_{key}_shapes": ",".join(
+            f"{name}:{'x'.join(map(str, shape))}" for name, shape in by_input.items()
+        )
+        for key, by_input in shapes.items()
+    }
 
 
 def warm_up_profile(session: Session, shapes: Profile, dtypes: dict[str, str]) -> None:
     """Run the session once at each of the profile's shapes (zeros), so that TensorRT has
     built (or loaded from its cache) what those shapes need before the first request."""
     for by_input in shapes.values():
-        session.run({name: np.zeros(shape, dtype=dtypes[name])
-                     for name, shape in by_input.items()})
+        session.run({name: np.zeros(shape, dtype=dtypes[name]) for name, shape in by_input.items()})
 
 
-def tensorrt_options(settings: Settings, cache_dir: Path, profiles: dict[str, str]
-                     ) -> dict[str, Any]:
+def tensorrt_options(
+    settings: Settings, cache_dir: Path, profiles: dict[str, str]
+) -> dict[str, Any]:
     """The TensorRT provider's options: FP16 kernels when asked, engine and timing caches
     in a persistent folder (building an engine takes seconds to minutes per model; a cached
     one loads in well under a second), and the optimisation profiles."""
@@ -150,20 +156,25 @@ def cuda_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def session_config(settings: Settings, inputs: list[TensorSpec], preprocessing: dict[str, Any],
-                   *, default_cache_dir: Path) -> SessionConfig:
+def session_config(
+    settings: Settings,
+    inputs: list[TensorSpec],
+    preprocessing: dict[str, Any],
+    *,
+    default_cache_dir: Path,
+) -> SessionConfig:
     """Everything `create_session` needs for one model, from the settings and its manifest."""
     max_batch = max(settings.max_batch_size, settings.max_items)
     cache_dir = settings.trt_cache_dir or default_cache_dir
-    shapes = profile(inputs, preprocessing, opt_batch=settings.max_batch_size,
-                     max_batch=max_batch)
+    shapes = profile(inputs, preprocessing, opt_batch=settings.max_batch_size, max_batch=max_batch)
     return SessionConfig(
         providers=tuple(resolve_providers(settings.providers)),
         profile=shapes,
-        options={TENSORRT: tensorrt_options(settings, cache_dir, profile_shapes(shapes)),
-                 CUDA: cuda_options(settings)},
-        threads=cpu_threads(settings.ort_threads, settings.workers,
-                            len(os.sched_getaffinity(0))),
+        options={
+            TENSORRT: tensorrt_options(settings, cache_dir, profile_shapes(shapes)),
+            CUDA: cuda_options(settings),
+        },
+        threads=cpu_threads(settings.ort_threads, settings.workers, len(os.sched_getaffinity(0))),
         require_gpu=settings.require_gpu,
         cpu_mem_arena=settings.ort_cpu_mem_arena,
         mem_pattern=settings.ort_mem_pattern,
@@ -198,8 +209,7 @@ def _try(onnx_path: Path, provider: str, config: SessionConfig) -> ort.Inference
         ort.set_default_logger_severity(ORT_FATAL)
     try:
         with contextlib.redirect_stdout(captured):
-            sess = ort.InferenceSession(str(onnx_path), _session_options(config),
-                                        providers=chain)
+            sess = ort.InferenceSession(str(onnx_path), _session_options(config), providers=chain)
     except Exception as exc:  # noqa: BLE001 - any provider failure means "try the next"
         if provider == CPU:
             raise
@@ -215,8 +225,9 @@ def _try(onnx_path: Path, provider: str, config: SessionConfig) -> ort.Inference
     return sess
 
 
-def create_session(onnx_path: Path, *, label: str = "",
-                   config: SessionConfig | None = None) -> Session:
+def create_session(
+    onnx_path: Path, *, label: str = "", config: SessionConfig | None = None
+) -> Session:
     """Open `onnx_path` on the first provider in `config.providers` that really
     initialises; `label` (the model's tag) names it in the fallback warning and errors.
     With `config.require_gpu`, running on the CPU is an error (GPURequired) instead."""
@@ -228,25 +239,30 @@ def create_session(onnx_path: Path, *, label: str = "",
         if provider == CPU and config.require_gpu:
             break
         if provider not in available:
-            why[provider] = "not in this onnxruntime build (the GPU providers need " \
-                "onnxruntime-gpu)"
+            why[provider] = "not in this onnxruntime build (the GPU providers need onnxruntime-gpu)"
             continue
         sess = _try(onnx_path, provider, config)
         if isinstance(sess, str):
             why[provider] = sess
             continue
         if why:
-            log.warning("%s: %s not usable on this machine; running on %s", name,
-                        ", ".join(why), provider)
+            log.warning(
+                "%s: %s not usable on this machine; running on %s", name, ", ".join(why), provider
+            )
             log.debug("%s: why: %s", name, why)
-        return Session(session=sess, provider=provider,
-                       input_names=[i.name for i in sess.get_inputs()],
-                       output_names=[o.name for o in sess.get_outputs()])
+        return Session(
+            session=sess,
+            provider=provider,
+            input_names=[i.name for i in sess.get_inputs()],
+            output_names=[o.name for o in sess.get_outputs()],
+        )
     reasons = "; ".join(f"{p}: {w}" for p, w in why.items()) or "no GPU provider listed"
     if config.require_gpu:
         raise GPURequired(
             f"{name}: DLSERVE_REQUIRE_GPU=true but no GPU execution provider works for it "
-            f"({reasons}); refusing to fall back to the CPU")
+            f"({reasons}); refusing to fall back to the CPU"
+        )
     raise RuntimeError(
         f"{name}: no execution provider among {list(config.providers)} works here "
-        f"(available: {sorted(available)}; {reasons})")
+        f"(available: {sorted(available)}; {reasons})"
+    )

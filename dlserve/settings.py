@@ -24,8 +24,7 @@ from dlserve.providers import resolve_providers
 PREFIX = "DLSERVE_"
 # The probes and the metrics: they need no API key (by default) and are never refused for
 # being over the concurrency cap, since they must answer while the predict routes are busy.
-HEALTH_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live",
-                "/v2/health/ready")
+HEALTH_PATHS = ("/livez", "/readyz", "/healthz", "/metrics", "/v2/health/live", "/v2/health/ready")
 
 # Official sources (see docs/models.md, "Data"). Each is a base URL or a file URL that the
 # matching DLSERVE_*_URL variable can replace, for a mirror or a local server.
@@ -43,8 +42,9 @@ class SettingsError(ValueError):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, frozen=True,
-                                      extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX, env_ignore_empty=True, frozen=True, extra="ignore"
+    )
 
     data_dir: Path = Path("data")
     artifacts_dir: Path = Path("artifacts")
@@ -79,8 +79,7 @@ class Settings(BaseSettings):
     # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).
     trt_fp16: bool = False
     cuda_device_id: int = Field(0, ge=0)
-    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = \
-        "kSameAsRequested"
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = "kSameAsRequested"
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     # Worker processes, each with its own copy of the models and its own batcher. One per
     # core served best on the benchmark machine (BENCHMARKS.md, "Worker processes").
@@ -191,16 +190,18 @@ class Settings(BaseSettings):
         known = list(registered(self.model_modules))
         unknown = [m for m in self.models if m not in known]
         if unknown:
-            raise ValueError(f"{PREFIX}MODELS: unknown model(s) {unknown}; choose from "
-                             f"{', '.join(known)}")
+            raise ValueError(
+                f"{PREFIX}MODELS: unknown model(s) {unknown}; choose from {', '.join(known)}"
+            )
         if not self.models:
             object.__setattr__(self, "models", tuple(known))
         if self.require_gpu and self.providers and set(self.providers) <= {"cpu"}:
-            raise ValueError(f"{PREFIX}REQUIRE_GPU=true but {PREFIX}PROVIDERS="
-                             f"{','.join(self.providers)} lists no GPU provider")
+            raise ValueError(
+                f"{PREFIX}REQUIRE_GPU=true but {PREFIX}PROVIDERS="
+                f"{','.join(self.providers)} lists no GPU provider"
+            )
         if self.drain_delay_s >= self.drain_timeout_s:
-            raise ValueError(f"{PREFIX}DRAIN_DELAY_S: must be less than "
-                             f"{PREFIX}DRAIN_TIMEOUT_S")
+            raise ValueError(f"{PREFIX}DRAIN_DELAY_S: must be less than {PREFIX}DRAIN_TIMEOUT_S")
         return self
 
     @classmethod
@@ -210,8 +211,11 @@ class Settings(BaseSettings):
     @classmethod
     def security_fields(cls) -> list[str]:
         """The env names of the settings SECURITY.md must document."""
-        return [cls.env_name(name) for name, f in cls.model_fields.items()
-                if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("security")]
+        return [
+            cls.env_name(name)
+            for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("security")
+        ]
 
 
 _KINDS = {"int_parsing": "int", "float_parsing": "float", "bool_parsing": "true/false"}

@@ -90,7 +90,8 @@ def load(tag: str, precision: str = "fp32") -> StoredModel:
         raise ModelIntegrityError(
             f"model {name} ({precision}) is not in the model store; run `dlserve export "
             f"{name}{flag}` (or, for fp32, `dlserve serve`, which trains and exports what is "
-            "missing)")
+            "missing)"
+        )
     try:
         model = bentoml.models.get(found)
     except NotFound:

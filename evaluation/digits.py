@@ -16,8 +16,9 @@ CHUNK = 1000  # images per model run
 
 def evaluate(runner: DigitsRunner, source: DataSource) -> dict[str, Any]:
     test = load_mnist(source.folder, "test", base_url=source.url)
-    probs = np.concatenate([runner.predict(test.images[i: i + CHUNK])
-                            for i in range(0, len(test.images), CHUNK)])
+    probs = np.concatenate(
+        [runner.predict(test.images[i : i + CHUNK]) for i in range(0, len(test.images), CHUNK)]
+    )
     return {
         "model": runner.tag,
         "provider": runner.provider,

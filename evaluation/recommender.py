@@ -30,20 +30,25 @@ def evaluate(runner: RecommenderRunner, source: DataSource) -> dict[str, Any]:
         train = by_user(data.train, catalogue)
         test = by_user(data.test, catalogue)
     except ValueError as exc:
-        raise ValueError(f"{source.folder} does not match the model's catalogue ({exc}); "
-                         "evaluate on the data set the model was trained on") from None
+        raise ValueError(
+            f"{source.folder} does not match the model's catalogue ({exc}); "
+            "evaluate on the data set the model was trained on"
+        ) from None
     users = [u for u in sorted(test) if u in train]
     held_out = [HeldOut(train[u], test[u]) for u in users]
-    batches = [runner.predict([train[u] for u in users[i: i + CHUNK]])
-               for i in range(0, len(users), CHUNK)]
+    batches = [
+        runner.predict([train[u] for u in users[i : i + CHUNK]])
+        for i in range(0, len(users), CHUNK)
+    ]
     scores = np.concatenate([b[0] for b in batches])
     relevance = np.concatenate([b[1] for b in batches])
     model_pred, actual = held_out_predictions(scores, [test[u] for u in users])
     bias = Biases.fit(train.values(), len(catalogue))
     bias_pred = np.concatenate([bias.predict(train[u], test[u].movies) for u in users])
     # Counted from the data evaluated on, not read from the catalogue: the two may differ.
-    popularity = np.broadcast_to(rating_counts(train.values(), len(catalogue)).astype(float),
-                                 scores.shape)
+    popularity = np.broadcast_to(
+        rating_counts(train.values(), len(catalogue)).astype(float), scores.shape
+    )
     return {
         "model": runner.tag,
         "provider": runner.provider,

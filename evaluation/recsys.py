@@ -31,12 +31,14 @@ def rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
 def rating_counts(users: Iterable[UserRatings], n_movies: int) -> np.ndarray:
     """How many of these users rated each movie: the popularity ranking and its baseline."""
     rated = [u.movies for u in users]
-    return np.bincount(np.concatenate(rated) if rated else np.empty(0, np.int64),
-                       minlength=n_movies)
+    return np.bincount(
+        np.concatenate(rated) if rated else np.empty(0, np.int64), minlength=n_movies
+    )
 
 
-def held_out_predictions(scores: np.ndarray, test: list[UserRatings]) -> tuple[np.ndarray,
-                                                                              np.ndarray]:
+def held_out_predictions(
+    scores: np.ndarray, test: list[UserRatings]
+) -> tuple[np.ndarray, np.ndarray]:
     """Each user's score row read at the movies they rated in the held-out split, next to
     those ratings: (predicted, actual), flat, in the users' order."""
     predicted = np.concatenate([row[t.movies] for row, t in zip(scores, test, strict=True)])
@@ -66,10 +68,12 @@ def ranking_report(score_rows: np.ndarray, users: list[HeldOut], k: int = 10) ->
         recall.append(hits.sum() / len(relevant))
         ideal = discounts[: min(len(relevant), k)].sum()
         ndcg.append(float((discounts[: len(hits)] * hits).sum() / ideal))
-    return {f"precision@{k}": round(float(np.mean(precision)), 4),
-            f"recall@{k}": round(float(np.mean(recall)), 4),
-            f"ndcg@{k}": round(float(np.mean(ndcg)), 4),
-            "ranked_users": len(precision)}
+    return {
+        f"precision@{k}": round(float(np.mean(precision)), 4),
+        f"recall@{k}": round(float(np.mean(recall)), 4),
+        f"ndcg@{k}": round(float(np.mean(ndcg)), 4),
+        "ranked_users": len(precision),
+    }
 
 
 @dataclass(frozen=True)

@@ -30,8 +30,14 @@ def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
         architecture=run.architecture,
         inputs=[TensorSpec("pixels", "float32", ["batch", 1, 28, 28])],
         outputs=[TensorSpec("logits", "float32", ["batch", cfg.num_classes])],
-        preprocessing={"kind": "mnist", "mean": cfg.mean, "std": cfg.std,
-                       "size": [28, 28], "ink": "bright on dark", "pixel_range": [0, 255]},
+        preprocessing={
+            "kind": "mnist",
+            "mean": cfg.mean,
+            "std": cfg.std,
+            "size": [28, 28],
+            "ink": "bright on dark",
+            "pixel_range": [0, 255],
+        },
         labels=[str(d) for d in range(cfg.num_classes)],
         assets={},
         metrics=metrics,
@@ -50,4 +56,4 @@ def calibration(manifest: Manifest, source: DataSource, n: int) -> list[dict[str
     prep = manifest.preprocessing
     x = normalize(train.images[rows], prep["mean"], prep["std"])
     name = manifest.inputs[0].name
-    return [{name: x[i: i + CALIBRATION_BATCH]} for i in range(0, n, CALIBRATION_BATCH)]
+    return [{name: x[i : i + CALIBRATION_BATCH]} for i in range(0, n, CALIBRATION_BATCH)]

@@ -81,7 +81,9 @@ def export_onnx(model: torch.nn.Module, spec: ExportSpec, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning))
         torch.onnx.export(
-            model, example, str(path),
+            model,
+            example,
+            str(path),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
             dynamic_shapes=_dynamic_shapes(spec.inputs),
@@ -105,14 +107,17 @@ def check_parity(model: torch.nn.Module, onnx_path: Path, spec: ExportSpec) -> f
         for name, got, want in zip(session.output_names, outputs, expected, strict=True):
             want = want.numpy()
             if got.shape != want.shape:
-                raise ParityError(f"{spec.name}: output {name} has shape {got.shape}, PyTorch "
-                                  f"{want.shape}, for input shapes {shapes}")
+                raise ParityError(
+                    f"{spec.name}: output {name} has shape {got.shape}, PyTorch "
+                    f"{want.shape}, for input shapes {shapes}"
+                )
             diff = float(np.max(np.abs(got - want))) if got.size else 0.0
             log.info("parity %s %s inputs %s: max |diff| %.2e", spec.name, name, shapes, diff)
             if not diff <= spec.tolerance:
                 raise ParityError(
                     f"{spec.name}: output {name} of ONNX Runtime differs from PyTorch by "
-                    f"{diff:.3e} (> tolerance {spec.tolerance:.0e}) for input shapes {shapes}")
+                    f"{diff:.3e} (> tolerance {spec.tolerance:.0e}) for input shapes {shapes}"
+                )
             worst = max(worst, diff)
     return worst
 
@@ -121,20 +126,23 @@ class UnsupportedPrecision(ValueError):
     """A precision the PyTorch exporter does not build."""
 
 
-def export_and_publish(model: torch.nn.Module, spec: ExportSpec, *,
-                       precision: str = "fp32") -> StoredModel:
+def export_and_publish(
+    model: torch.nn.Module, spec: ExportSpec, *, precision: str = "fp32"
+) -> StoredModel:
     if precision != "fp32":
         # Variants are made from the stored fp32 version, checked here against PyTorch.
         raise UnsupportedPrecision(
             f"--precision {precision}: the PyTorch exporter builds fp32; the int8 and fp16 "
-            "variants come from export.precision.export_variant (dlserve export --precision)")
+            "variants come from export.precision.export_variant (dlserve export --precision)"
+        )
     model = model.eval().cpu()
     with tempfile.TemporaryDirectory(prefix=f"dlserve-export-{spec.name}-") as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, spec, path)
         onnx.checker.check_model(str(path), full_check=True)
-        opset = next(o.version for o in onnx.load(str(path)).opset_import
-                     if o.domain in ("", "ai.onnx"))
+        opset = next(
+            o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")
+        )
         max_diff = check_parity(model, path, spec)
         manifest = Manifest(
             name=spec.name,
@@ -150,8 +158,11 @@ def export_and_publish(model: torch.nn.Module, spec: ExportSpec, *,
             assets=spec.assets,
             metrics={**spec.metrics, "parity_max_abs_diff": max_diff},
             training_data=spec.training_data,
-            versions={"torch": torch.__version__, "onnx": onnx.__version__,
-                      "onnxruntime": onnxruntime.__version__},
+            versions={
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+            },
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         return publish(manifest, path)

@@ -71,8 +71,9 @@ def _prepare(src: Path, dest: Path) -> Path:
     return dest
 
 
-def quantize_int8(src: Path, dest: Path, method: str,
-                  calibration: list[dict[str, Any]] | None = None) -> None:
+def quantize_int8(
+    src: Path, dest: Path, method: str, calibration: list[dict[str, Any]] | None = None
+) -> None:
     """INT8 weights; with "static", INT8 activations too, as QDQ pairs whose ranges come
     from `calibration`. Dynamic scales are per tensor: per channel, the quantiser's scale
     for the RBM's MatMul has the wrong shape (onnx.checker: "Incompatible dimensions")."""
@@ -84,9 +85,15 @@ def quantize_int8(src: Path, dest: Path, method: str,
     elif method == "static":
         if not calibration:
             raise ValueError("static INT8 needs calibration inputs")
-        quantize_static(src, dest, _Feeds(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8)
+        quantize_static(
+            src,
+            dest,
+            _Feeds(calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
     else:
         raise ValueError(f"unknown INT8 method {method!r}; choose dynamic or static")
 
@@ -117,8 +124,13 @@ def _sort_nodes(graph: onnx.GraphProto) -> None:
     graph.node.extend(ordered)
 
 
-def build(src: Path, dest: Path, precision: str, plan: PrecisionPlan,
-          calibration: list[dict[str, Any]] | None = None) -> str:
+def build(
+    src: Path,
+    dest: Path,
+    precision: str,
+    plan: PrecisionPlan,
+    calibration: list[dict[str, Any]] | None = None,
+) -> str:
     """Write the `precision` variant of `src` to `dest`; returns how it was made."""
     if precision == "int8":
         quantize_int8(src, dest, plan.int8, calibration)
@@ -134,56 +146,90 @@ def evaluate(spec: ModelSpec, stored: StoredModel, settings: Settings) -> dict[s
     return spec.evaluate.load()(runner, spec.data(settings))
 
 
-def compare(plan: PrecisionPlan, reference: dict[str, Any], variant: dict[str, Any]
-            ) -> dict[str, Any]:
+def compare(
+    plan: PrecisionPlan, reference: dict[str, Any], variant: dict[str, Any]
+) -> dict[str, Any]:
     """The variant's metric beside its FP32 parent's, and the loss against the tolerance."""
     ref, got = float(reference[plan.metric]), float(variant[plan.metric])
-    return {"metric": plan.metric, "fp32": ref, "variant": got,
-            "loss": round(plan.loss(ref, got), 6), "tolerance": plan.max_loss}
+    return {
+        "metric": plan.metric,
+        "fp32": ref,
+        "variant": got,
+        "loss": round(plan.loss(ref, got), 6),
+        "tolerance": plan.max_loss,
+    }
 
 
-def export_variant(spec: ModelSpec, settings: Settings, precision: str, *,
-                   allow_accuracy_loss: bool = False, int8_method: Int8Method | None = None
-                   ) -> StoredModel:
+def export_variant(
+    spec: ModelSpec,
+    settings: Settings,
+    precision: str,
+    *,
+    allow_accuracy_loss: bool = False,
+    int8_method: Int8Method | None = None,
+) -> StoredModel:
     """Build, check, evaluate and publish the `precision` variant of model `spec`;
     `int8_method` overrides the registry entry's INT8 method (to compare the two)."""
     plan = spec.precision
     if plan is None:
-        raise ValueError(f"--precision {precision}: model {spec.name} declares no precision "
-                         "variants (its registry entry has no `precision`)")
+        raise ValueError(
+            f"--precision {precision}: model {spec.name} declares no precision "
+            "variants (its registry entry has no `precision`)"
+        )
     if int8_method is not None:
         if int8_method == "static" and plan.calibration is None:
-            raise ValueError(f"--int8-method static: model {spec.name} declares no "
-                             "calibration inputs")
+            raise ValueError(
+                f"--int8-method static: model {spec.name} declares no calibration inputs"
+            )
         plan = replace(plan, int8=int8_method)
     parent = store.load(spec.name, "fp32")
     calibration = None
     if precision == "int8" and plan.int8 == "static" and plan.calibration is not None:
-        calibration = plan.calibration.load()(parent.manifest, spec.data(settings),
-                                              CALIBRATION_ITEMS)
+        calibration = plan.calibration.load()(
+            parent.manifest, spec.data(settings), CALIBRATION_ITEMS
+        )
     with tempfile.TemporaryDirectory(prefix=f"dlserve-{precision}-{spec.name}-") as tmp:
         path = Path(tmp) / ONNX_FILE
         method = build(parent.onnx_path, path, precision, plan, calibration)
         onnx.checker.check_model(str(path), full_check=True)
         manifest = replace(
-            parent.manifest, precision=precision, onnx_sha256=sha256_file(path),
+            parent.manifest,
+            precision=precision,
+            onnx_sha256=sha256_file(path),
             versions={**parent.manifest.versions, "onnxruntime": onnxruntime.__version__},
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
         (Path(tmp) / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
         candidate = StoredModel(f"{spec.name}:{precision}-candidate", Path(tmp), manifest)
-        check = compare(plan, evaluate(spec, parent, settings),
-                        evaluate(spec, candidate, settings))
-        log.info("%s %s (%s): %s %.4f against %.4f for %s (loss %.4f, tolerance %.4f)",
-                 spec.name, precision, method, plan.metric, check["variant"], check["fp32"],
-                 parent.tag, check["loss"], plan.max_loss)
+        check = compare(plan, evaluate(spec, parent, settings), evaluate(spec, candidate, settings))
+        log.info(
+            "%s %s (%s): %s %.4f against %.4f for %s (loss %.4f, tolerance %.4f)",
+            spec.name,
+            precision,
+            method,
+            plan.metric,
+            check["variant"],
+            check["fp32"],
+            parent.tag,
+            check["loss"],
+            plan.max_loss,
+        )
         if check["loss"] > plan.max_loss and not allow_accuracy_loss:
             raise AccuracyLoss(
                 f"{spec.name} {precision}: {plan.metric} {check['variant']:.4f} against "
                 f"{check['fp32']:.4f} for {parent.tag}, a loss of {check['loss']:.4f}, more "
                 f"than the tolerance of {plan.max_loss:g}; not stored "
-                "(--allow-accuracy-loss stores it anyway)")
-        metrics = {**parent.manifest.metrics, "precision_check": {
-            **check, "parent": parent.tag, "method": method,
-            "accepted": "within tolerance" if check["loss"] <= plan.max_loss
-            else "--allow-accuracy-loss"}}
+                "(--allow-accuracy-loss stores it anyway)"
+            )
+        metrics = {
+            **parent.manifest.metrics,
+            "precision_check": {
+                **check,
+                "parent": parent.tag,
+                "method": method,
+                "accepted": "within tolerance"
+                if check["loss"] <= plan.max_loss
+                else "--allow-accuracy-loss",
+            },
+        }
         return store.publish(replace(manifest, metrics=metrics), path)

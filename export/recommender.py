@@ -23,20 +23,24 @@ PARITY_USERS = (1, 7, 64)
 
 
 def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
-    model, run, metrics = load_trained(artifacts_dir, "recommender", RecommenderRun,
-                                       build_model)
+    model, run, metrics = load_trained(artifacts_dir, "recommender", RecommenderRun, build_model)
     n_movies = run.model_config.n_movies
     spec = ExportSpec(
         name="recommender",
         task="rating-prediction",
         architecture=run.architecture,
         inputs=[TensorSpec("ratings", "float32", ["users", n_movies, LEVELS])],
-        outputs=[TensorSpec("expected_ratings", "float32", ["users", n_movies]),
-                 TensorSpec("relevance", "float32", ["users", n_movies])],
-        preprocessing={"kind": "one-hot ratings", "module": "dlserve.preprocess.ratings",
-                       "levels": list(range(1, LEVELS + 1)),
-                       "unrated": "all-zero row (takes no part)",
-                       "half_stars": "rounded up (4.5 → 5)"},
+        outputs=[
+            TensorSpec("expected_ratings", "float32", ["users", n_movies]),
+            TensorSpec("relevance", "float32", ["users", n_movies]),
+        ],
+        preprocessing={
+            "kind": "one-hot ratings",
+            "module": "dlserve.preprocess.ratings",
+            "levels": list(range(1, LEVELS + 1)),
+            "unrated": "all-zero row (takes no part)",
+            "half_stars": "rounded up (4.5 → 5)",
+        },
         labels=[],
         assets={"catalogue": run.catalogue},
         metrics=metrics,

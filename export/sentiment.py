@@ -36,16 +36,22 @@ def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
         architecture=run.architecture,
         inputs=[TensorSpec("token_ids", "int64", ["batch", "tokens"])],
         outputs=[TensorSpec("logits", "float32", ["batch", len(run.labels)])],
-        preprocessing={"kind": "tokenizer", "module": "dlserve.preprocess.text",
-                       "pad_id": PAD_ID, "unk_id": UNK_ID, "padding": "after each text",
-                       "max_tokens": run.vocabulary["max_tokens"],
-                       "truncation": "first max_tokens tokens kept"},
+        preprocessing={
+            "kind": "tokenizer",
+            "module": "dlserve.preprocess.text",
+            "pad_id": PAD_ID,
+            "unk_id": UNK_ID,
+            "padding": "after each text",
+            "max_tokens": run.vocabulary["max_tokens"],
+            "truncation": "first max_tokens tokens kept",
+        },
         labels=run.labels,
         assets={"vocabulary": run.vocabulary},
         metrics=metrics,
         training_data=asdict(run.data),
         example=example_inputs([5, 3], vocab_size),
-        parity_cases=[example_inputs(_lengths(b, t), vocab_size, seed=b * 1000 + t)
-                      for b, t in PARITY_SHAPES],
+        parity_cases=[
+            example_inputs(_lengths(b, t), vocab_size, seed=b * 1000 + t) for b, t in PARITY_SHAPES
+        ],
     )
     return export_and_publish(model, spec, precision=precision)

@@ -37,13 +37,19 @@ def fetch(remote: RemoteFile, dest_dir: Path, *, progress: bool = True) -> Path:
     log.info("downloading %s from %s", remote.name, remote.url)
     downloader = pooch.HTTPDownloader(progressbar=progress, timeout=TIMEOUT_S)
     try:
-        path = pooch.retrieve(remote.url, known_hash=remote.checksum, fname=remote.name,
-                              path=dest_dir, downloader=downloader)
+        path = pooch.retrieve(
+            remote.url,
+            known_hash=remote.checksum,
+            fname=remote.name,
+            path=dest_dir,
+            downloader=downloader,
+        )
     except ValueError as exc:  # pooch's hash mismatch; the file is not kept
         algorithm, _, expected = remote.checksum.partition(":")
         raise DataError(
             f"checksum mismatch for {remote.name} from {remote.url}: expected {algorithm} "
-            f"{expected} ({exc}); the file was discarded") from None
+            f"{expected} ({exc}); the file was discarded"
+        ) from None
     except (requests.RequestException, OSError) as exc:
         raise DataError(
             f"could not download {remote.name} from {remote.url} ({exc}). "

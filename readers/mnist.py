@@ -51,7 +51,7 @@ def read_idx(path: Path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise DataError(f"{path}: truncated IDX header")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(shape))
     if len(raw) - header != expected:
         raise DataError(
@@ -82,9 +82,7 @@ def load_mnist(data_dir: Path, split: Split, *, base_url: str | None = None) -> 
     if images.ndim != 3 or images.shape[1:] != (28, 28):
         raise DataError(f"{images_path}: expected images of shape [N, 28, 28], got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
-        raise DataError(
-            f"{labels_path}: {labels.shape} labels do not match {len(images)} images"
-        )
+        raise DataError(f"{labels_path}: {labels.shape} labels do not match {len(images)} images")
     if labels.max(initial=0) > 9:
         raise DataError(f"{labels_path}: labels must be digits 0-9")
     files = {p.name: sha256_file(p) for p in (images_path, labels_path)}

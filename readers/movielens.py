@@ -55,13 +55,17 @@ def read_ratings_tsv(path: Path) -> Ratings:
             for line_no, line in enumerate(f, start=1):
                 fields = line.rstrip("\n").split("\t")
                 if len(fields) != 4:
-                    raise DataError(f"{path}:{line_no}: expected 4 tab-separated fields "
-                                    f"(user, movie, rating, timestamp), got {len(fields)}")
+                    raise DataError(
+                        f"{path}:{line_no}: expected 4 tab-separated fields "
+                        f"(user, movie, rating, timestamp), got {len(fields)}"
+                    )
                 try:
                     user, movie, rating = int(fields[0]), int(fields[1]), int(fields[2])
                 except ValueError:
-                    raise DataError(f"{path}:{line_no}: user, movie and rating must be "
-                                    f"whole numbers, got {fields[:3]!r}") from None
+                    raise DataError(
+                        f"{path}:{line_no}: user, movie and rating must be "
+                        f"whole numbers, got {fields[:3]!r}"
+                    ) from None
                 if not 1 <= rating <= LEVELS:
                     raise DataError(f"{path}:{line_no}: rating must be 1 to 5, got {rating}")
                 rows.append((user, movie, rating))
@@ -77,8 +81,9 @@ def read_items(path: Path) -> tuple[np.ndarray, list[str]]:
         for line_no, line in enumerate(f, start=1):
             fields = line.rstrip("\n").split("|")
             if len(fields) < 2 or not fields[0].isdigit():
-                raise DataError(f"{path}:{line_no}: expected 'movie id|title|...', "
-                                f"got {line[:60]!r}")
+                raise DataError(
+                    f"{path}:{line_no}: expected 'movie id|title|...', got {line[:60]!r}"
+                )
             ids.append(int(fields[0]))
             titles.append(fields[1])
     return _catalogue(ids, titles, path)
@@ -91,8 +96,9 @@ def read_ratings_csv(path: Path) -> Ratings:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or header[:3] != ["userId", "movieId", "rating"]:
-            raise DataError(f"{path}:1: should be the header 'userId,movieId,rating,timestamp',"
-                            f" got {header!r}")
+            raise DataError(
+                f"{path}:1: should be the header 'userId,movieId,rating,timestamp', got {header!r}"
+            )
         for line_no, row in enumerate(reader, start=2):
             try:
                 rows.append((int(row[0]), int(row[1]), rating_level(float(row[2]))))
@@ -108,8 +114,9 @@ def read_movies_csv(path: Path) -> tuple[np.ndarray, list[str]]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or header[:2] != ["movieId", "title"]:
-            raise DataError(f"{path}:1: should be the header 'movieId,title,genres', "
-                            f"got {header!r}")
+            raise DataError(
+                f"{path}:1: should be the header 'movieId,title,genres', got {header!r}"
+            )
         for line_no, row in enumerate(reader, start=2):
             if len(row) < 2 or not row[0].isdigit():
                 raise DataError(f"{path}:{line_no}: expected 'movieId,title,genres', got {row!r}")
@@ -137,8 +144,9 @@ def _catalogue(ids: list[int], titles: list[str], path: Path) -> tuple[np.ndarra
 def _check_known(ratings: Ratings, movie_ids: np.ndarray, path: Path) -> None:
     unknown = np.setdiff1d(ratings.movies, movie_ids)
     if len(unknown):
-        raise DataError(f"{path}: {len(unknown)} movie id(s) not in the movie list, "
-                        f"e.g. {unknown[:5].tolist()}")
+        raise DataError(
+            f"{path}: {len(unknown)} movie id(s) not in the movie list, e.g. {unknown[:5].tolist()}"
+        )
 
 
 def hashed_test_rows(ratings: Ratings) -> np.ndarray:
@@ -172,8 +180,10 @@ def load_movielens(folder: Path, *, url: str | None = None) -> MovieLens:
         return _load_csv(folder)
     if not all((folder / n).is_file() for n in ML100K_FILES):
         if url is None:
-            raise DataError(f"no MovieLens files in {folder}: expected {', '.join(ML100K_FILES)}"
-                            f" (MovieLens 100K) or {' and '.join(CSV_FILES)} (newer releases)")
+            raise DataError(
+                f"no MovieLens files in {folder}: expected {', '.join(ML100K_FILES)}"
+                f" (MovieLens 100K) or {' and '.join(CSV_FILES)} (newer releases)"
+            )
         archive = folder / ARCHIVE
         if not archive.is_file():
             archive = fetch(RemoteFile(ARCHIVE, url, "md5:" + ARCHIVE_MD5), folder)
@@ -183,8 +193,14 @@ def load_movielens(folder: Path, *, url: str | None = None) -> MovieLens:
     test = read_ratings_tsv(folder / "u1.test")
     for name, part in (("u1.base", train), ("u1.test", test)):
         _check_known(part, movie_ids, folder / name)
-    return MovieLens(movie_ids, titles, train, test, "ml-100k (u1.base/u1.test)",
-                     {n: sha256_file(folder / n) for n in ("u.item", "u1.base", "u1.test")})
+    return MovieLens(
+        movie_ids,
+        titles,
+        train,
+        test,
+        "ml-100k (u1.base/u1.test)",
+        {n: sha256_file(folder / n) for n in ("u.item", "u1.base", "u1.test")},
+    )
 
 
 def _load_csv(folder: Path) -> MovieLens:
@@ -192,6 +208,11 @@ def _load_csv(folder: Path) -> MovieLens:
     ratings = read_ratings_csv(folder / "ratings.csv")
     _check_known(ratings, movie_ids, folder / "ratings.csv")
     held_out = hashed_test_rows(ratings)
-    return MovieLens(movie_ids, titles, ratings.take(~held_out), ratings.take(held_out),
-                     "ratings.csv (1 in 5 ratings held out by a hash of user and movie)",
-                     {n: sha256_file(folder / n) for n in CSV_FILES})
+    return MovieLens(
+        movie_ids,
+        titles,
+        ratings.take(~held_out),
+        ratings.take(held_out),
+        "ratings.csv (1 in 5 ratings held out by a hash of user and movie)",
+        {n: sha256_file(folder / n) for n in CSV_FILES},
+    )

@@ -45,12 +45,15 @@ def read_tsv(path: Path) -> tuple[list[str], np.ndarray]:
             rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
             header = next(rows, None)
             if header != HEADER:
-                raise DataError(f"{path}:1: should be the header 'sentence<TAB>label', "
-                                f"got {header!r}")
+                raise DataError(
+                    f"{path}:1: should be the header 'sentence<TAB>label', got {header!r}"
+                )
             for line, row in enumerate(rows, start=2):
                 if len(row) != 2:
-                    raise DataError(f"{path}:{line}: expected 2 tab-separated fields "
-                                    f"(sentence, label), got {len(row)}")
+                    raise DataError(
+                        f"{path}:{line}: expected 2 tab-separated fields "
+                        f"(sentence, label), got {len(row)}"
+                    )
                 if row[1] not in ("0", "1"):
                     raise DataError(f"{path}:{line}: label must be 0 or 1, got {row[1]!r}")
                 if not row[0].strip():

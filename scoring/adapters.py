@@ -100,16 +100,29 @@ class Plan(ABC):
     def ray_source(self) -> tuple[TableInput, list[str], str | None]:
         """What Ray Data reads for this job (after `prepare`): the table, its columns, and
         the one among them holding input row numbers (None: Ray's rejects have none)."""
-        raise ScoringError("--engine ray reads Parquet, CSV or JSON Lines tables; score this "
-                           "input with the local engine, or write it to Parquet first")
+        raise ScoringError(
+            "--engine ray reads Parquet, CSV or JSON Lines tables; score this "
+            "input with the local engine, or write it to Parquet first"
+        )
 
     def output_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(self.id_column, self.id_type), *self.passthrough,
-                          *self.fields, pa.field("model", pa.string())])
+        return pa.schema(
+            [
+                pa.field(self.id_column, self.id_type),
+                *self.passthrough,
+                *self.fields,
+                pa.field("model", pa.string()),
+            ]
+        )
 
     def rejects_schema(self) -> pa.Schema:
-        return pa.schema([pa.field(self.id_column, self.id_type), pa.field("row", pa.int64()),
-                          pa.field("reason", pa.string())])
+        return pa.schema(
+            [
+                pa.field(self.id_column, self.id_type),
+                pa.field("row", pa.int64()),
+                pa.field("reason", pa.string()),
+            ]
+        )
 
 
 class Scorer(Protocol):
@@ -126,9 +139,9 @@ def reason(exc: InputError, http_field: str | Sequence[str], column: str) -> str
     return re.sub(rf"^(?:{pattern})(?:\[0\])?", column, str(exc), count=1)
 
 
-def check_each(items: list[T], check: Callable[[list[T]], Any],
-               describe: Callable[[InputError], str]) -> tuple[list[int], list[tuple[int, str]],
-                                                               Any]:
+def check_each(
+    items: list[T], check: Callable[[list[T]], Any], describe: Callable[[InputError], str]
+) -> tuple[list[int], list[tuple[int, str]], Any]:
     """Run the HTTP contract's check on all items at once (its fast path); when it refuses,
     run it item by item to find every culprit. Returns the positions that passed, the
     (position, reason) of those that did not, and the check's result for the ones that
@@ -150,8 +163,7 @@ def check_each(items: list[T], check: Callable[[list[T]], Any],
     return good, bad, check([items[i] for i in good]) if good else None
 
 
-def column_role(job: Job, role: str, default: str | Sequence[str],
-                present: Sequence[str]) -> str:
+def column_role(job: Job, role: str, default: str | Sequence[str], present: Sequence[str]) -> str:
     """The input column for a role: `--column ROLE=NAME`, else the first default name the
     input has, else the first default (so the missing-column message names it)."""
     if role in job.columns:
@@ -161,5 +173,4 @@ def column_role(job: Job, role: str, default: str | Sequence[str],
 
 
 def take(table: pa.Table, name: str, positions: Sequence[int] | np.ndarray) -> pa.Array:
-    return table.column(name).take(pa.array(np.asarray(positions, dtype=np.int64))) \
-        .combine_chunks()
+    return table.column(name).take(pa.array(np.asarray(positions, dtype=np.int64))).combine_chunks()

@@ -46,8 +46,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomically(path: Path, table: pa.Table, *,
-                             row_group_rows: int | None = None) -> None:
+def write_parquet_atomically(
+    path: Path, table: pa.Table, *, row_group_rows: int | None = None
+) -> None:
     tmp = path.with_name(path.name + ".tmp")
     writer = TableWriter(tmp, "parquet", table.schema)
     for batch in table.to_batches(max_chunksize=row_group_rows):
@@ -90,12 +91,14 @@ class WorkDir:
                 shutil.rmtree(self.path)
             elif recorded != identity:
                 if not overwrite:
-                    changed = sorted(k for k in {*recorded, *identity}
-                                     if recorded.get(k) != identity.get(k))
+                    changed = sorted(
+                        k for k in {*recorded, *identity} if recorded.get(k) != identity.get(k)
+                    )
                     raise ScoringError(
                         f"{self.path} holds the partial work of another job (it differs in: "
                         f"{', '.join(changed)}); run that job's command again to finish it, "
-                        "or add --overwrite to discard it")
+                        "or add --overwrite to discard it"
+                    )
                 shutil.rmtree(self.path)
         if self.output.exists() and not overwrite:
             if self.path.exists():
@@ -117,8 +120,7 @@ class WorkDir:
         for part in self.path.glob("part-*.parquet"):
             index = int(part.stem.removeprefix("part-"))
             rejected = pq.ParquetFile(self.path / f"rejects-{index:06d}.parquet")
-            out[index] = (pq.ParquetFile(part).metadata.num_rows,
-                          rejected.metadata.num_rows)
+            out[index] = (pq.ParquetFile(part).metadata.num_rows, rejected.metadata.num_rows)
         return out
 
     def prepare_rejects(self) -> int:
@@ -131,8 +133,9 @@ class WorkDir:
         write_parquet_atomically(self.path / f"rejects-{index:06d}.parquet", rejects)
         write_parquet_atomically(self.part(index), rows)
 
-    def _assemble_one(self, pattern: str, schema: pa.Schema, tmp: Path,
-                      first: tuple[Path, ...] = ()) -> None:
+    def _assemble_one(
+        self, pattern: str, schema: pa.Schema, tmp: Path, first: tuple[Path, ...] = ()
+    ) -> None:
         writer = TableWriter(tmp, self.output_format, schema)
         for path in (*first, *sorted(self.path.glob(pattern))):
             for batch in pq.ParquetFile(path).iter_batches():
@@ -142,16 +145,17 @@ class WorkDir:
     def assemble(self, schema: pa.Schema, rejects_schema: pa.Schema) -> None:
         """Stream every part, in chunk order, into the final files, then put them in place."""
         pre = tuple(p for p in [self.path / PRE_REJECTS] if p.exists())
-        self._assemble_one("rejects-[0-9]*.parquet", rejects_schema, self.path / "rejects.tmp",
-                           pre)
+        self._assemble_one("rejects-[0-9]*.parquet", rejects_schema, self.path / "rejects.tmp", pre)
         self._assemble_one("part-*.parquet", schema, self.path / "output.tmp")
         (self.path / ASSEMBLED).write_text("")
         _fsync_dir(self.path)
         self.finish()
 
     def finish(self) -> None:
-        for tmp, final in ((self.path / "rejects.tmp", self.rejects),
-                           (self.path / "output.tmp", self.output)):
+        for tmp, final in (
+            (self.path / "rejects.tmp", self.rejects),
+            (self.path / "output.tmp", self.output),
+        ):
             if tmp.exists():
                 os.replace(tmp, final)
         _fsync_dir(self.output.parent)

@@ -31,11 +31,18 @@ from scoring.errors import ScoringError
 from scoring.formats import ROW, TableInput, detect, fingerprint, open_table, require_columns
 
 PIXELS = SIDE * SIDE
-FIELDS = pa.schema([pa.field("digit", pa.int64()), pa.field("confidence", pa.float64()),
-                    pa.field("probabilities", pa.list_(pa.float64()))])
+FIELDS = pa.schema(
+    [
+        pa.field("digit", pa.int64()),
+        pa.field("confidence", pa.float64()),
+        pa.field("probabilities", pa.list_(pa.float64())),
+    ]
+)
 IDX_MAGIC = b"\x00\x00\x08\x03"  # unsigned bytes, 3 dimensions
-HOW = ("Digits read a `pixels` column (784 values 0-255 per row) or an `image` column (PNG or "
-       "JPEG bytes); name yours with --column pixels=NAME or --column image=NAME.")
+HOW = (
+    "Digits read a `pixels` column (784 values 0-255 per row) or an `image` column (PNG or "
+    "JPEG bytes); name yours with --column pixels=NAME or --column image=NAME."
+)
 
 
 def _is_idx(path: Path) -> bool:
@@ -50,8 +57,11 @@ def _is_idx(path: Path) -> bool:
 
 
 def _is_bytes(kind: pa.DataType) -> bool:
-    return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) \
+    return (
+        pa.types.is_binary(kind)
+        or pa.types.is_large_binary(kind)
         or pa.types.is_fixed_size_binary(kind)
+    )
 
 
 class DigitsPlan(Plan):
@@ -72,20 +82,32 @@ class DigitsPlan(Plan):
         else:
             good, bad, pixels = self._images(col, present)
         rejects = sorted(rejects + bad)
-        probs = np.concatenate(
-            [runner.run_batch([pixels[i: i + self.job.batch_size]])[0]
-             for i in range(0, len(good), self.job.batch_size)]) if good else \
-            np.empty((0, 10), np.float32)
+        probs = (
+            np.concatenate(
+                [
+                    runner.run_batch([pixels[i : i + self.job.batch_size]])[0]
+                    for i in range(0, len(good), self.job.batch_size)
+                ]
+            )
+            if good
+            else np.empty((0, 10), np.float32)
+        )
         digit, confidence, probabilities = digits.prediction_arrays(probs)
-        return Scored(np.asarray(good, np.int64), {
-            "digit": pa.array(digit, pa.int64()),
-            "confidence": pa.array(confidence, pa.float64()),
-            "probabilities": pa.FixedSizeListArray.from_arrays(
-                pa.array(probabilities.reshape(-1), pa.float64()), 10).cast(
-                pa.list_(pa.float64()))}, rejects)
+        return Scored(
+            np.asarray(good, np.int64),
+            {
+                "digit": pa.array(digit, pa.int64()),
+                "confidence": pa.array(confidence, pa.float64()),
+                "probabilities": pa.FixedSizeListArray.from_arrays(
+                    pa.array(probabilities.reshape(-1), pa.float64()), 10
+                ).cast(pa.list_(pa.float64())),
+            },
+            rejects,
+        )
 
-    def _bytes(self, col: pa.Array, present: np.ndarray
-               ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+    def _bytes(
+        self, col: pa.Array, present: np.ndarray
+    ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
         """Rows of 784 bytes (raw uint8 pixels) → [N, 28, 28], as /digits/predict's compact
         form takes them (its base64 strings are these bytes); another length is refused in
         that form's words."""
@@ -94,15 +116,17 @@ class DigitsPlan(Plan):
         bad = []
         for i in present[lengths[present] != PIXELS]:
             try:
-                digits.parse_images_base64([base64.b64encode(col[int(i)].as_py()).decode()],
-                                           max_items=1)
+                digits.parse_images_base64(
+                    [base64.b64encode(col[int(i)].as_py()).decode()], max_items=1
+                )
             except InputError as exc:
                 bad.append((int(i), reason(exc, "images_base64", self.column)))
         raw = b"".join(col.take(pa.array(sized)).to_pylist())
         return sized.tolist(), bad, np.frombuffer(raw, np.uint8).reshape(len(sized), SIDE, SIDE)
 
-    def _pixels(self, col: pa.Array, present: np.ndarray
-                ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+    def _pixels(
+        self, col: pa.Array, present: np.ndarray
+    ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
         """Rows of 784 values → [N, 28, 28] through /digits/predict's checks; a row of
         another length is refused with that route's shape message."""
         if _is_bytes(col.type):
@@ -125,15 +149,18 @@ class DigitsPlan(Plan):
             return sized.tolist(), bad, values.to_numpy().reshape(len(sized), SIDE, SIDE)
         rows = list(values.to_numpy(zero_copy_only=False).reshape(len(sized), SIDE, SIDE))
         ok, refused, pixels = check(rows)
-        return ([int(sized[i]) for i in ok], sorted(bad + [(int(sized[i]), r) for i, r in refused]),
-                pixels if pixels is not None else np.empty((0, SIDE, SIDE), np.float32))
+        return (
+            [int(sized[i]) for i in ok],
+            sorted(bad + [(int(sized[i]), r) for i, r in refused]),
+            pixels if pixels is not None else np.empty((0, SIDE, SIDE), np.float32),
+        )
 
     def _check(self, parse: Any) -> Any:
-        return lambda rows: check_each(rows, parse,
-                                       lambda exc: reason(exc, "images", self.column))
+        return lambda rows: check_each(rows, parse, lambda exc: reason(exc, "images", self.column))
 
-    def _images(self, col: pa.Array, present: np.ndarray
-                ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
+    def _images(
+        self, col: pa.Array, present: np.ndarray
+    ) -> tuple[list[int], list[tuple[int, str]], np.ndarray]:
         """PNG/JPEG bytes → [N, 28, 28] through /digits/predict_image's preprocessing."""
         good, bad, parts = [], [], []
         for i in present.tolist():
@@ -151,18 +178,26 @@ class TablePlan(DigitsPlan):
         names = table.schema.names
         pixels = column_role(job, "pixels", "pixels", names)
         image = column_role(job, "image", "image", names)
-        kind, column = ("image", image) if pixels not in names and image in names \
-            else ("pixels", pixels)
+        kind, column = (
+            ("image", image) if pixels not in names and image in names else ("pixels", pixels)
+        )
         super().__init__(job, settings, kind, column)
-        require_columns(table, {"id": self.id_column, kind: column},
-                        f"{HOW} The id column is `id` unless --id-column says otherwise.")
+        require_columns(
+            table,
+            {"id": self.id_column, kind: column},
+            f"{HOW} The id column is `id` unless --id-column says otherwise.",
+        )
         self.table = table
         self.id_type = table.schema.field(self.id_column).type
         self.rows = table.rows
 
     def identity(self) -> dict[str, Any]:
-        return {"input": fingerprint(self.table.path), "format": self.table.format,
-                "id": self.id_column, "column": self.column}
+        return {
+            "input": fingerprint(self.table.path),
+            "format": self.table.format,
+            "id": self.id_column,
+            "column": self.column,
+        }
 
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         return self.table.chunks([self.id_column, self.column], chunk_rows)
@@ -186,8 +221,10 @@ class IdxPlan(DigitsPlan):
         except DataError as exc:
             raise ScoringError(f"input {job.input}: {exc}") from None
         if self.images.shape[1:] != (SIDE, SIDE):
-            raise ScoringError(f"input {job.input}: IDX images of shape "
-                               f"{self.images.shape[1:]}; digits reads 28×28")
+            raise ScoringError(
+                f"input {job.input}: IDX images of shape "
+                f"{self.images.shape[1:]}; digits reads 28×28"
+            )
         self.rows = len(self.images)
 
     def identity(self) -> dict[str, Any]:
@@ -196,12 +233,15 @@ class IdxPlan(DigitsPlan):
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         flat = self.images.reshape(len(self.images), PIXELS)
         for start in range(0, len(flat), chunk_rows):
-            part = flat[start: start + chunk_rows]
+            part = flat[start : start + chunk_rows]
             index = pa.array(np.arange(start, start + len(part)), pa.int64())
-            yield pa.table({self.id_column: index,
-                            "pixels": pa.FixedSizeListArray.from_arrays(
-                                pa.array(part.reshape(-1)), PIXELS),
-                            ROW: index})
+            yield pa.table(
+                {
+                    self.id_column: index,
+                    "pixels": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), PIXELS),
+                    ROW: index,
+                }
+            )
 
 
 @dataclass(frozen=True)
@@ -217,9 +257,11 @@ class FolderPlan(DigitsPlan):
 
     def __init__(self, job: Job, settings: Settings) -> None:
         super().__init__(job, settings, "image", "image")
-        self.files = [ImageFile(str(p.relative_to(job.input)), p)
-                      for p in sorted(job.input.rglob("*"))
-                      if p.is_file() and not p.name.startswith(".")]
+        self.files = [
+            ImageFile(str(p.relative_to(job.input)), p)
+            for p in sorted(job.input.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")
+        ]
         if not self.files:
             raise ScoringError(f"input {job.input}: the folder holds no files")
         self.rows = len(self.files)
@@ -229,10 +271,14 @@ class FolderPlan(DigitsPlan):
 
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         for start in range(0, len(self.files), chunk_rows):
-            files = self.files[start: start + chunk_rows]
-            yield pa.table({self.id_column: [f.id for f in files],
-                            "image": pa.array([_read(f.path) for f in files], pa.binary()),
-                            ROW: pa.array(range(start, start + len(files)), pa.int64())})
+            files = self.files[start : start + chunk_rows]
+            yield pa.table(
+                {
+                    self.id_column: [f.id for f in files],
+                    "image": pa.array([_read(f.path) for f in files], pa.binary()),
+                    ROW: pa.array(range(start, start + len(files)), pa.int64()),
+                }
+            )
 
 
 def _read(path: Path) -> bytes:

@@ -24,8 +24,16 @@ import pyarrow.parquet as pq
 from scoring.errors import ScoringError
 
 FORMATS = ("parquet", "csv", "tsv", "jsonl")
-EXTENSIONS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv",
-              ".data": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+EXTENSIONS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".data": "tsv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
 ROW = "__row"  # a chunk's row numbers in the input (0-based), carried beside its columns
 # Batches read ahead of the one being scored: enough to overlap reading with the model,
 # few enough that memory does not grow with the chunk size times pyarrow's default (16).
@@ -45,8 +53,10 @@ def detect(path: Path, given: str | None, *, default: str | None = None) -> str:
         return kind
     if default:
         return default
-    raise ScoringError(f"{path}: cannot tell its format from its name; say which with "
-                       f"--input-format ({', '.join(FORMATS)})")
+    raise ScoringError(
+        f"{path}: cannot tell its format from its name; say which with "
+        f"--input-format ({', '.join(FORMATS)})"
+    )
 
 
 def fingerprint(path: Path) -> list[list[Any]]:
@@ -68,25 +78,29 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _csv_options(path: Path, delimiter: str, headerless: tuple[str, ...],
-                 types: dict[str, pa.DataType]) -> dict[str, Any]:
+def _csv_options(
+    path: Path, delimiter: str, headerless: tuple[str, ...], types: dict[str, pa.DataType]
+) -> dict[str, Any]:
     """pyarrow's CSV options for a file (the local engine's dataset and Ray's reader take
     the same ones); a file whose first line is all numbers has no header row (MovieLens's
     u.data), and its columns get the adapter's names for such files."""
-    sample = next((p for p in sorted(path.rglob("*")) if p.is_file()), path) \
-        if path.is_dir() else path
+    sample = (
+        next((p for p in sorted(path.rglob("*")) if p.is_file()), path) if path.is_dir() else path
+    )
     fields = _first_line(sample).split(delimiter)
     names = None
     if fields and all(_is_number(f) for f in fields):
         if not headerless:
-            raise ScoringError(f"{sample}: the first line holds no column names; add a header "
-                               "row")
-        names = [*headerless[: len(fields)], *(f"column{i}" for i in
-                                                range(len(headerless), len(fields)))]
-    return {"parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            "read_options": pacsv.ReadOptions(column_names=names),
-            "convert_options": pacsv.ConvertOptions(column_types=types,
-                                                    strings_can_be_null=True)}
+            raise ScoringError(f"{sample}: the first line holds no column names; add a header row")
+        names = [
+            *headerless[: len(fields)],
+            *(f"column{i}" for i in range(len(headerless), len(fields))),
+        ]
+    return {
+        "parse_options": pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+        "read_options": pacsv.ReadOptions(column_names=names),
+        "convert_options": pacsv.ConvertOptions(column_types=types, strings_can_be_null=True),
+    }
 
 
 @dataclass(frozen=True)
@@ -127,22 +141,22 @@ class TableInput:
         except (pa.ArrowInvalid, OSError) as exc:
             raise ScoringError(f"{self.path}: cannot be read as {self.format} ({exc})") from exc
         if held:
-            yield _numbered(pa.Table.from_batches(pending, schema=self.chunk_schema(columns)),
-                            start)
+            yield _numbered(
+                pa.Table.from_batches(pending, schema=self.chunk_schema(columns)), start
+            )
 
     def _batches(self, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
         """Record batches of at most `rows` rows, in file order. Parquet is read file by
         file with ParquetFile: the dataset scanner decodes ahead, and peaked at 220-320
         MiB over the start on 100,000 rows of 784-value lists, against a flat 140."""
         if self.format != "parquet":
-            yield from self.dataset.to_batches(columns=columns, batch_size=rows,
-                                               batch_readahead=READAHEAD,
-                                               fragment_readahead=1)
+            yield from self.dataset.to_batches(
+                columns=columns, batch_size=rows, batch_readahead=READAHEAD, fragment_readahead=1
+            )
             return
         for path in self.dataset.files:
             with pq.ParquetFile(path) as parquet:
-                yield from parquet.iter_batches(batch_size=rows, columns=columns,
-                                                use_threads=False)
+                yield from parquet.iter_batches(batch_size=rows, columns=columns, use_threads=False)
 
     def chunk_schema(self, columns: list[str]) -> pa.Schema:
         return pa.schema([self.schema.field(c) for c in columns])
@@ -152,8 +166,13 @@ def _numbered(table: pa.Table, start: int) -> pa.Table:
     return table.append_column(ROW, pa.array(range(start, start + len(table)), pa.int64()))
 
 
-def open_table(path: Path, fmt: str, *, headerless: tuple[str, ...] = (),
-               types: dict[str, pa.DataType] | None = None) -> TableInput:
+def open_table(
+    path: Path,
+    fmt: str,
+    *,
+    headerless: tuple[str, ...] = (),
+    types: dict[str, pa.DataType] | None = None,
+) -> TableInput:
     """Open a table input and read its schema, so that a missing or unreadable file stops
     the job before any work, with a message naming it."""
     if not path.exists():
@@ -167,8 +186,7 @@ def open_table(path: Path, fmt: str, *, headerless: tuple[str, ...] = (),
         elif fmt == "jsonl":
             file_format = ds.JsonFileFormat()
         else:
-            csv_options = _csv_options(path, "\t" if fmt == "tsv" else ",", headerless,
-                                       types or {})
+            csv_options = _csv_options(path, "\t" if fmt == "tsv" else ",", headerless, types or {})
             file_format = ds.CsvFileFormat(**csv_options)
         # Opening reads the schema (Parquet's footer; the first block of CSV and JSON), so
         # a file in another format fails here, not mid-job.
@@ -182,16 +200,20 @@ def open_table(path: Path, fmt: str, *, headerless: tuple[str, ...] = (),
 
 def require_columns(table: TableInput, wanted: dict[str, str], how: str) -> None:
     """Stop when a column the job needs is missing; the message lists what the file has."""
-    missing = [f"{name!r} ({role})" for role, name in wanted.items()
-               if name not in table.schema.names]
+    missing = [
+        f"{name!r} ({role})" for role, name in wanted.items() if name not in table.schema.names
+    ]
     if missing:
-        raise ScoringError(f"input {table.path}: no column {', '.join(missing)}; it has "
-                           f"{', '.join(table.schema.names)}. {how}")
+        raise ScoringError(
+            f"input {table.path}: no column {', '.join(missing)}; it has "
+            f"{', '.join(table.schema.names)}. {how}"
+        )
 
 
 def _as_json_text(column: pa.ChunkedArray) -> pa.Array:
-    return pa.array([None if v is None else orjson.dumps(v).decode()
-                     for v in column.to_pylist()], pa.string())
+    return pa.array(
+        [None if v is None else orjson.dumps(v).decode() for v in column.to_pylist()], pa.string()
+    )
 
 
 def for_csv(table: pa.Table) -> pa.Table:
@@ -214,8 +236,10 @@ class TableWriter:
         elif fmt in ("csv", "tsv"):
             csv_schema = for_csv(schema.empty_table()).schema
             self._writer = pacsv.CSVWriter(
-                self._file, csv_schema,
-                write_options=pacsv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","))
+                self._file,
+                csv_schema,
+                write_options=pacsv.WriteOptions(delimiter="\t" if fmt == "tsv" else ","),
+            )
 
     def write(self, table: pa.Table) -> None:
         if self.format == "parquet":

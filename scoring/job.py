@@ -37,8 +37,7 @@ def check_output(output: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{output.name}.probe"):
             pass
     except OSError as exc:
-        raise ScoringError(f"output {output}: cannot write in {folder} ({exc.strerror})") \
-            from None
+        raise ScoringError(f"output {output}: cannot write in {folder} ({exc.strerror})") from None
 
 
 def _version(job: Job) -> str | None:
@@ -47,8 +46,7 @@ def _version(job: Job) -> str | None:
         return None
     name, _, version = job.model_tag.rpartition(":")
     if name and name != job.model:
-        raise ScoringError(f"--model-tag {job.model_tag}: a version of {name}, not of "
-                           f"{job.model}")
+        raise ScoringError(f"--model-tag {job.model_tag}: a version of {name}, not of {job.model}")
     return version
 
 
@@ -67,12 +65,16 @@ def open_job(job: Job, settings: Settings) -> tuple[ModelSpec, Plan, WorkDir, di
     there and has the columns the model reads."""
     spec = registry.available(settings.model_modules)[job.model]
     if spec.scoring is None:
-        raise ScoringError(f"model {job.model!r} declares no batch scoring (its registry entry "
-                           f"has no `scoring` adapter); these do: {', '.join(scorable(settings))}")
+        raise ScoringError(
+            f"model {job.model!r} declares no batch scoring (its registry entry "
+            f"has no `scoring` adapter); these do: {', '.join(scorable(settings))}"
+        )
     if job.engine not in ENGINES:
         raise ScoringError(f"--engine {job.engine}: choose from {', '.join(ENGINES)}")
-    for flag, value in (("--input-format", job.input_format),
-                        ("--output-format", job.output_format)):
+    for flag, value in (
+        ("--input-format", job.input_format),
+        ("--output-format", job.output_format),
+    ):
         if value and value not in FORMATS:
             raise ScoringError(f"{flag} {value}: choose from {', '.join(FORMATS)}")
     for flag, value in (("--batch-size", job.batch_size), ("--chunk-rows", job.chunk_rows)):
@@ -83,8 +85,13 @@ def open_job(job: Job, settings: Settings) -> tuple[ModelSpec, Plan, WorkDir, di
     scorer: Scorer = spec.scoring.load()
     plan = scorer.plan(job, settings)
     work = WorkDir(job.output, output_format)
-    identity = {**plan.identity(), "engine": job.engine, "output_format": output_format,
-                "chunk_rows": job.chunk_rows, "batch_size": job.batch_size}
+    identity = {
+        **plan.identity(),
+        "engine": job.engine,
+        "output_format": output_format,
+        "chunk_rows": job.chunk_rows,
+        "batch_size": job.batch_size,
+    }
     return spec, plan, work, identity
 
 
@@ -107,20 +114,26 @@ def run(job: Job, settings: Settings) -> local.Counts | None:
         from scoring import ray_engine
 
         return ray_engine.run(job, plan, runner, work, settings)
-    return local.run(plan, runner, work, chunk_rows=job.chunk_rows,
-                     max_rejects=job.max_rejects, quiet=job.quiet)
+    return local.run(
+        plan, runner, work, chunk_rows=job.chunk_rows, max_rejects=job.max_rejects, quiet=job.quiet
+    )
 
 
 def summary(counts: local.Counts, job: Job) -> str:
     work_unit = counts.unit
     rate = counts.rows / counts.seconds if counts.seconds else 0.0
-    resumed = f", {counts.resumed_chunks} chunk(s) from an earlier run" \
-        if counts.resumed_chunks else ""
-    return (f"scored {counts.rows:,} {work_unit}: {counts.written:,} written to {job.output}, "
-            f"{counts.rejected:,} rejected (to {WorkDir(job.output, '').rejects}); "
-            f"{counts.seconds:.1f} s, {rate:,.0f} {work_unit}/s{resumed}")
+    resumed = (
+        f", {counts.resumed_chunks} chunk(s) from an earlier run" if counts.resumed_chunks else ""
+    )
+    return (
+        f"scored {counts.rows:,} {work_unit}: {counts.written:,} written to {job.output}, "
+        f"{counts.rejected:,} rejected (to {WorkDir(job.output, '').rejects}); "
+        f"{counts.seconds:.1f} s, {rate:,.0f} {work_unit}/s{resumed}"
+    )
 
 
 def exists_message(job: Job) -> str:
-    return (f"{job.output} exists: this job has finished, nothing to do (add --overwrite to "
-            "score again)")
+    return (
+        f"{job.output} exists: this job has finished, nothing to do (add --overwrite to "
+        "score again)"
+    )

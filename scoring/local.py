@@ -46,26 +46,41 @@ def score_chunk(plan: Plan, runner: Any, chunk: pa.Table) -> tuple[pa.Table, pa.
     good = pa.array(np.asarray(scored.good, dtype=np.int64))
     kept = with_id.take(good)
     rows = pa.table(
-        {plan.id_column: kept.column(plan.id_column),
-         **{f.name: kept.column(f.name) for f in plan.passthrough},
-         **scored.fields,
-         "model": pa.array([runner.tag] * len(kept), pa.string())})
+        {
+            plan.id_column: kept.column(plan.id_column),
+            **{f.name: kept.column(f.name) for f in plan.passthrough},
+            **scored.fields,
+            "model": pa.array([runner.tag] * len(kept), pa.string()),
+        }
+    )
     bad = np.asarray([i for i, _ in scored.rejects], dtype=np.int64)
-    rejects = pa.table({
-        plan.id_column: pa.concat_arrays([
-            pa.nulls(len(no_id), plan.id_type),
-            with_id.column(plan.id_column).take(pa.array(bad)).combine_chunks()
-            .cast(plan.id_type)]),
-        "row": pa.concat_arrays([
-            chunk.column(ROW).take(pa.array(no_id)).combine_chunks(),
-            with_id.column(ROW).take(pa.array(bad)).combine_chunks()]),
-        "reason": [f"{plan.id_column}: missing; every row needs an id"] * len(no_id)
-                  + [r for _, r in scored.rejects]})
+    rejects = pa.table(
+        {
+            plan.id_column: pa.concat_arrays(
+                [
+                    pa.nulls(len(no_id), plan.id_type),
+                    with_id.column(plan.id_column)
+                    .take(pa.array(bad))
+                    .combine_chunks()
+                    .cast(plan.id_type),
+                ]
+            ),
+            "row": pa.concat_arrays(
+                [
+                    chunk.column(ROW).take(pa.array(no_id)).combine_chunks(),
+                    with_id.column(ROW).take(pa.array(bad)).combine_chunks(),
+                ]
+            ),
+            "reason": [f"{plan.id_column}: missing; every row needs an id"] * len(no_id)
+            + [r for _, r in scored.rejects],
+        }
+    )
     return rows.cast(plan.output_schema()), rejects.sort_by("row").cast(plan.rejects_schema())
 
 
-def run(plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int,
-        max_rejects: int | None, quiet: bool) -> Counts:
+def run(
+    plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int, max_rejects: int | None, quiet: bool
+) -> Counts:
     """Score every chunk not done yet, then assemble the output. Reading the next chunk and
     committing the last one happen in two helper threads while the model runs (pyarrow
     releases the GIL while it reads and writes), one chunk ahead and one behind at most."""
@@ -75,10 +90,18 @@ def run(plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int,
     rows = written = 0
     rejected = work.prepare_rejects()
     chunks = plan.chunks(chunk_rows)
-    with tqdm(total=plan.rows, unit=f" {plan.unit}", unit_scale=True, dynamic_ncols=True,
-              disable=True if quiet else None, desc=runner.tag) as bar, \
-            ThreadPoolExecutor(1, "score-read") as reader, \
-            ThreadPoolExecutor(1, "score-commit") as committer:
+    with (
+        tqdm(
+            total=plan.rows,
+            unit=f" {plan.unit}",
+            unit_scale=True,
+            dynamic_ncols=True,
+            disable=True if quiet else None,
+            desc=runner.tag,
+        ) as bar,
+        ThreadPoolExecutor(1, "score-read") as reader,
+        ThreadPoolExecutor(1, "score-commit") as committer,
+    ):
         ahead: Future[pa.Table | None] = reader.submit(next, chunks, None)
         behind: Future[None] | None = None
         index = 0
@@ -92,8 +115,11 @@ def run(plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int,
                     behind.result()
                 behind = committer.submit(work.commit, index, part, rejects)
                 n_written, n_rejected = len(part), len(rejects)
-            rows, written, rejected = (rows + len(chunk), written + n_written,
-                                       rejected + n_rejected)
+            rows, written, rejected = (
+                rows + len(chunk),
+                written + n_written,
+                rejected + n_rejected,
+            )
             bar.update(len(chunk))
             bar.set_postfix(rejects=rejected, refresh=False)
             if max_rejects is not None and rejected > max_rejects:
@@ -103,7 +129,8 @@ def run(plan: Plan, runner: Any, work: WorkDir, *, chunk_rows: int,
                     f"stopped: {rejected} rejected rows is more than --max-rejects "
                     f"{max_rejects}; the reasons are in {work.path}/rejects-*.parquet. The "
                     "work done is kept: the same command with a higher --max-rejects goes on "
-                    "from here")
+                    "from here"
+                )
             index += 1
         if behind is not None:
             behind.result()

@@ -38,18 +38,38 @@ REJECT_ROW, REJECT_REASON = "__reject_row", "__reject_reason"
 
 def combined_schema(plan: Plan) -> pa.Schema:
     """Output rows and rejected rows in one table, so that one map_batches carries both."""
-    return plan.output_schema().append(pa.field(REJECT_ROW, pa.int64())) \
+    return (
+        plan.output_schema()
+        .append(pa.field(REJECT_ROW, pa.int64()))
         .append(pa.field(REJECT_REASON, pa.string()))
+    )
 
 
 def combine(plan: Plan, rows: pa.Table, rejects: pa.Table) -> pa.Table:
     schema = combined_schema(plan)
     renamed = rejects.rename_columns([plan.id_column, REJECT_ROW, REJECT_REASON])
-    return pa.concat_tables([
-        pa.table({f.name: rows.column(f.name) if f.name in rows.column_names
-                  else pa.nulls(len(rows), f.type) for f in schema}, schema=schema),
-        pa.table({f.name: renamed.column(f.name) if f.name in renamed.column_names
-                  else pa.nulls(len(renamed), f.type) for f in schema}, schema=schema)])
+    return pa.concat_tables(
+        [
+            pa.table(
+                {
+                    f.name: rows.column(f.name)
+                    if f.name in rows.column_names
+                    else pa.nulls(len(rows), f.type)
+                    for f in schema
+                },
+                schema=schema,
+            ),
+            pa.table(
+                {
+                    f.name: renamed.column(f.name)
+                    if f.name in renamed.column_names
+                    else pa.nulls(len(renamed), f.type)
+                    for f in schema
+                },
+                schema=schema,
+            ),
+        ]
+    )
 
 
 def split(plan: Plan, batch: pa.Table) -> tuple[pa.Table, pa.Table]:
@@ -71,8 +91,9 @@ class ScoreBatches:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.row_column:
-            batch = batch.rename_columns([ROW if c == self.row_column else c
-                                          for c in batch.column_names])
+            batch = batch.rename_columns(
+                [ROW if c == self.row_column else c for c in batch.column_names]
+            )
         else:
             batch = batch.append_column(ROW, pa.nulls(len(batch), pa.int64()))
         return combine(self.plan, *score_chunk(self.plan, self.runner, batch))
@@ -87,10 +108,12 @@ def _read(table: TableInput, columns: list[str], blocks: int) -> Any:
     if table.format == "parquet":
         return ray.data.read_parquet(path, columns=columns, override_num_blocks=blocks)
     if table.format == "jsonl":
-        return ray.data.read_json(path, lines=True, override_num_blocks=blocks) \
-            .select_columns(columns)
-    return ray.data.read_csv(path, override_num_blocks=blocks, **table.csv_options) \
-        .select_columns(columns)
+        return ray.data.read_json(path, lines=True, override_num_blocks=blocks).select_columns(
+            columns
+        )
+    return ray.data.read_csv(path, override_num_blocks=blocks, **table.csv_options).select_columns(
+        columns
+    )
 
 
 def _start(job: Job, actors: int) -> bool:
@@ -108,12 +131,15 @@ def _start(job: Job, actors: int) -> bool:
     address = job.ray_address or os.environ.get("RAY_ADDRESS")
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": settings_env},
-                     log_to_driver=False)
+            ray.init(address=address, runtime_env={"env_vars": settings_env}, log_to_driver=False)
             return False
         # One logical CPU per actor plus one for Ray Data's read and write tasks.
-        ray.init(num_cpus=actors + 1, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
+        ray.init(
+            num_cpus=actors + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": env},
+        )
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; all mean "no cluster"
         where = address or "a local Ray"
         raise ScoringError(f"--engine ray: cannot start or reach {where} ({exc})") from None
@@ -134,9 +160,11 @@ def run(job: Job, plan: Plan, runner: Any, work: WorkDir, settings: Settings) ->
     we_started = _start(job, actors)
     try:
         if gpu and ray.cluster_resources().get("GPU", 0) < 1:
-            raise ScoringError(f"{runner.tag} runs on {runner.provider} here, so its Ray actors "
-                               "ask for a GPU, and this Ray cluster has none; use a cluster "
-                               "with GPU nodes, or DLSERVE_PROVIDERS=cpu")
+            raise ScoringError(
+                f"{runner.tag} runs on {runner.provider} here, so its Ray actors "
+                "ask for a GPU, and this Ray cluster has none; use a cluster "
+                "with GPU nodes, or DLSERVE_PROVIDERS=cpu"
+            )
         plan.prepare(runner, work.path)
         table, columns, row_column = plan.ray_source()
         context = ray.data.DataContext.get_current()
@@ -146,27 +174,43 @@ def run(job: Job, plan: Plan, runner: Any, work: WorkDir, settings: Settings) ->
         log.info("ray: %d actor(s), %s", actors, "one GPU each" if gpu else "CPU")
         # One Parquet file is read as one block; blocks of a chunk's rows spread the work.
         blocks = _read(table, columns, 4 * actors).repartition(
-            target_num_rows_per_block=job.chunk_rows)
+            target_num_rows_per_block=job.chunk_rows
+        )
         scored = blocks.map_batches(
-            ScoreBatches, fn_constructor_args=(plan, runner.tag, settings, row_column),
-            batch_format="pyarrow", batch_size=job.chunk_rows,
-            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-            **({"num_gpus": 1} if gpu else {}))
+            ScoreBatches,
+            fn_constructor_args=(plan, runner.tag, settings, row_column),
+            batch_format="pyarrow",
+            batch_size=job.chunk_rows,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=1,
+            **({"num_gpus": 1} if gpu else {}),
+        )
         rows = written = 0
         rejected = work.prepare_rejects()
-        with tqdm(total=plan.rows, unit=f" {plan.unit}", unit_scale=True, dynamic_ncols=True,
-                  disable=True if job.quiet else None, desc=runner.tag) as bar:
-            for index, batch in enumerate(scored.iter_batches(batch_format="pyarrow",
-                                                              batch_size=None)):
+        with tqdm(
+            total=plan.rows,
+            unit=f" {plan.unit}",
+            unit_scale=True,
+            dynamic_ncols=True,
+            disable=True if job.quiet else None,
+            desc=runner.tag,
+        ) as bar:
+            for index, batch in enumerate(
+                scored.iter_batches(batch_format="pyarrow", batch_size=None)
+            ):
                 part, rejects = split(plan, batch)
                 work.commit(index, part, rejects)
-                rows, written, rejected = (rows + len(batch), written + len(part),
-                                           rejected + len(rejects))
+                rows, written, rejected = (
+                    rows + len(batch),
+                    written + len(part),
+                    rejected + len(rejects),
+                )
                 bar.update(len(batch))
                 if job.max_rejects is not None and rejected > job.max_rejects:
                     raise TooManyRejects(
                         f"stopped: {rejected} rejected rows is more than --max-rejects "
-                        f"{job.max_rejects}; the reasons are in {work.path}/rejects-*.parquet")
+                        f"{job.max_rejects}; the reasons are in {work.path}/rejects-*.parquet"
+                    )
     finally:
         if we_started:
             ray.shutdown()

@@ -15,8 +15,7 @@ from dlserve.settings import Settings
 from scoring.adapters import Job, Plan, Scored, check_each, reason
 from scoring.formats import TableInput, detect, fingerprint, open_table, require_columns
 
-FIELDS = pa.schema([pa.field("label", pa.string()),
-                    pa.field("positive_probability", pa.float64())])
+FIELDS = pa.schema([pa.field("label", pa.string()), pa.field("positive_probability", pa.float64())])
 
 
 class SentimentPlan(Plan):
@@ -29,15 +28,22 @@ class SentimentPlan(Plan):
         # Read the text column as strings even where every value looks like a number.
         self.table = open_table(job.input, fmt, types={self.text: pa.string()})
         self.id_column = job.id_column or "id"
-        require_columns(self.table, {"id": self.id_column, "text": self.text},
-                        "Sentiment reads a `text` column (--column text=NAME for another "
-                        "name); the id column is `id` unless --id-column says otherwise.")
+        require_columns(
+            self.table,
+            {"id": self.id_column, "text": self.text},
+            "Sentiment reads a `text` column (--column text=NAME for another "
+            "name); the id column is `id` unless --id-column says otherwise.",
+        )
         self.id_type = self.table.schema.field(self.id_column).type
         self.rows = self.table.rows
 
     def identity(self) -> dict[str, Any]:
-        return {"input": fingerprint(self.table.path), "format": self.table.format,
-                "id": self.id_column, "column": self.text}
+        return {
+            "input": fingerprint(self.table.path),
+            "format": self.table.format,
+            "id": self.id_column,
+            "column": self.text,
+        }
 
     def chunks(self, chunk_rows: int) -> Iterator[pa.Table]:
         return self.table.chunks([self.id_column, self.text], chunk_rows)
@@ -53,17 +59,26 @@ class SentimentPlan(Plan):
         ok, bad, ids = check_each(
             [texts[i] for i in present],
             lambda xs: sentiment.token_ids(runner, xs, max_items=max(1, len(xs)), **limits),
-            lambda exc: reason(exc, "texts", self.text))
+            lambda exc: reason(exc, "texts", self.text),
+        )
         good = [present[i] for i in ok]
         rejects = sorted(rejects + [(present[i], r) for i, r in bad])
         step = self.job.batch_size
-        answers = [p for i in range(0, len(good), step)
-                   for p in sentiment.predictions(runner,
-                                                  runner.run_batch([ids[i: i + step]])[0])]
-        return Scored(np.asarray(good, np.int64), {
-            "label": pa.array([a.label for a in answers], pa.string()),
-            "positive_probability": pa.array([a.positive_probability for a in answers],
-                                             pa.float64())}, rejects)
+        answers = [
+            p
+            for i in range(0, len(good), step)
+            for p in sentiment.predictions(runner, runner.run_batch([ids[i : i + step]])[0])
+        ]
+        return Scored(
+            np.asarray(good, np.int64),
+            {
+                "label": pa.array([a.label for a in answers], pa.string()),
+                "positive_probability": pa.array(
+                    [a.positive_probability for a in answers], pa.float64()
+                ),
+            },
+            rejects,
+        )
 
 
 class SentimentScorer:

@@ -63,17 +63,24 @@ def api_document(state: WorkerState) -> dict[str, Any]:
     """/docs.json: BentoML's OpenAPI document of this service, made dlserve's own."""
     # (@bentoml.service makes the class a bentoml Service, which the type checker cannot see)
     spec = DLServe.openapi_spec  # type: ignore[attr-defined]
-    return openapi.document(spec.asdict(), served=SERVED, operations=OPERATIONS,
-                            settings=settings,
-                            tags={name: r.tag for name, r in state.runners.items()})
+    return openapi.document(
+        spec.asdict(),
+        served=SERVED,
+        operations=OPERATIONS,
+        settings=settings,
+        tags={name: r.tag for name, r in state.runners.items()},
+    )
 
 
 # Mounted after BentoML's own routes (APIs, /livez, /readyz, /metrics), which it never
 # shadows, and before BentoML's docs page and /docs.json, which the pages replace
 # (service/pages.py; tests/test_pages.py fails if a BentoML upgrade changes that order).
-extra_routes = Starlette(routes=[
-    *(StarletteRoute(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS),
-    *pages.routes(settings, api_document)])
+extra_routes = Starlette(
+    routes=[
+        *(StarletteRoute(op.path, op.endpoint, methods=[op.method]) for op in OPERATIONS),
+        *pages.routes(settings, api_document),
+    ]
+)
 
 
 def tune_gc() -> None:
@@ -96,19 +103,25 @@ def bentoml_api(model: str, route: Route) -> bentoml.api:
     file route, a raw body of its first content type) and its response type. The method
     answers through service/predict.py, like the guard's path."""
     if route.request is None:
+
         async def take_file(self: DLServe, body: bytes, /) -> Response:
             return await predict.answer(self.state, model, route, body)
+
         # Set here, not written above: BentoML reads the annotation at import time, and
         # the content type comes from the route.
         take_file.__annotations__ = {
-            "body": Annotated[bytes, ContentType(route.content_types[0])], "return": Response}
+            "body": Annotated[bytes, ContentType(route.content_types[0])],
+            "return": Response,
+        }
         method: Callable[..., Any] = take_file
         spec: dict[str, Any] = {}
     else:
+
         async def take_json(self: DLServe, **fields: Any) -> Response:
             assert route.request is not None
             request = route.request.model_construct(**fields)  # BentoML has validated it
             return await predict.answer_parsed(self.state, model, route, request)
+
         method, spec = take_json, {"input_spec": route.request}
     method.__name__ = method.__qualname__ = route.name
     method.__doc__ = route.summary
@@ -169,20 +182,24 @@ class DLServe:
                 self.state.batchers[name] = self._batcher(runner)
                 self.state.runners[name] = runner
                 self.state.metrics.model_info.labels(
-                    model=name, version=runner.stored.version,
-                    sha256=runner.manifest.onnx_sha256, provider=runner.provider,
-                    precision=runner.manifest.precision).set(1)
+                    model=name,
+                    version=runner.stored.version,
+                    sha256=runner.manifest.onnx_sha256,
+                    provider=runner.provider,
+                    precision=runner.manifest.precision,
+                ).set(1)
                 self.state.metrics.model_ready.labels(model=name).set(1)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.state.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("could not load the models: this worker stays not ready and "
-                          "reports not alive on /livez")
+            log.exception(
+                "could not load the models: this worker stays not ready and "
+                "reports not alive on /livez"
+            )
             return
         tune_gc()
         start_trimming(settings.malloc_trim_s)
         self.state.ready = True
-        threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog",
-                         daemon=True).start()
+        threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog", daemon=True).start()
 
     def _watch_for_hangs(self) -> None:
         """Exit the worker when a model run hangs (DLSERVE_HANG_TIMEOUT_S): its requests
@@ -193,9 +210,13 @@ class DLServe:
             for name, batcher in self.state.batchers.items():
                 if (stuck := batcher.stuck_for()) > settings.hang_timeout_s:
                     self.state.load_error = f"{name}: a model run has taken {stuck:.0f} s"
-                    log.error("%s: a model run has taken %.0f s (DLSERVE_HANG_TIMEOUT_S=%g); "
-                              "exiting so that a new worker replaces this one", name, stuck,
-                              settings.hang_timeout_s)
+                    log.error(
+                        "%s: a model run has taken %.0f s (DLSERVE_HANG_TIMEOUT_S=%g); "
+                        "exiting so that a new worker replaces this one",
+                        name,
+                        stuck,
+                        settings.hang_timeout_s,
+                    )
                     logging.shutdown()
                     os._exit(70)  # EX_SOFTWARE
 
@@ -221,12 +242,15 @@ class DLServe:
             items_predicted.inc(items)
 
         return AdaptiveBatcher(
-            runner.name, runner.run_batch,
-            max_batch_size=settings.max_batch_size, combine=settings.batching,
+            runner.name,
+            runner.run_batch,
+            max_batch_size=settings.max_batch_size,
+            combine=settings.batching,
             max_queue_items=settings.max_queue_items,
             max_wait_s=settings.batch_wait_ms / 1000.0,
             join=runner.join,
-            cost=runner.item_costs, max_run_cost=runner.run_budget,
+            cost=runner.item_costs,
+            max_run_cost=runner.run_budget,
             on_batch=on_batch,
             on_wait=metrics.queue_seconds.labels(model=runner.name).observe,
         )
@@ -245,5 +269,5 @@ drop_bentoml_middlewares(tracing=settings.tracing)
 connections.install()
 # Refuses what it must before anything reads the body, and hands predict requests to
 # service/predict.py; edits responses on their way out.
-DLServe.add_asgi_middleware(RequestGuard, routes={  # type: ignore[attr-defined]
-    route.path: (name, route) for name, spec in SERVED.items() for route in spec.routes})
+GUARDED = {route.path: (name, route) for name, spec in SERVED.items() for route in spec.routes}
+DLServe.add_asgi_middleware(RequestGuard, routes=GUARDED)  # type: ignore[attr-defined]

@@ -64,12 +64,14 @@ class Overloaded(Exception):
 class Shed(Exception):
     """The request cannot start its model run before its deadline."""
 
-    def __init__(self, model: str, wait_s: float, left_s: float,
-                 what: str = "the queue ahead would take") -> None:
+    def __init__(
+        self, model: str, wait_s: float, left_s: float, what: str = "the queue ahead would take"
+    ) -> None:
         super().__init__(
             f"{model}: {what} about {wait_s:.2f} s and this request has "
             f"{max(left_s, 0.0):.2f} s left before its deadline (Request-Timeout or "
-            "DLSERVE_REQUEST_TIMEOUT_S); refused now rather than answered late")
+            "DLSERVE_REQUEST_TIMEOUT_S); refused now rather than answered late"
+        )
         self.retry_after_s = min(MAX_RETRY_AFTER_S, max(1, math.ceil(wait_s)))
 
 
@@ -208,8 +210,10 @@ class AdaptiveBatcher:
             if finish > left:
                 raise Shed(self.name, finish, left, "this request and the work ahead would take")
         loop = asyncio.get_running_loop()
-        pendings = [_Pending(part, n, c, loop.create_future(), call, first=i == 0)
-                    for i, (part, n, c) in enumerate(chunks)]
+        pendings = [
+            _Pending(part, n, c, loop.create_future(), call, first=i == 0)
+            for i, (part, n, c) in enumerate(chunks)
+        ]
         self._outstanding += items
         self._outstanding_cost += cost
         if call is not None:
@@ -273,8 +277,11 @@ class AdaptiveBatcher:
             if head.withdrawn:
                 self._queue.popleft()
                 continue
-            if batch and (not self.combine or total + head.items > self.max_batch_size
-                          or (self.max_run_cost and cost + head.cost > self.max_run_cost)):
+            if batch and (
+                not self.combine
+                or total + head.items > self.max_batch_size
+                or (self.max_run_cost and cost + head.cost > self.max_run_cost)
+            ):
                 break
             self._queue.popleft()
             head.taken = True
@@ -284,8 +291,9 @@ class AdaptiveBatcher:
             self._queued_cost -= head.cost
             call = head.call
             if call is not None and call.stage == "queued" and now > call.deadline:
-                head.future.set_exception(Shed(self.name, now - head.queued_at,
-                                               call.deadline - now))
+                head.future.set_exception(
+                    Shed(self.name, now - head.queued_at, call.deadline - now)
+                )
                 continue
             if call is not None:
                 call.stage = "running"
@@ -311,7 +319,8 @@ class AdaptiveBatcher:
                             self._on_wait(started - p.queued_at)
                 try:
                     results = await loop.run_in_executor(
-                        self._executor, self._run_batch, [p.payload for p in batch])
+                        self._executor, self._run_batch, [p.payload for p in batch]
+                    )
                 except Exception as exc:  # noqa: BLE001 - hand the failure to each caller
                     for p in batch:
                         if not p.future.done():

@@ -40,13 +40,19 @@ from service import internals
 log = logging.getLogger("dlserve.service")
 
 
-def status_response(status: int, reason: str, message: str, retry_after: int | None = None,
-                    ) -> bytes:
+def status_response(
+    status: int,
+    reason: str,
+    message: str,
+    retry_after: int | None = None,
+) -> bytes:
     """A complete HTTP/1.1 answer that closes the connection, written without the app."""
     body = orjson.dumps({"error": message})
     retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
-    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n")
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
+    )
     return head.encode("latin-1") + body
 
 
@@ -83,10 +89,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.settings.max_connections:
-            transport.write(status_response(
-                503, "Service Unavailable",
-                f"this worker already holds {self.settings.max_connections} connections "
-                "(DLSERVE_MAX_CONNECTIONS); retry shortly", retry_after=1))
+            transport.write(
+                status_response(
+                    503,
+                    "Service Unavailable",
+                    f"this worker already holds {self.settings.max_connections} connections "
+                    "(DLSERVE_MAX_CONNECTIONS); retry shortly",
+                    retry_after=1,
+                )
+            )
             transport.close()
             return
         self.lingering_transport = _LingeringTransport(self, transport)
@@ -142,10 +153,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.header_timer = None
         if self.transport.is_closing() or self.headers_since is None:
             return  # the headers came in time
-        self.transport.write(status_response(
-            408, "Request Timeout",
-            f"the request's headers did not arrive within {self.settings.header_timeout_s:g} "
-            "seconds (DLSERVE_HEADER_TIMEOUT_S)"))
+        self.transport.write(
+            status_response(
+                408,
+                "Request Timeout",
+                f"the request's headers did not arrive within {self.settings.header_timeout_s:g} "
+                "seconds (DLSERVE_HEADER_TIMEOUT_S)",
+            )
+        )
         self.transport.close()
 
     def linger(self) -> None:
@@ -169,5 +184,6 @@ def install() -> None:
     if isinstance(protocols, dict):
         protocols["auto"] = f"{__name__}:GuardedHttpProtocol"
     elif protocols is not None:
-        log.warning("uvicorn's HTTP_PROTOCOLS is no longer a table; %s",
-                    internals.HTTP_PROTOCOLS.without_it)
+        log.warning(
+            "uvicorn's HTTP_PROTOCOLS is no longer a table; %s", internals.HTTP_PROTOCOLS.without_it
+        )

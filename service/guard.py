@@ -85,8 +85,10 @@ def media_type(headers: dict[bytes, bytes]) -> str:
 
 def _replay(messages: deque[Message], receive: Any) -> Any:
     """A receive() that hands back the messages already read, then defers to the real one."""
+
     async def replayed() -> Message:
         return messages.popleft() if messages else await receive()
+
     return replayed
 
 
@@ -115,16 +117,22 @@ class RequestGuard:
             return
         headers = dict(scope["headers"])
         path = scope["path"]
-        refusal = (self.check_key(path, headers) or self.check_type(scope, headers)
-                   or self.check_length(headers) or self.check_deadline(headers))
+        refusal = (
+            self.check_key(path, headers)
+            or self.check_type(scope, headers)
+            or self.check_length(headers)
+            or self.check_deadline(headers)
+        )
         if refusal is not None:
             await self.refuse(refusal, scope, receive, send)
             return
         post = scope["method"] == "POST"
         target = self.routes.get(path) if post else None
         infer = protocol.INFER.match(path) if post and target is None else None
-        chunked = b"content-length" not in headers and b"chunked" in headers.get(
-            b"transfer-encoding", b"").lower()
+        chunked = (
+            b"content-length" not in headers
+            and b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        )
         messages = None
         if target is not None or infer is not None or chunked:
             # Read before the request counts against the cap: a slow body holds a
@@ -157,26 +165,52 @@ class RequestGuard:
                 elif call is None:
                     await self.app(scope, _replay(messages, receive), edited)
                 else:
-                    await self.answer(scope, receive, edited, headers, messages, target, infer,
-                                      call)
+                    await self.answer(
+                        scope, receive, edited, headers, messages, target, infer, call
+                    )
         except TimeoutError:
             if not deadline.expired():
                 raise  # the app's own, not the deadline's
             # The answer had not begun (edit_responses lifts the deadline once it does).
             if call is not None and call.stage == "queued":
-                await self.refuse((503, f"the request could not start within {timeout_s:g} "
-                                   f"seconds ({source}): the model's queue is too long; retry "
-                                   "shortly", {"Retry-After": "1"}), scope, receive, send,
-                                  reason="deadline")
+                await self.refuse(
+                    (
+                        503,
+                        f"the request could not start within {timeout_s:g} "
+                        f"seconds ({source}): the model's queue is too long; retry "
+                        "shortly",
+                        {"Retry-After": "1"},
+                    ),
+                    scope,
+                    receive,
+                    send,
+                    reason="deadline",
+                )
             else:
-                await self.refuse((504, f"the request was not answered within {timeout_s:g} "
-                                   f"seconds ({source})", {}), scope, receive, send)
+                await self.refuse(
+                    (
+                        504,
+                        f"the request was not answered within {timeout_s:g} seconds ({source})",
+                        {},
+                    ),
+                    scope,
+                    receive,
+                    send,
+                )
         finally:
             self.in_flight -= 1
 
-    async def answer(self, scope: Scope, receive: Any, send: Send, headers: dict[bytes, bytes],
-                     messages: deque[Message], target: tuple[str, Route] | None,
-                     infer: re.Match[str] | None, call: Call) -> None:
+    async def answer(
+        self,
+        scope: Scope,
+        receive: Any,
+        send: Send,
+        headers: dict[bytes, bytes],
+        messages: deque[Message],
+        target: tuple[str, Route] | None,
+        infer: re.Match[str] | None,
+        call: Call,
+    ) -> None:
         """A predict request (service/predict.py) or an infer request (service/protocol.py),
         cancelled if its client hangs up before the answer is ready."""
         state = self.state or current()
@@ -190,8 +224,9 @@ class RequestGuard:
                 response = await predict.answer(state, target[0], target[1], body, call)
             else:
                 assert infer is not None
-                response = await protocol.infer(state, infer["name"], infer["version"],
-                                                headers, body, call)
+                response = await protocol.infer(
+                    state, infer["name"], infer["version"], headers, body, call
+                )
         except asyncio.CancelledError:
             if not call.gone:
                 raise  # the deadline's, or the server stopping
@@ -220,14 +255,17 @@ class RequestGuard:
             if message["type"] == "http.response.start":
                 deadline.reschedule(None)
                 if close:
-                    message = {**message,
-                               "headers": [*message["headers"], (b"connection", b"close")]}
+                    message = {
+                        **message,
+                        "headers": [*message["headers"], (b"connection", b"close")],
+                    }
             await send(message)
 
         return edited_send
 
-    async def refuse(self, refusal: Refusal, scope: Scope, receive: Any, send: Any,
-                     reason: str | None = None) -> None:
+    async def refuse(
+        self, refusal: Refusal, scope: Scope, receive: Any, send: Any, reason: str | None = None
+    ) -> None:
         """Answer with the refusal, counted in dlserve_errors_total under its route's model
         (reason: `http_<status>`, or the one given; `deadline` also counts as shed)."""
         status, message, extra_headers = refusal
@@ -239,15 +277,17 @@ class RequestGuard:
             metrics.errors.labels(model=model, reason=reason or f"http_{status}").inc()
             if reason == "deadline":
                 metrics.shed.labels(model=model, reason=reason).inc()
-        await predict.json_response({"error": message}, status, extra_headers)(
-            scope, receive, send)
+        await predict.json_response({"error": message}, status, extra_headers)(scope, receive, send)
 
     def check_concurrency(self, path: str) -> Refusal | None:
         if path in UNCAPPED_PATHS or self.in_flight < self.max_concurrency:
             return None
-        return (429, f"this worker already has {self.in_flight} requests in hand "
-                f"(DLSERVE_MAX_CONCURRENCY={self.max_concurrency}); retry shortly",
-                {"Retry-After": "1"})
+        return (
+            429,
+            f"this worker already has {self.in_flight} requests in hand "
+            f"(DLSERVE_MAX_CONCURRENCY={self.max_concurrency}); retry shortly",
+            {"Retry-After": "1"},
+        )
 
     def check_key(self, path: str, headers: dict[bytes, bytes]) -> Refusal | None:
         if not self.api_key or path in self.open_paths or (self.pages_open and is_page(path)):
@@ -256,14 +296,20 @@ class RequestGuard:
         # compare_digest takes as long whatever the key's first wrong byte: no timing oracle.
         if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.api_key):
             return None
-        return (401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                {"WWW-Authenticate": "Bearer"})
+        return (
+            401,
+            "missing or wrong API key: send `Authorization: Bearer <key>`",
+            {"WWW-Authenticate": "Bearer"},
+        )
 
     def check_type(self, scope: Scope, headers: dict[bytes, bytes]) -> Refusal | None:
         kind = media_type(headers)
         if "pickle" in kind:
-            return (415, f"Content-Type {kind} is refused: dlserve never unpickles client "
-                    "data; send JSON", {})
+            return (
+                415,
+                f"Content-Type {kind} is refused: dlserve never unpickles client data; send JSON",
+                {},
+            )
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return None
         target = self.routes.get(scope["path"])
@@ -277,8 +323,12 @@ class RequestGuard:
             accepted, ok = (JSON,), kind in ("", JSON)
         if ok:
             return None
-        return (415, f"Content-Type {kind or '(none)'} is not accepted by {scope['path']}; "
-                f"send {' or '.join(accepted)}", {})
+        return (
+            415,
+            f"Content-Type {kind or '(none)'} is not accepted by {scope['path']}; "
+            f"send {' or '.join(accepted)}",
+            {},
+        )
 
     def check_deadline(self, headers: dict[bytes, bytes]) -> Refusal | None:
         raw = headers.get(DEADLINE_HEADER)
@@ -290,8 +340,11 @@ class RequestGuard:
             seconds = math.nan
         if seconds > 0 and math.isfinite(seconds):
             return None
-        return (400, f"Request-Timeout {raw.decode('latin-1')!r} is not a positive number of "
-                "seconds", {})
+        return (
+            400,
+            f"Request-Timeout {raw.decode('latin-1')!r} is not a positive number of seconds",
+            {},
+        )
 
     def check_length(self, headers: dict[bytes, bytes]) -> Refusal | None:
         raw = headers.get(b"content-length")
@@ -300,8 +353,12 @@ class RequestGuard:
         if not raw.strip().isdigit():
             return (400, f"Content-Length {raw.decode('latin-1')!r} is not a byte count", {})
         if int(raw) > self.max_body:
-            return (413, f"request body of {int(raw)} bytes is more than the limit of "
-                    f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)", CLOSE)
+            return (
+                413,
+                f"request body of {int(raw)} bytes is more than the limit of "
+                f"{self.max_body} bytes (DLSERVE_MAX_BODY_BYTES)",
+                CLOSE,
+            )
         return None
 
     async def read_body(self, receive: Any) -> deque[Message] | Refusal:
@@ -318,21 +375,32 @@ class RequestGuard:
                 async with asyncio.timeout(self.body_timeout_s):
                     message = await receive()
             except TimeoutError:
-                return (408, f"no body bytes for {self.body_timeout_s:g} seconds "
-                        "(DLSERVE_BODY_TIMEOUT_S)", CLOSE)
+                return (
+                    408,
+                    f"no body bytes for {self.body_timeout_s:g} seconds (DLSERVE_BODY_TIMEOUT_S)",
+                    CLOSE,
+                )
             messages.append(message)
             if message["type"] != "http.request":
                 return messages
             size += len(message.get("body", b""))
             if size > self.max_body:
-                return (413, f"request body is more than the limit of {self.max_body} bytes "
-                        "(DLSERVE_MAX_BODY_BYTES)", CLOSE)
+                return (
+                    413,
+                    f"request body is more than the limit of {self.max_body} bytes "
+                    "(DLSERVE_MAX_BODY_BYTES)",
+                    CLOSE,
+                )
             if not message.get("more_body"):
                 return messages
             elapsed = loop.time() - started
             if elapsed > self.body_grace_s and size < self.min_body_rate * elapsed:
-                return (408, f"the body arrives at {size / elapsed:,.0f} bytes/s, under the "
-                        f"minimum of {self.min_body_rate:,} (DLSERVE_MIN_BODY_RATE)", CLOSE)
+                return (
+                    408,
+                    f"the body arrives at {size / elapsed:,.0f} bytes/s, under the "
+                    f"minimum of {self.min_body_rate:,} (DLSERVE_MIN_BODY_RATE)",
+                    CLOSE,
+                )
 
 
 async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], call: Call) -> None:

@@ -63,8 +63,9 @@ async def list_models(_: Request) -> Response:
     # loading would read as "nothing is served" (seen in CI).
     if (refusal := await predict.unless_loaded(state)) is not None:
         return refusal
-    answer = ModelsResponse(models=[ModelInfo.model_validate(r.describe())
-                                    for r in state.runners.values()])
+    answer = ModelsResponse(
+        models=[ModelInfo.model_validate(r.describe()) for r in state.runners.values()]
+    )
     return Response(answer.model_dump_json(), media_type=predict.JSON)
 
 
@@ -80,20 +81,40 @@ def lookup_endpoint(model: str, lookup: Lookup) -> Any:
         except InputError as exc:
             return predict.error(state, model, exc.status, str(exc), f"http_{exc.status}")
         answer = lookup.answer(state.runners[model], query)
-        return Response(answer.model_dump_json(), media_type=predict.JSON,
-                        headers={"Cache-Control": f"private, max-age={LOOKUP_MAX_AGE_S}"})
+        return Response(
+            answer.model_dump_json(),
+            media_type=predict.JSON,
+            headers={"Cache-Control": f"private, max-age={LOOKUP_MAX_AGE_S}"},
+        )
 
     return endpoint
 
 
 def operations(served: dict[str, ModelSpec]) -> list[Operation]:
     """GET /models and every served model's lookups."""
-    ops = [Operation("GET", "/models", "Every loaded model: tag, SHA-256, execution "
-                     "provider, input and output tensors, preprocessing, training metrics",
-                     SERVICE_TAG, ModelsResponse, list_models)]
+    ops = [
+        Operation(
+            "GET",
+            "/models",
+            "Every loaded model: tag, SHA-256, execution "
+            "provider, input and output tensors, preprocessing, training metrics",
+            SERVICE_TAG,
+            ModelsResponse,
+            list_models,
+        )
+    ]
     for name, spec in served.items():
-        ops += [Operation("GET", lookup.path, lookup.summary, name, lookup.response,
-                          lookup_endpoint(name, lookup), query=lookup.query,
-                          errors=(400, 401, 429, 503, 504))
-                for lookup in spec.lookups]
+        ops += [
+            Operation(
+                "GET",
+                lookup.path,
+                lookup.summary,
+                name,
+                lookup.response,
+                lookup_endpoint(name, lookup),
+                query=lookup.query,
+                errors=(400, 401, 429, 503, 504),
+            )
+            for lookup in spec.lookups
+        ]
     return ops

@@ -34,36 +34,55 @@ class Internal:
 
 
 TIMEOUT_MIDDLEWARE = Internal(
-    "bentoml._internal.server.http.traffic", "TimeoutMiddleware",
+    "bentoml._internal.server.http.traffic",
+    "TimeoutMiddleware",
     "service/bentoml_patches.py: left out of the stack (the guard times requests itself)",
-    "BentoML's stack applies unchanged: a live timer per request, 3-8 % fewer digits req/s")
+    "BentoML's stack applies unchanged: a live timer per request, 3-8 % fewer digits req/s",
+)
 APP_FACTORY = Internal(
-    "_bentoml_impl.server.app", "ServiceAppFactory",
+    "_bentoml_impl.server.app",
+    "ServiceAppFactory",
     "service/bentoml_patches.py: its `middlewares` property wrapped to filter the stack",
-    "BentoML's stack applies unchanged (as for TimeoutMiddleware)")
+    "BentoML's stack applies unchanged (as for TimeoutMiddleware)",
+)
 METRICS_DIR = Internal(
-    "bentoml._internal.configuration.containers", "BentoMLContainer.prometheus_multiproc_dir",
+    "bentoml._internal.configuration.containers",
+    "BentoMLContainer.prometheus_multiproc_dir",
     "service/lifecycle.py verify_metrics_dir: a read-only metrics directory refused at start",
-    "PROMETHEUS_MULTIPROC_DIR is checked instead, or the check is skipped")
+    "PROMETHEUS_MULTIPROC_DIR is checked instead, or the check is skipped",
+)
 HTTP_PROTOCOLS = Internal(
-    "uvicorn.config", "HTTP_PROTOCOLS",
+    "uvicorn.config",
+    "HTTP_PROTOCOLS",
     "service/connections.py install: uvicorn's 'auto' HTTP protocol made the guarded one",
-    "uvicorn's own protocol serves: no header timeout, connection cap or lingering close")
+    "uvicorn's own protocol serves: no header timeout, connection cap or lingering close",
+)
 HTTP_TOOLS_PROTOCOL = Internal(
-    "uvicorn.protocols.http.httptools_impl", "HttpToolsProtocol",
+    "uvicorn.protocols.http.httptools_impl",
+    "HttpToolsProtocol",
     "service/connections.py: subclassed (GuardedHttpProtocol), using its cycle, flow, "
     "connections, loop and transport attributes",
-    "none: imported with service/connections.py; uvicorn is bounded above for it")
+    "none: imported with service/connections.py; uvicorn is bounded above for it",
+)
 
-INTERNALS = (TIMEOUT_MIDDLEWARE, APP_FACTORY, METRICS_DIR, HTTP_PROTOCOLS,
-             HTTP_TOOLS_PROTOCOL)
+INTERNALS = (TIMEOUT_MIDDLEWARE, APP_FACTORY, METRICS_DIR, HTTP_PROTOCOLS, HTTP_TOOLS_PROTOCOL)
 
 # What GuardedHttpProtocol reads or overrides of HttpToolsProtocol (tests/test_internals.py
 # checks that each is still there).
-HTTP_TOOLS_MEMBERS = ("connection_made", "connection_lost", "data_received",
-                      "on_message_begin", "on_headers_complete")
-HTTP_TOOLS_ATTRIBUTES = ("self.cycle", "self.flow", "self.connections", "self.transport",
-                         "self.loop")
+HTTP_TOOLS_MEMBERS = (
+    "connection_made",
+    "connection_lost",
+    "data_received",
+    "on_message_begin",
+    "on_headers_complete",
+)
+HTTP_TOOLS_ATTRIBUTES = (
+    "self.cycle",
+    "self.flow",
+    "self.connections",
+    "self.transport",
+    "self.loop",
+)
 
 
 def resolve(internal: Internal) -> Any:
@@ -81,4 +100,3 @@ def find(internal: Internal) -> Any | None:
     except (ImportError, AttributeError) as exc:
         log.warning("%s not found (%s): %s", internal.qualname, exc, internal.without_it)
         return None
-

@@ -76,15 +76,18 @@ def verify_metrics_dir() -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        message = (f"the metrics directory {path} is not writable ({exc.strerror}); give "
-                   "BENTOML_HOME a writable volume")
+        message = (
+            f"the metrics directory {path} is not writable ({exc.strerror}); give "
+            "BENTOML_HOME a writable volume"
+        )
         log.error("cannot start: %s", message)
         raise SystemExit(f"dlserve: cannot start: {message}") from None
 
 
 def _exit_now(timeout_s: float) -> None:
-    log.warning("requests still running %.0f s after SIGTERM (DLSERVE_DRAIN_TIMEOUT_S): exiting",
-                timeout_s)
+    log.warning(
+        "requests still running %.0f s after SIGTERM (DLSERVE_DRAIN_TIMEOUT_S): exiting", timeout_s
+    )
     logging.shutdown()
     os._exit(1)
 
@@ -109,8 +112,12 @@ def install_drain(begin_drain: Callable[[], None], delay_s: float, timeout_s: fl
             return
         started.set()
         begin_drain()
-        log.info("SIGTERM: not ready; serving %.1f s more, then finishing in-flight requests "
-                 "(at most %.0f s in all)", delay_s, timeout_s)
+        log.info(
+            "SIGTERM: not ready; serving %.1f s more, then finishing in-flight requests "
+            "(at most %.0f s in all)",
+            delay_s,
+            timeout_s,
+        )
         watchdog = threading.Timer(timeout_s, _exit_now, args=(timeout_s,))
         watchdog.daemon = True
         watchdog.start()
@@ -139,8 +146,7 @@ def start_trimming(every_s: float) -> bool:
     except AttributeError:
         trim = None
     if trim is None:
-        log.info("malloc_trim is not available (no glibc): freed memory is left to the "
-                 "allocator")
+        log.info("malloc_trim is not available (no glibc): freed memory is left to the allocator")
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
 
@@ -149,8 +155,11 @@ def start_trimming(every_s: float) -> bool:
             time.sleep(every_s)
             started = time.perf_counter()
             released = trim(0)
-            log.debug("malloc_trim: %s in %.1f ms", "released memory" if released else
-                      "nothing to release", (time.perf_counter() - started) * 1000)
+            log.debug(
+                "malloc_trim: %s in %.1f ms",
+                "released memory" if released else "nothing to release",
+                (time.perf_counter() - started) * 1000,
+            )
 
     threading.Thread(target=loop, name="dlserve-trim", daemon=True).start()
     return True

@@ -38,43 +38,65 @@ def get_metrics() -> Metrics:
 
     return Metrics(
         inference_seconds=Histogram(
-            "dlserve_inference_seconds", "Time of one model run (one batch)",
-            ["model", "provider"], buckets=LATENCY_BUCKETS),
+            "dlserve_inference_seconds",
+            "Time of one model run (one batch)",
+            ["model", "provider"],
+            buckets=LATENCY_BUCKETS,
+        ),
         batch_items=Histogram(
-            "dlserve_batch_items", "Items per model run (server-side batch size)",
-            ["model"], buckets=BATCH_BUCKETS),
+            "dlserve_batch_items",
+            "Items per model run (server-side batch size)",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+        ),
         preprocess_seconds=Histogram(
-            "dlserve_preprocess_seconds", "Time to parse, validate and preprocess one request",
-            ["model"], buckets=LATENCY_BUCKETS),
-        items_predicted=Counter(
-            "dlserve_items_predicted", "Items predicted", ["model"]),
+            "dlserve_preprocess_seconds",
+            "Time to parse, validate and preprocess one request",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        items_predicted=Counter("dlserve_items_predicted", "Items predicted", ["model"]),
         errors=Counter(
-            "dlserve_errors", "Requests refused or failed, by reason", ["model", "reason"]),
+            "dlserve_errors", "Requests refused or failed, by reason", ["model", "reason"]
+        ),
         model_info=Gauge(
-            "dlserve_model_info", "Loaded model: version, ONNX SHA-256, execution provider, "
-            "precision", ["model", "version", "sha256", "provider", "precision"],
-            multiprocess_mode="livemax"),
+            "dlserve_model_info",
+            "Loaded model: version, ONNX SHA-256, execution provider, precision",
+            ["model", "version", "sha256", "provider", "precision"],
+            multiprocess_mode="livemax",
+        ),
         queue_seconds=Histogram(
-            "dlserve_queue_seconds", "Time a request waits in its model's queue for a model run",
-            ["model"], buckets=LATENCY_BUCKETS),
+            "dlserve_queue_seconds",
+            "Time a request waits in its model's queue for a model run",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+        ),
         # livemin: 0 while any live worker has not loaded the model.
         model_ready=Gauge(
-            "dlserve_model_ready", "1 when the model is loaded and warmed up in every worker",
-            ["model"], multiprocess_mode="livemin"),
+            "dlserve_model_ready",
+            "1 when the model is loaded and warmed up in every worker",
+            ["model"],
+            multiprocess_mode="livemin",
+        ),
         # A worker that replaces a dead one gets the same id (circus reuses the lowest
         # free one), so a restart shows as that worker's count going from 1 to 2, while a
         # server starting up only adds series at 1: increase() > 0 means a restart.
         worker_starts=Counter(
-            "dlserve_worker_starts", "Worker processes started, by worker id", ["worker"]),
+            "dlserve_worker_starts", "Worker processes started, by worker id", ["worker"]
+        ),
         # stage: preparing (input being checked), queued (withdrawn before any model run),
         # running (its model run finished; nothing more ran for it).
         abandoned=Counter(
-            "dlserve_requests_abandoned", "Requests whose client hung up before the answer, "
+            "dlserve_requests_abandoned",
+            "Requests whose client hung up before the answer, "
             "by the stage they had reached; their queued work was dropped",
-            ["model", "stage"]),
+            ["model", "stage"],
+        ),
         # reason: deadline (could not start its model run before its deadline), overloaded
         # (the model's queue was full).
         shed=Counter(
-            "dlserve_requests_shed", "Requests refused at once with 503 + Retry-After rather "
-            "than answered late", ["model", "reason"]),
+            "dlserve_requests_shed",
+            "Requests refused at once with 503 + Retry-After rather than answered late",
+            ["model", "reason"],
+        ),
     )

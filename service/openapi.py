@@ -27,24 +27,31 @@ from dlserve.settings import Settings
 REF = "#/components/schemas/{model}"
 LICENCE = {"name": "Apache-2.0", "url": "https://www.apache.org/licenses/LICENSE-2.0"}
 ERROR_SCHEMA = {
-    "type": "object", "required": ["error"], "additionalProperties": False,
-    "properties": {"error": {"type": "string", "description":
-                             "what was refused and why, naming the field or the setting"}},
-    "example": {"error": "texts[0]: the text is empty or only whitespace; "
-                         "there is nothing to classify"},
+    "type": "object",
+    "required": ["error"],
+    "additionalProperties": False,
+    "properties": {
+        "error": {
+            "type": "string",
+            "description": "what was refused and why, naming the field or the setting",
+        }
+    },
+    "example": {
+        "error": "texts[0]: the text is empty or only whitespace; there is nothing to classify"
+    },
 }
 # Every refusal dlserve sends (service/guard.py, service/predict.py, dlserve/errors.py).
 ERRORS = {
     400: "The input is malformed: the message names the field and what was expected.",
     401: "Missing or wrong API key (only when the server has one: DLSERVE_API_KEY).",
     413: "Too much: the body, the items, a text, an image or the ratings are over a limit "
-         "(the message names the setting).",
+    "(the message names the setting).",
     404: "No such model here, or not that version of it.",
     415: "A body type the route does not take, or any pickle.",
     429: "This worker has DLSERVE_MAX_CONCURRENCY requests in hand; retry after "
-         "`Retry-After` seconds.",
+    "`Retry-After` seconds.",
     503: "The models are still loading, or the model's queue is full; retry after "
-         "`Retry-After` seconds.",
+    "`Retry-After` seconds.",
     504: "Not answered within DLSERVE_REQUEST_TIMEOUT_S.",
 }
 PREDICT_ERRORS = (400, 401, 413, 415, 429, 503, 504)
@@ -56,9 +63,9 @@ HEALTH = {
     "/livez": "200 while the worker runs and its models have not failed to load.",
     "/healthz": "The same as /livez (the older Kubernetes name).",
     "/readyz": "200 once every model is loaded and warmed up; 503 before, and again from "
-               "the moment a SIGTERM starts the drain.",
+    "the moment a SIGTERM starts the drain.",
     "/metrics": "Prometheus metrics, correct across worker processes: BentoML's "
-                "`bentoml_service_*` and dlserve's `dlserve_*` (docs/metrics.md).",
+    "`bentoml_service_*` and dlserve's `dlserve_*` (docs/metrics.md).",
 }
 
 
@@ -82,9 +89,14 @@ class Operation:
     example: Callable[[ModelSpec], dict[str, Any] | None] | None = None
 
 
-def document(base: dict[str, Any], *, served: dict[str, ModelSpec],
-             operations: Iterable[Operation], settings: Settings,
-             tags: dict[str, str]) -> dict[str, Any]:
+def document(
+    base: dict[str, Any],
+    *,
+    served: dict[str, ModelSpec],
+    operations: Iterable[Operation],
+    settings: Settings,
+    tags: dict[str, str],
+) -> dict[str, Any]:
     """BentoML's document `base`, rewritten to describe dlserve; `tags` are the loaded
     models' tags by name (empty while they load)."""
     # (a round trip through JSON makes the status codes strings)
@@ -94,25 +106,33 @@ def document(base: dict[str, Any], *, served: dict[str, ModelSpec],
         schemas.pop(name, None)
     schemas["Error"] = ERROR_SCHEMA
     doc["info"] = info(served, settings, tags)
-    doc["tags"] = [{"name": SERVICE_TAG, "description": "what this server serves"},
-                   *({"name": name, "description": spec.summary}
-                     for name, spec in served.items()),
-                   {"name": HEALTH_TAG, "description": "probes and Prometheus metrics"}]
+    doc["tags"] = [
+        {"name": SERVICE_TAG, "description": "what this server serves"},
+        *({"name": name, "description": spec.summary} for name, spec in served.items()),
+        {"name": HEALTH_TAG, "description": "probes and Prometheus metrics"},
+    ]
     paths = doc.setdefault("paths", {})
     for name, spec in served.items():
         for route in spec.routes:
             post = paths[route.path]["post"]
-            post.update(tags=[name], summary=route.summary,
-                        responses={"200": post["responses"]["200"], **errors(PREDICT_ERRORS)})
+            post.update(
+                tags=[name],
+                summary=route.summary,
+                responses={"200": post["responses"]["200"], **errors(PREDICT_ERRORS)},
+            )
     for op in operations:
         paths.setdefault(op.path, {})[op.method.lower()] = operation(op, schemas, served)
     for path, description in HEALTH.items():
         if path in paths:
             paths[path]["get"].update(tags=[HEALTH_TAG], description=description)
     if settings.api_key:
-        doc["components"]["securitySchemes"] = {"apiKey": {
-            "type": "http", "scheme": "bearer",
-            "description": "the server's key (DLSERVE_API_KEY), as `Authorization: Bearer`"}}
+        doc["components"]["securitySchemes"] = {
+            "apiKey": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "the server's key (DLSERVE_API_KEY), as `Authorization: Bearer`",
+            }
+        }
         doc["security"] = [{"apiKey": []}]
         for path in settings.open_paths:
             for method in paths.get(path, {}).values():
@@ -142,15 +162,21 @@ def description(served: dict[str, ModelSpec], settings: Settings, tags: dict[str
     models = "\n".join(
         f"| `{name}` | {spec.summary} | `{tags.get(name, 'loading')}` | "
         f"{', '.join(f'`{path}`' for path in route_paths(spec))} |"
-        for name, spec in served.items())
+        for name, spec in served.items()
+    )
     open_paths = ", ".join(f"`{p}`" for p in settings.open_paths)
-    key = ("**This server requires an API key**: send `Authorization: Bearer <key>` on every "
-           f"route{f' except {open_paths}' if open_paths else ''}; without it, 401. Use "
-           "*Authorize* to try the routes here."
-           if settings.api_key else
-           "No API key is set on this server (`DLSERVE_API_KEY`): every route is open.")
-    batching = (" Requests that arrive together run as one batch (adaptive batching)."
-                if settings.batching else "")
+    key = (
+        "**This server requires an API key**: send `Authorization: Bearer <key>` on every "
+        f"route{f' except {open_paths}' if open_paths else ''}; without it, 401. Use "
+        "*Authorize* to try the routes here."
+        if settings.api_key
+        else "No API key is set on this server (`DLSERVE_API_KEY`): every route is open."
+    )
+    batching = (
+        " Requests that arrive together run as one batch (adaptive batching)."
+        if settings.batching
+        else ""
+    )
     return f"""\
 Deep-learning models on ONNX Runtime behind HTTP routes.{batching} Every predict route
 takes a list, so one request can carry many items. [Try the models in the demo page](./demo).
@@ -179,9 +205,13 @@ body {settings.max_body_bytes:,} bytes (`DLSERVE_MAX_BODY_BYTES`, 413);
 
 
 def errors(statuses: Iterable[int]) -> dict[str, Any]:
-    return {str(status): {"description": ERRORS[status], "content": {
-        "application/json": {"schema": {"$ref": REF.format(model="Error")}}}}
-        for status in statuses}
+    return {
+        str(status): {
+            "description": ERRORS[status],
+            "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},
+        }
+        for status in statuses
+    }
 
 
 def schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -192,27 +222,42 @@ def schema(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def operation(op: Operation, schemas: dict[str, Any],
-              served: dict[str, ModelSpec]) -> dict[str, Any]:
+def operation(
+    op: Operation, schemas: dict[str, Any], served: dict[str, ModelSpec]
+) -> dict[str, Any]:
     described: dict[str, Any] = {
-        "tags": [op.tag], "summary": op.summary,
+        "tags": [op.tag],
+        "summary": op.summary,
         "operationId": f"dlserve__{op.method.lower()}_{op.path.strip('/').replace('/', '_')}",
-        "responses": {"200": {"description": "Successful Response", "content": {
-            "application/json": {"schema": schema(op.response, schemas)}}},
-            **errors(op.errors)},
+        "responses": {
+            "200": {
+                "description": "Successful Response",
+                "content": {"application/json": {"schema": schema(op.response, schemas)}},
+            },
+            **errors(op.errors),
+        },
     }
     described["parameters"] = [
-        {"name": name, "in": "path", "required": True, "description": about,
-         "schema": {"type": "string", **({"enum": list(served)} if name == "name" else {})}}
-        for name, about in op.path_params.items()]
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "description": about,
+            "schema": {"type": "string", **({"enum": list(served)} if name == "name" else {})},
+        }
+        for name, about in op.path_params.items()
+    ]
     if op.query is not None:
         described["parameters"] += parameters(op.query)
     if not described["parameters"]:
         del described["parameters"]
     if op.request is not None:
         media: dict[str, Any] = {"schema": schema(op.request, schemas)}
-        examples = {name: {"summary": name, "value": value} for name, spec in served.items()
-                    if op.example and (value := op.example(spec)) is not None}
+        examples = {
+            name: {"summary": name, "value": value}
+            for name, spec in served.items()
+            if op.example and (value := op.example(spec)) is not None
+        }
         if examples:
             media["examples"] = examples
         described["requestBody"] = {"required": True, "content": {"application/json": media}}
@@ -223,7 +268,13 @@ def parameters(query: type[BaseModel]) -> list[dict[str, Any]]:
     """A query model's fields as OpenAPI query parameters."""
     raw = query.model_json_schema()
     required = set(raw.get("required", ()))
-    return [{"name": name, "in": "query", "required": name in required,
-             "description": field.get("description", ""),
-             "schema": {k: v for k, v in field.items() if k not in ("description", "title")}}
-            for name, field in raw["properties"].items()]
+    return [
+        {
+            "name": name,
+            "in": "query",
+            "required": name in required,
+            "description": field.get("description", ""),
+            "schema": {k: v for k, v in field.items() if k not in ("description", "title")},
+        }
+        for name, field in raw["properties"].items()
+    ]

@@ -36,11 +36,17 @@ PAGES = (*DOCS_PAGES, "/demo")
 ASSETS = "/static/"
 # 'unsafe-inline' for styles only: Swagger UI writes style attributes into its markup.
 # Scripts, fetches, images and fonts: this origin only (data: for Swagger UI's icons).
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-       "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff",
-           "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data: blob:; connect-src 'self'; font-src 'self'; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 Build = Callable[[WorkerState], dict[str, Any]]  # the worker's state → the document
 
@@ -64,14 +70,17 @@ def swagger_ui_files() -> Path:
     without importing the package, whose web-framework glue serving does not need)."""
     spec = importlib.util.find_spec("swagger_ui")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the swagger-ui-py package is not installed; install it, or turn "
-                           "the docs off with DLSERVE_DOCS=false")
+        raise RuntimeError(
+            "the swagger-ui-py package is not installed; install it, or turn "
+            "the docs off with DLSERVE_DOCS=false"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 
 def page(name: str) -> Callable[[Request], Any]:
     async def endpoint(_: Request) -> Response:
         return FileResponse(STATIC / name, media_type="text/html", headers=HEADERS)
+
     return endpoint
 
 
@@ -94,16 +103,23 @@ def document_endpoint(build: Build) -> Callable[[Request], Any]:
 
 
 async def turned_off(_: Request) -> Response:
-    return predict.json_response({"error": "the API docs and the demo page are turned off "
-                                           "on this server (DLSERVE_DOCS=false)"}, 404)
+    return predict.json_response(
+        {
+            "error": "the API docs and the demo page are turned off "
+            "on this server (DLSERVE_DOCS=false)"
+        },
+        404,
+    )
 
 
 def routes(settings: Settings, build: Build) -> list[BaseRoute]:
     """The pages' routes; with the docs off, the same paths answer 404 (BentoML's own
     docs page and /docs.json, which these shadow, would answer otherwise)."""
     if not settings.docs:
-        return [*(Route(p, turned_off) for p in (*PAGES, "/docs.json")),
-                Mount(ASSETS.rstrip("/"), routes=[Route("/{path:path}", turned_off)])]
+        return [
+            *(Route(p, turned_off) for p in (*PAGES, "/docs.json")),
+            Mount(ASSETS.rstrip("/"), routes=[Route("/{path:path}", turned_off)]),
+        ]
     return [
         *(Route(p, page("docs.html")) for p in DOCS_PAGES),
         Route("/demo", page("demo.html")),

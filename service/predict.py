@@ -47,8 +47,14 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
     return Response(orjson.dumps(data), status_code=status, media_type=JSON, headers=headers)
 
 
-def error(state: WorkerState, model: str, status: int, message: str, reason: str,
-          headers: dict[str, str] | None = None) -> Response:
+def error(
+    state: WorkerState,
+    model: str,
+    status: int,
+    message: str,
+    reason: str,
+    headers: dict[str, str] | None = None,
+) -> Response:
     state.metrics.errors.labels(model=model, reason=reason).inc()
     return json_response({"error": message}, status, headers)
 
@@ -65,14 +71,21 @@ async def unless_loaded(state: WorkerState, model: str | None = None) -> Respons
     if model is not None:
         return error(state, model, 503, LOADING, "loading", {"Retry-After": "1"})
     if state.load_error is not None:
-        return json_response({"error": "this worker could not load the models: "
-                              f"{state.load_error}"}, 503)
+        return json_response(
+            {"error": f"this worker could not load the models: {state.load_error}"}, 503
+        )
     return json_response({"error": LOADING}, 503, {"Retry-After": "1"})
 
 
-async def serve(state: WorkerState, model: str, prepare: Callable[[Any], Prepared],
-                respond: Callable[[Any, Prepared, Any], Response], *,
-                heavy: bool = False, call: Call | None = None) -> Response:
+async def serve(
+    state: WorkerState,
+    model: str,
+    prepare: Callable[[Any], Prepared],
+    respond: Callable[[Any, Prepared, Any], Response],
+    *,
+    heavy: bool = False,
+    call: Call | None = None,
+) -> Response:
     """One request to `model`: `prepare(runner)` checks and preprocesses it,
     `respond(runner, prepared, result)` writes the answer; either may raise InputError.
 
@@ -101,8 +114,7 @@ async def serve(state: WorkerState, model: str, prepare: Callable[[Any], Prepare
     except (Overloaded, Shed) as exc:
         reason = "overloaded" if isinstance(exc, Overloaded) else "deadline"
         state.metrics.shed.labels(model=model, reason=reason).inc()
-        return error(state, model, 503, str(exc), reason,
-                     {"Retry-After": str(exc.retry_after_s)})
+        return error(state, model, 503, str(exc), reason, {"Retry-After": str(exc.retry_after_s)})
     except asyncio.CancelledError:
         _count_abandoned(state, model, call)
         raise
@@ -124,20 +136,28 @@ def _respond(route: Route) -> Callable[[Any, Prepared, Any], Response]:
     def respond(runner: Any, prepared: Prepared, result: Any) -> Response:
         answered = route.respond(runner, prepared, result)
         return Response(answered.model_dump_json(), media_type=JSON)
+
     return respond
 
 
-async def answer(state: WorkerState, model: str, route: Route, body: bytes,
-                 call: Call | None = None) -> Response:
+async def answer(
+    state: WorkerState, model: str, route: Route, body: bytes, call: Call | None = None
+) -> Response:
     """The response to one request to a registry route, from its raw body."""
     settings = state.settings
     return await serve(
-        state, model, lambda runner: route.prepare(runner, route.parse(body), settings),
-        _respond(route), heavy=len(body) > HEAVY_BYTES, call=call)
+        state,
+        model,
+        lambda runner: route.prepare(runner, route.parse(body), settings),
+        _respond(route),
+        heavy=len(body) > HEAVY_BYTES,
+        call=call,
+    )
 
 
 async def answer_parsed(state: WorkerState, model: str, route: Route, request: Any) -> Response:
     """The response to one request to a registry route that BentoML has parsed already."""
     settings = state.settings
-    return await serve(state, model, lambda runner: route.prepare(runner, request, settings),
-                       _respond(route))
+    return await serve(
+        state, model, lambda runner: route.prepare(runner, request, settings), _respond(route)
+    )

@@ -43,21 +43,31 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in WBITS:
-        raise UnsupportedMediaType(f"Content-Encoding {encoding} is not accepted; send "
-                                   "gzip, deflate or an uncompressed body")
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding} is not accepted; send "
+            "gzip, deflate or an uncompressed body"
+        )
     inflate = zlib.decompressobj(WBITS[encoding])
     try:
         out = inflate.decompress(body, limit + 1)
     except zlib.error as exc:
         raise InputError(f"body: not valid {encoding} data ({exc})") from None
     if len(out) > limit or inflate.unconsumed_tail:
-        raise PayloadTooLarge(f"request body inflates to more than the limit of {limit} bytes "
-                              "(DLSERVE_MAX_BODY_BYTES)")
+        raise PayloadTooLarge(
+            f"request body inflates to more than the limit of {limit} bytes "
+            "(DLSERVE_MAX_BODY_BYTES)"
+        )
     return out
 
 
-async def infer(state: WorkerState, name: str, version: str | None,
-                headers: dict[bytes, bytes], body: bytes, call: Call | None = None) -> Response:
+async def infer(
+    state: WorkerState,
+    name: str,
+    version: str | None,
+    headers: dict[bytes, bytes],
+    body: bytes,
+    call: Call | None = None,
+) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer."""
     spec = state.specs.get(name)
     if spec is None or spec.tensors is None:
@@ -70,8 +80,12 @@ async def infer(state: WorkerState, name: str, version: str | None,
     def prepare(runner: Any) -> Prepared:
         _check_version(runner, version)
         raw = decompress(body, encoding, settings.max_body_bytes)
-        decoded = protocol.decode(raw, None if length is None else length.decode("latin-1"),
-                                  tensors, max_body=settings.max_body_bytes)
+        decoded = protocol.decode(
+            raw,
+            None if length is None else length.decode("latin-1"),
+            tensors,
+            max_body=settings.max_body_bytes,
+        )
         wanted = protocol.requested_outputs(decoded, tensors)
         inner = tensors.prepare(runner, decoded.inputs, decoded.parameters, settings)
         return Prepared(inner.part, inner.items, (inner, decoded, wanted))
@@ -81,21 +95,31 @@ async def infer(state: WorkerState, name: str, version: str | None,
         arrays = tensors.answer(runner, inner, result)
         absent = [n for n, _ in wanted if n not in arrays]
         if decoded.request.outputs is not None and absent:
-            raise InputError(f"outputs: {', '.join(absent)} cannot be given for this request "
-                             "(see the model's inputs: an optional one is missing)")
-        content, extra = protocol.encode(name, runner.stored.version, decoded.request.id,
-                                          arrays, [w for w in wanted if w[0] in arrays])
+            raise InputError(
+                f"outputs: {', '.join(absent)} cannot be given for this request "
+                "(see the model's inputs: an optional one is missing)"
+            )
+        content, extra = protocol.encode(
+            name,
+            runner.stored.version,
+            decoded.request.id,
+            arrays,
+            [w for w in wanted if w[0] in arrays],
+        )
         media = "application/octet-stream" if extra else predict.JSON
         return Response(content, media_type=media, headers=extra)
 
-    return await predict.serve(state, name, prepare, respond,
-                               heavy=len(body) > predict.HEAVY_BYTES, call=call)
+    return await predict.serve(
+        state, name, prepare, respond, heavy=len(body) > predict.HEAVY_BYTES, call=call
+    )
 
 
 def _check_version(runner: Any, version: str | None) -> None:
     if version is not None and version != runner.stored.version:
-        raise NotFound(f"model {runner.name} has no version {version!r} here; it serves "
-                       f"version {runner.stored.version!r}")
+        raise NotFound(
+            f"model {runner.name} has no version {version!r} here; it serves "
+            f"version {runner.stored.version!r}"
+        )
 
 
 def _not_served(name: str) -> Response:
@@ -103,15 +127,17 @@ def _not_served(name: str) -> Response:
 
 
 async def server_metadata(_: Request) -> Response:
-    return predict.json_response({"name": "dlserve", "version": __version__,
-                                  "extensions": EXTENSIONS})
+    return predict.json_response(
+        {"name": "dlserve", "version": __version__, "extensions": EXTENSIONS}
+    )
 
 
 async def live(_: Request) -> Response:
     state = current()
     if state.load_error is not None:
-        return predict.json_response({"error": f"this worker cannot serve: "
-                                      f"{state.load_error}"}, 503)
+        return predict.json_response(
+            {"error": f"this worker cannot serve: {state.load_error}"}, 503
+        )
     return predict.json_response({"live": True})
 
 
@@ -120,7 +146,9 @@ async def ready(_: Request) -> Response:
     if not state.ready or state.draining:
         return predict.json_response(
             {"error": "draining" if state.draining else "the models are still loading"},
-            503, {"Retry-After": "1"})
+            503,
+            {"Retry-After": "1"},
+        )
     return predict.json_response({"ready": True})
 
 
@@ -134,8 +162,9 @@ def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Res
         return _not_served(name)
     runner = state.runners.get(name)
     if runner is None:
-        return predict.json_response({"error": f"model {name} is still loading"}, 503,
-                                     {"Retry-After": "1"})
+        return predict.json_response(
+            {"error": f"model {name} is still loading"}, 503, {"Retry-After": "1"}
+        )
     try:
         _check_version(runner, version)
     except NotFound as exc:
@@ -156,8 +185,9 @@ async def model_config(request: Request) -> Response:
     if isinstance(loaded, Response):
         return loaded
     runner, tensors = loaded
-    return predict.json_response(tensors.config(runner.name, PLATFORM,
-                                                current().settings.max_items))
+    return predict.json_response(
+        tensors.config(runner.name, PLATFORM, current().settings.max_items)
+    )
 
 
 async def model_ready(request: Request) -> Response:
@@ -170,9 +200,13 @@ async def model_ready(request: Request) -> Response:
 async def infer_endpoint(request: Request) -> Response:
     """POST .../infer as a mounted route: the guard answers these itself, so this serves
     only a request that reached the app some other way, the same way."""
-    return await infer(current(), request.path_params["name"],
-                       request.path_params.get("version"),
-                       {k.lower(): v for k, v in request.headers.raw}, await request.body())
+    return await infer(
+        current(),
+        request.path_params["name"],
+        request.path_params.get("version"),
+        {k.lower(): v for k, v in request.headers.raw},
+        await request.body(),
+    )
 
 
 # The protocol's JSON shapes, for /docs.json (the routes build them with orjson).
@@ -245,25 +279,81 @@ def _example(spec: ModelSpec) -> dict[str, Any] | None:
 
 def operations() -> list[Operation]:
     """Every route of the protocol, for the app to mount and /docs.json to describe."""
-    ops = [Operation("GET", "/v2", "Server metadata: name, version, extensions", TAG,
-                     ServerMetadata, server_metadata),
-           Operation("GET", "/v2/health/live", "200 while the worker can serve", TAG, Live,
-                     live, errors=(503,)),
-           Operation("GET", "/v2/health/ready", "200 once every model is loaded; 503 while "
-                     "loading or draining", TAG, Ready, ready, errors=(503,))]
-    for base, params in (("/v2/models/{name}", NAME),
-                         ("/v2/models/{name}/versions/{version}", VERSION)):
+    ops = [
+        Operation(
+            "GET",
+            "/v2",
+            "Server metadata: name, version, extensions",
+            TAG,
+            ServerMetadata,
+            server_metadata,
+        ),
+        Operation(
+            "GET",
+            "/v2/health/live",
+            "200 while the worker can serve",
+            TAG,
+            Live,
+            live,
+            errors=(503,),
+        ),
+        Operation(
+            "GET",
+            "/v2/health/ready",
+            "200 once every model is loaded; 503 while loading or draining",
+            TAG,
+            Ready,
+            ready,
+            errors=(503,),
+        ),
+    ]
+    for base, params in (
+        ("/v2/models/{name}", NAME),
+        ("/v2/models/{name}/versions/{version}", VERSION),
+    ):
         ops += [
-            Operation("GET", base, "The model's input and output tensors", TAG,
-                      ModelMetadata, model_metadata, errors=(401, 404, 503),
-                      path_params=params),
-            Operation("GET", base + "/ready", "200 once the model is loaded", TAG,
-                      ModelReady, model_ready, errors=(401, 404, 503), path_params=params),
-            Operation("GET", base + "/config", "Triton's model configuration (for its tools)",
-                      TAG, ModelConfig, model_config, errors=(401, 404, 503),
-                      path_params=params),
-            Operation("POST", base + "/infer", "Tensors in, tensors out: JSON, or Triton's "
-                      "binary tensor extension (Inference-Header-Content-Length)", TAG,
-                      InferResponse, infer_endpoint, request=protocol.InferRequest,
-                      errors=(*PREDICT_ERRORS, 404), path_params=params, example=_example)]
+            Operation(
+                "GET",
+                base,
+                "The model's input and output tensors",
+                TAG,
+                ModelMetadata,
+                model_metadata,
+                errors=(401, 404, 503),
+                path_params=params,
+            ),
+            Operation(
+                "GET",
+                base + "/ready",
+                "200 once the model is loaded",
+                TAG,
+                ModelReady,
+                model_ready,
+                errors=(401, 404, 503),
+                path_params=params,
+            ),
+            Operation(
+                "GET",
+                base + "/config",
+                "Triton's model configuration (for its tools)",
+                TAG,
+                ModelConfig,
+                model_config,
+                errors=(401, 404, 503),
+                path_params=params,
+            ),
+            Operation(
+                "POST",
+                base + "/infer",
+                "Tensors in, tensors out: JSON, or Triton's "
+                "binary tensor extension (Inference-Header-Content-Length)",
+                TAG,
+                InferResponse,
+                infer_endpoint,
+                request=protocol.InferRequest,
+                errors=(*PREDICT_ERRORS, 404),
+                path_params=params,
+                example=_example,
+            ),
+        ]
     return ops

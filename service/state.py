@@ -35,7 +35,8 @@ class WorkerState:
         # Each model's child of the histogram, looked up once: labels() per request cost
         # about 1 % of a worker's time.
         self.preprocess_seconds: dict[str, Any] = {
-            name: self.metrics.preprocess_seconds.labels(model=name) for name in specs}
+            name: self.metrics.preprocess_seconds.labels(model=name) for name in specs
+        }
         # Large bodies are parsed and preprocessed here, one at a time (service/predict.py).
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self.runners: dict[str, Runner[Any, Any]] = {}

@@ -48,8 +48,10 @@ RUN_DIR = Path(os.environ[_RUN_DIR_VAR])
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "exclusive: runs while no other test runs (it loads "
-                            "the machine, or asserts a time bound)")
+    config.addinivalue_line(
+        "markers",
+        "exclusive: runs while no other test runs (it loads the machine, or asserts a time bound)",
+    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -85,8 +87,10 @@ def machine_lock(exclusive: bool) -> Iterator[None]:
         with _flock(RUN_DIR / "machine.lock", fcntl.LOCK_SH):
             yield
         return
-    with _flock(RUN_DIR / "turnstile.lock", fcntl.LOCK_EX), \
-            _flock(RUN_DIR / "machine.lock", fcntl.LOCK_EX):
+    with (
+        _flock(RUN_DIR / "turnstile.lock", fcntl.LOCK_EX),
+        _flock(RUN_DIR / "machine.lock", fcntl.LOCK_EX),
+    ):
         yield
 
 
@@ -121,12 +125,18 @@ def http_mirror(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         httpd.server_close()
 
 
-def dlserve(*args: str, check: bool = True,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def dlserve(
+    *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `dlserve` console script, as a user would (`env`: extra variables)."""
     cli = Path(sys.executable).with_name("dlserve")
-    result = subprocess.run([str(cli), *args], capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=600)
+    result = subprocess.run(
+        [str(cli), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"dlserve {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result
@@ -184,12 +194,18 @@ def bento(digits_model: str, sentiment_model: str, recommender_model: str) -> Pa
     """`bentoml build` of this checkout, with the three models; returns the Bento's folder.
     (Locking its packages reaches PyPI, as a real build does.)"""
     bentoml = Path(sys.executable).with_name("bentoml")
-    result = subprocess.run([str(bentoml), "build", str(ROOT), "--output", "tag"],
-                            capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [str(bentoml), "build", str(ROOT), "--output", "tag"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     tag = result.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
-    path = subprocess.run([str(bentoml), "get", tag, "-o", "path"], capture_output=True,
-                          text=True, check=True).stdout.strip()
+    path = subprocess.run(
+        [str(bentoml), "get", tag, "-o", "path"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     return Path(path)
 
 
@@ -207,8 +223,12 @@ def start_server(log_dir: Path, *, ready: bool = True, **env: str) -> Iterator[S
 
 
 @pytest.fixture(scope="session")
-def running_server(digits_model: str, sentiment_model: str, recommender_model: str,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def running_server(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
     """A real BentoML server (2 workers, so metrics are checked across processes)."""
     with start_server(tmp_path_factory.mktemp("server"), DLSERVE_WORKERS="2") as running:
         yield running

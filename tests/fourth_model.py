@@ -64,8 +64,15 @@ def _build(run: MlpRun) -> Any:
     return nn.Sequential(nn.Linear(SIDE * SIDE, run.hidden), nn.ReLU(), nn.Linear(run.hidden, 10))
 
 
-def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
-          quick: bool = False, download_url: str | None = None) -> dict[str, Any]:
+def train(
+    data_dir: Path,
+    artifacts_dir: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    download_url: str | None = None,
+) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
 
@@ -83,14 +90,20 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
     losses = []
     for _ in range(cfg.epochs):
         for i in range(0, len(x), 64):
-            loss = F.cross_entropy(model(x[i: i + 64]), y[i: i + 64])
+            loss = F.cross_entropy(model(x[i : i + 64]), y[i : i + 64])
             opt.zero_grad()
             loss.backward()
             opt.step()
         losses.append(float(loss))
     metrics = {"train_loss": losses[-1], "epochs": cfg.epochs}
-    save_run(run_paths(artifacts_dir, "mlp"), model.state_dict(), run, metrics,
-             {"train loss": losses}, "MLP on MNIST")
+    save_run(
+        run_paths(artifacts_dir, "mlp"),
+        model.state_dict(),
+        run,
+        metrics,
+        {"train loss": losses},
+        "MLP on MNIST",
+    )
     return metrics
 
 
@@ -106,13 +119,19 @@ def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
         return (rng.standard_normal((n, SIDE * SIDE)).astype(np.float32),)
 
     spec = ExportSpec(
-        name="mlp", task="image-classification", architecture=f"MLP 784-{run.hidden}-10",
+        name="mlp",
+        task="image-classification",
+        architecture=f"MLP 784-{run.hidden}-10",
         inputs=[TensorSpec("pixels", "float32", ["batch", SIDE * SIDE])],
         outputs=[TensorSpec("logits", "float32", ["batch", 10])],
         preprocessing={"kind": "mnist", "mean": MNIST_MEAN, "std": MNIST_STD},
-        labels=[str(d) for d in range(10)], assets={}, metrics=metrics,
+        labels=[str(d) for d in range(10)],
+        assets={},
+        metrics=metrics,
         training_data={"dataset": "MNIST", "files": run.data_files, **asdict(run)},
-        example=example(2), parity_cases=[example(1), example(9)])
+        example=example(2),
+        parity_cases=[example(1), example(9)],
+    )
     return export_and_publish(model, spec, precision=precision)
 
 
@@ -121,8 +140,11 @@ def evaluate(runner: MlpRunner, source: DataSource) -> dict[str, Any]:
 
     test = load_mnist(source.folder, "test", base_url=source.url)
     predicted = runner.predict(test.images).argmax(axis=1)
-    return {"model": runner.tag, "examples": len(test.labels),
-            "accuracy": round(float((predicted == test.labels).mean()), 4)}
+    return {
+        "model": runner.tag,
+        "examples": len(test.labels),
+        "accuracy": round(float((predicted == test.labels).mean()), 4),
+    }
 
 
 def _requests(source: DataSource, items: int, count: int, encoding: str) -> list[Any]:
@@ -143,9 +165,16 @@ MODEL = ModelSpec(
     task="image-classification",
     summary="handwritten digits: a small MLP, the registry's fourth model (tests only)",
     runner=MlpRunner,
-    routes=(Route("/mlp/predict", "Classify 28×28 digit images with the MLP",
-                  digits.DigitsResponse, digits.prepare_arrays, respond,
-                  request=digits.DigitsRequest),),
+    routes=(
+        Route(
+            "/mlp/predict",
+            "Classify 28×28 digit images with the MLP",
+            digits.DigitsResponse,
+            digits.prepare_arrays,
+            respond,
+            request=digits.DigitsRequest,
+        ),
+    ),
     data=digits.mnist,
     train=Ref("tests.fourth_model:train"),
     export=Ref("tests.fourth_model:export"),

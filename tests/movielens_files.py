@@ -10,8 +10,9 @@ import numpy as np
 GENRES = ("Sci-Fi", "Romance", "Horror")
 
 
-def write_csv_release(folder: Path, *, users: int = 120, movies: int = 60,
-                      seed: int = 0) -> dict[int, str]:
+def write_csv_release(
+    folder: Path, *, users: int = 120, movies: int = 60, seed: int = 0
+) -> dict[int, str]:
     """A `ratings.csv` + `movies.csv` folder (newer GroupLens layout) with a real pattern:
     each user loves one genre (4-5 stars) and dislikes the others (0.5-2.5), in half
     stars. Returns each movie id's genre. Ids have gaps, as in the real files."""

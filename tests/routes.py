@@ -50,8 +50,10 @@ def request_examples(docs: dict[str, Any], path: str, body: dict[str, Any]) -> d
         return {path: schema["example"]}
     tags = docs["info"]["x-dlserve-models"]
     assert body.get("examples", {}).keys() == tags.keys(), f"{path}: not one example per model"
-    return {path.format(name=name, version=tags[name].split(":")[1]): example["value"]
-            for name, example in body["examples"].items()}
+    return {
+        path.format(name=name, version=tags[name].split(":")[1]): example["value"]
+        for name, example in body["examples"].items()
+    }
 
 
 def route_cases(docs: dict[str, Any]) -> list[RouteCase]:
@@ -68,8 +70,9 @@ def route_cases(docs: dict[str, Any]) -> list[RouteCase]:
                 cases.append(RouteCase(real, model, JSON, orjson.dumps(example), b"{}"))
         else:
             assert content_type.startswith("image/"), f"{path}: no request for {content_type}"
-            cases.append(RouteCase(path, path.split("/")[1], "image/png", digit_png(),
-                                   b"not an image"))
+            cases.append(
+                RouteCase(path, path.split("/")[1], "image/png", digit_png(), b"not an image")
+            )
     return cases
 
 

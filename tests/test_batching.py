@@ -25,8 +25,14 @@ def make(max_batch: int = 64, max_queue: int = 1000, join=None):
         out = np.concatenate(parts) * 2
         return np.split(out, np.cumsum([len(p) for p in parts])[:-1])
 
-    b = AdaptiveBatcher("t", run_batch, max_batch_size=max_batch, max_queue_items=max_queue,
-                        join=join, on_batch=lambda n, s: None)
+    b = AdaptiveBatcher(
+        "t",
+        run_batch,
+        max_batch_size=max_batch,
+        max_queue_items=max_queue,
+        join=join,
+        on_batch=lambda n, s: None,
+    )
     return b, sizes, gate
 
 
@@ -178,6 +184,7 @@ def test_a_request_that_cannot_start_in_time_is_shed_at_once() -> None:
 def test_runs_are_bounded_by_the_runners_cost_too() -> None:
     """Items that cost more (the LSTM's long texts) run fewer to a run, whole requests and
     chunks alike; a single item over the budget runs alone."""
+
     async def main() -> None:
         sizes: list[int] = []
 
@@ -185,9 +192,15 @@ def test_runs_are_bounded_by_the_runners_cost_too() -> None:
             sizes.append(sum(len(p) for p in parts))
             return [[2 * x for x in p] for p in parts]
 
-        b = AdaptiveBatcher("t", run_batch, max_batch_size=8, max_queue_items=1000,
-                            join=lambda rs: [x for r in rs for x in r],
-                            cost=lambda part: part, max_run_cost=10)
+        b = AdaptiveBatcher(
+            "t",
+            run_batch,
+            max_batch_size=8,
+            max_queue_items=1000,
+            join=lambda rs: [x for r in rs for x in r],
+            cost=lambda part: part,
+            max_run_cost=10,
+        )
         long = [5] * 6  # six items costing 5: two to a run
         assert await b.submit(long, 6) == [10] * 6
         assert sizes == [2, 2, 2]
@@ -224,6 +237,7 @@ def test_a_small_request_waits_for_one_chunk_of_a_large_one_not_all() -> None:
 def test_a_large_request_that_would_finish_late_is_shed_at_once() -> None:
     """Its chunks take turns with the work accepted before it: when all of that would not be
     done by its deadline, 503 now, not 504 later; a small request still gets in."""
+
     async def main() -> None:
         b, sizes, gate = make(max_batch=4, join=np.concatenate)
         gate.set()

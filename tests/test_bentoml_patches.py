@@ -21,15 +21,22 @@ print(",".join(m.cls.__name__ for m in app.user_middleware))
 
 
 def middleware_stack(**env: str) -> list[str]:
-    out = subprocess.run([sys.executable, "-c", SHOW_STACK], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, **env}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", SHOW_STACK],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1].split(",")
 
 
 @pytest.mark.parametrize("tracing", ["false", "true"])
 def test_bentoml_timeout_and_idle_tracing_are_left_out(
-        digits_model: str, sentiment_model: str, recommender_model: str, tracing: str) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tracing: str
+) -> None:
     stack = middleware_stack(DLSERVE_TRACING=tracing)
     assert "TimeoutMiddleware" not in stack  # the guard enforces the timeout
     assert ("OpenTelemetryMiddleware" in stack) == (tracing == "true"), stack

@@ -21,8 +21,13 @@ def compose_config(path: Path) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (Debian package: make container-tools)")
-    return subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True,
-                          timeout=60, cwd=path.parent)
+    return subprocess.run(
+        [binary, "-f", str(path), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=path.parent,
+    )
 
 
 def test_docker_compose_accepts_the_file() -> None:
@@ -56,8 +61,12 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
     # As mounted in the container: the alert rules beside the configuration.
     shutil.copy(COMPOSE / "prometheus.yml", tmp_path)
     shutil.copy(ROOT / "deploy" / "monitoring" / "alerts.yml", tmp_path)
-    result = subprocess.run([promtool, "check", "config", str(tmp_path / "prometheus.yml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
     (job,) = config["scrape_configs"]
@@ -67,10 +76,10 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
 def test_grafana_is_given_the_prometheus_of_the_compose_file() -> None:
     provisioning = COMPOSE / "grafana" / "provisioning"
     (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())[
-        "datasources"]
+        "datasources"
+    ]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    (provider,) = yaml.safe_load((provisioning / "dashboards/dlserve.yml").read_text())[
-        "providers"]
+    (provider,) = yaml.safe_load((provisioning / "dashboards/dlserve.yml").read_text())["providers"]
     grafana = yaml.safe_load((COMPOSE / "compose.yaml").read_text())["services"]["grafana"]
     mounted = {v.split(":")[1] for v in grafana["volumes"]}
     assert any(m.startswith(provider["options"]["path"]) for m in mounted)

@@ -44,8 +44,13 @@ DOCKER = shutil.which("docker", path="/usr/bin") or shutil.which("docker")
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
     assert DOCKER is not None
-    result = subprocess.run([DOCKER, *args], capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    result = subprocess.run(
+        [DOCKER, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "DOCKER_BUILDKIT": "0"},
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"docker {' '.join(args)}: {result.stderr[-2000:]}")
     return result.stdout.strip()
@@ -59,15 +64,20 @@ def logs(name: str) -> str:
 
 
 def engine_answers() -> bool:
-    return DOCKER is not None and subprocess.run(
-        [DOCKER, "info"], capture_output=True, timeout=30).returncode == 0
+    return (
+        DOCKER is not None
+        and subprocess.run([DOCKER, "info"], capture_output=True, timeout=30).returncode == 0
+    )
 
 
 def caches_warm() -> bool:
     """Whether an earlier build left the base image and a wheelhouse behind."""
-    return (engine_answers() and subprocess.run([DOCKER, "image", "inspect", BASE_IMAGE],
-                                                capture_output=True).returncode == 0
-            and any(WHEELHOUSE.glob("onnxruntime*.whl")))
+    return (
+        engine_answers()
+        and subprocess.run([DOCKER, "image", "inspect", BASE_IMAGE], capture_output=True).returncode
+        == 0
+        and any(WHEELHOUSE.glob("onnxruntime*.whl"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +90,14 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         return
     dockerd = shutil.which("dockerd")
     if dockerd is None or os.geteuid() != 0:
-        pytest.skip("no Docker engine answers and none can be started here "
-                    "(dockerd needs docker.io and root)")
+        pytest.skip(
+            "no Docker engine answers and none can be started here "
+            "(dockerd needs docker.io and root)"
+        )
     log = tmp_path_factory.mktemp("dockerd") / "dockerd.log"
-    process = subprocess.Popen([dockerd], stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [dockerd], stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 60
         while not engine_answers():
@@ -101,14 +114,20 @@ def image(engine: None, bento: Path) -> str:
     """The CPU image of this checkout's Bento; the previous test image is removed."""
     enabled = os.environ.get("DLSERVE_CONTAINER_TEST", "auto")
     if enabled == "0" or (enabled == "auto" and not caches_warm()):
-        pytest.skip("a first image build takes minutes (base image, wheels): run `make "
-                    "container-test`, or set DLSERVE_CONTAINER_TEST=1")
+        pytest.skip(
+            "a first image build takes minutes (base image, wheels): run `make "
+            "container-test`, or set DLSERVE_CONTAINER_TEST=1"
+        )
     previous = docker("image", "inspect", "-f", "{{.Id}}", IMAGE, check=False)
     tag = f"dlserve:{bento.name}"
     started = time.monotonic()
     result = subprocess.run(
-        ["bash", str(BUILD), "cpu", IMAGE, tag], capture_output=True, text=True, timeout=1800,
-        env={**os.environ, "PYTHON": sys.executable, "WHEELHOUSE": str(WHEELHOUSE)})
+        ["bash", str(BUILD), "cpu", IMAGE, tag],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "PYTHON": sys.executable, "WHEELHOUSE": str(WHEELHOUSE)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"\nimage built in {time.monotonic() - started:.0f} s")
     current = docker("image", "inspect", "-f", "{{.Id}}", IMAGE)
@@ -123,9 +142,22 @@ def container(image: str) -> Iterator[tuple[str, str]]:
     yields (container name, base URL)."""
     name = f"dlserve-test-{uuid.uuid4().hex[:8]}"
     port = free_port()
-    docker("run", "-d", "--name", name, "--read-only", "--tmpfs", "/tmp",
-           "-p", f"127.0.0.1:{port}:3000", "-e", "DLSERVE_WORKERS=2",
-           "-e", f"DLSERVE_DRAIN_DELAY_S={DRAIN_DELAY_S}", image)
+    docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--read-only",
+        "--tmpfs",
+        "/tmp",
+        "-p",
+        f"127.0.0.1:{port}:3000",
+        "-e",
+        "DLSERVE_WORKERS=2",
+        "-e",
+        f"DLSERVE_DRAIN_DELAY_S={DRAIN_DELAY_S}",
+        image,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -145,8 +177,7 @@ def container(image: str) -> Iterator[tuple[str, str]]:
         docker("rm", "-f", name, check=False)
 
 
-def test_the_image_runs_as_a_non_root_user_with_a_health_check(
-        container: tuple[str, str]) -> None:
+def test_the_image_runs_as_a_non_root_user_with_a_health_check(container: tuple[str, str]) -> None:
     name, _ = container
     config = json.loads(docker("image", "inspect", "-f", "{{json .Config}}", IMAGE))
     assert config["User"] == "bentoml"
@@ -166,10 +197,14 @@ def test_every_route_answers_a_valid_and_a_bad_request(container: tuple[str, str
         docs = client.get("/docs.json").json()
         cases, tags = route_cases(docs), docs["info"]["x-dlserve-models"]
         served = registry.serving(get_settings())
-        protocol = {f"/v2/models/{name}{version}/infer" for name in served
-                    for version in ("", f"/versions/{tags[name].split(':')[1]}")}
-        assert {c.path for c in cases} == protocol | {r.path for spec in served.values()
-                                                      for r in spec.routes}
+        protocol = {
+            f"/v2/models/{name}{version}/infer"
+            for name in served
+            for version in ("", f"/versions/{tags[name].split(':')[1]}")
+        }
+        assert {c.path for c in cases} == protocol | {
+            r.path for spec in served.values() for r in spec.routes
+        }
         for case in cases:
             ok = post(client, case, case.valid)
             assert ok.status_code == 200, f"{case.path}: {ok.text[:500]}"
@@ -186,8 +221,11 @@ def test_metrics_count_what_the_container_served(container: tuple[str, str]) -> 
     _, url = container
     text = httpx.get(url + "/metrics", timeout=10).text
     for model in registry.serving(get_settings()):
-        predicted = [line for line in text.splitlines()
-                     if line.startswith(f'dlserve_items_predicted_total{{model="{model}"}}')]
+        predicted = [
+            line
+            for line in text.splitlines()
+            if line.startswith(f'dlserve_items_predicted_total{{model="{model}"}}')
+        ]
         assert predicted and float(predicted[0].split()[-1]) > 0, model
         assert f'dlserve_model_ready{{model="{model}"}} 1.0' in text, model
     assert "bentoml_service_request_total" in text

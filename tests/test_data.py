@@ -29,12 +29,15 @@ def test_read_idx_accepts_plain_files(data_dir: Path, tmp_path: Path) -> None:
     assert np.array_equal(read_idx(plain), read_idx(data_dir / "mnist/t10k-labels-idx1-ubyte.gz"))
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", r"declares shape \(5,\)"),
-    (b"\x12\x34\x08\x01", "bad magic"),
-    (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00", "unsupported"),
-    (b"\x1f\x8b\x08\x00garbage", "corrupt gzip"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x00\x00\x08\x01\x00\x00\x00\x05abc", r"declares shape \(5,\)"),
+        (b"\x12\x34\x08\x01", "bad magic"),
+        (b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00", "unsupported"),
+        (b"\x1f\x8b\x08\x00garbage", "corrupt gzip"),
+    ],
+)
 def test_read_idx_rejects_malformed_files(tmp_path: Path, content: bytes, message: str) -> None:
     bad = tmp_path / "bad-idx"
     bad.write_bytes(content)
@@ -62,8 +65,9 @@ def test_fetch_verifies_and_keeps_a_good_file(http_mirror, data_dir: Path, tmp_p
     assert read_idx(path).shape == (2000,)
 
 
-def test_mnist_download_insists_on_the_official_files(http_mirror, data_dir: Path,
-                                                      tmp_path: Path) -> None:
+def test_mnist_download_insists_on_the_official_files(
+    http_mirror, data_dir: Path, tmp_path: Path
+) -> None:
     url, root = http_mirror
     # The shared t10k files are a re-split, not the official files: their MD5 differs.
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
@@ -93,13 +97,16 @@ def test_load_sst2_reads_the_shared_glue_files(data_dir: Path) -> None:
     assert dev.texts[0] == "one long string of cliches ." and dev.labels[0] == 0
 
 
-@pytest.mark.parametrize("content, message", [
-    ("text\tlabel\nfine\t1\n", r":1: .*header 'sentence<TAB>label'"),
-    ("sentence\tlabel\ngood film\t1\nno label here\n", r":3: expected 2 tab-separated fields"),
-    ("sentence\tlabel\ngood film\t1\nbad film\tneg\n", r":3: label must be 0 or 1, got 'neg'"),
-    ("sentence\tlabel\n \t0\n", r":2: empty sentence"),
-    ("sentence\tlabel\n", r"no examples after the header"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("text\tlabel\nfine\t1\n", r":1: .*header 'sentence<TAB>label'"),
+        ("sentence\tlabel\ngood film\t1\nno label here\n", r":3: expected 2 tab-separated fields"),
+        ("sentence\tlabel\ngood film\t1\nbad film\tneg\n", r":3: label must be 0 or 1, got 'neg'"),
+        ("sentence\tlabel\n \t0\n", r":2: empty sentence"),
+        ("sentence\tlabel\n", r"no examples after the header"),
+    ],
+)
 def test_read_sst2_tsv_names_the_malformed_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "train.tsv"
     path.write_text(content, encoding="utf-8")
@@ -124,8 +131,9 @@ def test_sst2_archive_in_the_folder_is_unpacked(data_dir: Path, tmp_path: Path) 
     assert (folder / "dev.tsv").read_bytes() == (data_dir / "sst2" / "dev.tsv").read_bytes()
 
 
-def test_sst2_download_insists_on_the_official_archive(http_mirror, data_dir: Path,
-                                                      tmp_path: Path) -> None:
+def test_sst2_download_insists_on_the_official_archive(
+    http_mirror, data_dir: Path, tmp_path: Path
+) -> None:
     url, root = http_mirror
     glue_archive(data_dir, root / "SST-2.zip")  # same files, but not the official zip bytes
     with pytest.raises(DataError, match="checksum mismatch .* expected md5 9f81648d"):

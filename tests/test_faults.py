@@ -61,8 +61,8 @@ FAULTS: dict[str, tuple[Callable[[Path], None], str]] = {
 
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_bad_model_stops_start_up_naming_the_file_and_the_fix(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path: Path, fault: str) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path, fault: str
+) -> None:
     home = tmp_path / "bentoml"
     shutil.copytree(Path(os.environ["BENTOML_HOME"]) / "models", home / "models")
     name, version = digits_model.split(":")
@@ -94,18 +94,29 @@ class Lifecycle:
 
 def probe(url: str) -> tuple[int, int] | None:
     try:
-        return (httpx.get(url + "/livez", timeout=1).status_code,
-                httpx.get(url + "/readyz", timeout=1).status_code)
+        return (
+            httpx.get(url + "/livez", timeout=1).status_code,
+            httpx.get(url + "/readyz", timeout=1).status_code,
+        )
     except httpx.HTTPError:
         return None
 
 
 @pytest.fixture(scope="module")
-def lifecycle(digits_model: str, sentiment_model: str, recommender_model: str,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lifecycle]:
+def lifecycle(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Lifecycle]:
     """A 2-worker server watched from the moment it starts; the SIGTERM test ends it."""
-    with start_server(tmp_path_factory.mktemp("lifecycle"), ready=False, DLSERVE_WORKERS="2",
-                      DLSERVE_DRAIN_DELAY_S="2", DLSERVE_DRAIN_TIMEOUT_S="15") as running:
+    with start_server(
+        tmp_path_factory.mktemp("lifecycle"),
+        ready=False,
+        DLSERVE_WORKERS="2",
+        DLSERVE_DRAIN_DELAY_S="2",
+        DLSERVE_DRAIN_TIMEOUT_S="15",
+    ) as running:
         state = Lifecycle(running)
         deadline = time.monotonic() + 120
         ready_in_a_row = 0
@@ -116,15 +127,17 @@ def lifecycle(digits_model: str, sentiment_model: str, recommender_model: str,
                 continue
             state.probes.append(seen)
             if seen[1] == 503 and state.early_predict is None:
-                state.early_predict = httpx.post(running.url + "/digits/predict", json=DIGIT,
-                                                 timeout=60)
+                state.early_predict = httpx.post(
+                    running.url + "/digits/predict", json=DIGIT, timeout=60
+                )
             ready_in_a_row = ready_in_a_row + 1 if seen == (200, 200) else 0
         assert ready_in_a_row == 10, state.probes[-5:]
         yield state
 
 
 def test_readyz_is_503_until_the_models_load_and_early_requests_wait_for_them(
-        lifecycle: Lifecycle) -> None:
+    lifecycle: Lifecycle,
+) -> None:
     assert (200, 503) in lifecycle.probes, lifecycle.probes[:20]
     # A predict request sent while the models load waits for them instead of failing.
     loading = lifecycle.early_predict
@@ -136,15 +149,15 @@ def workers(server: Server) -> list[psutil.Process]:
     found = []
     for proc in psutil.Process(server.process.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):  # a killed worker may be gone, or a zombie
-            if proc.status() != psutil.STATUS_ZOMBIE and \
-                    "_bentoml_impl.worker.service" in " ".join(proc.cmdline()):
+            if proc.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in " ".join(
+                proc.cmdline()
+            ):
                 found.append(proc)
     return found
 
 
 @pytest.mark.exclusive  # times the recovery
-def test_a_killed_worker_is_restarted_after_a_short_burst_of_errors(
-        lifecycle: Lifecycle) -> None:
+def test_a_killed_worker_is_restarted_after_a_short_burst_of_errors(lifecycle: Lifecycle) -> None:
     url = lifecycle.server.url
     before = workers(lifecycle.server)
     assert len(before) == 2
@@ -181,12 +194,15 @@ def test_a_killed_worker_is_restarted_after_a_short_burst_of_errors(
     assert len(after) == 2 and before[0].pid not in [p.pid for p in after]
     failures = [t for t, ok in log if not ok]
     burst = (max(failures) - killed_at) if failures else 0.0
-    print(f"\nkill -9 of 1 of 2 workers under 4 clients: {len(failures)} failed of {len(log)} "
-          f"requests, last failure {burst:.2f} s after the kill; replacement ready after "
-          f"{recovered_at - killed_at:.1f} s")
+    print(
+        f"\nkill -9 of 1 of 2 workers under 4 clients: {len(failures)} failed of {len(log)} "
+        f"requests, last failure {burst:.2f} s after the kill; replacement ready after "
+        f"{recovered_at - killed_at:.1f} s"
+    )
     assert all(ok for t, ok in log if t > recovered_at), "errors after the worker came back"
-    assert sum(ok for t, ok in log if killed_at < t < recovered_at) > 0, \
+    assert sum(ok for t, ok in log if killed_at < t < recovered_at) > 0, (
         "the surviving worker did not keep serving"
+    )
 
 
 @pytest.mark.exclusive  # a time bound
@@ -225,34 +241,54 @@ def hanging_model(model: Path) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     c = lambda name, value, dtype=np.float32: numpy_helper.from_array(  # noqa: E731
-        np.array(value, dtype=dtype), name)
+        np.array(value, dtype=dtype), name
+    )
     body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Add", ["count_in", "one"], ["count_out"])],
-        "spin", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-                 helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-                 helper.make_tensor_value_info("count_in", TensorProto.FLOAT, [])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("count_out", TensorProto.FLOAT, [])],
-        initializer=[c("one", 1.0)])
-    graph = helper.make_graph([
-        helper.make_node("Relu", ["pixels"], ["bright"]),
-        helper.make_node("ReduceMax", ["bright"], ["peak"], keepdims=0),
-        helper.make_node("Mul", ["peak", "scale"], ["trips_f"]),
-        helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
-        helper.make_node("Loop", ["trips", "yes", "zero"], ["count"], body=body),
-        helper.make_node("Mul", ["count", "zero"], ["nothing"]),
-        helper.make_node("Shape", ["pixels"], ["shape"]),
-        helper.make_node("Slice", ["shape", "start", "end"], ["batch"]),
-        helper.make_node("Concat", ["batch", "ten"], ["out_shape"], axis=0),
-        helper.make_node("Expand", ["nothing", "out_shape"], ["logits"]),
-    ], "hang", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 28, 28])],
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Add", ["count_in", "one"], ["count_out"]),
+        ],
+        "spin",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("count_in", TensorProto.FLOAT, []),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("count_out", TensorProto.FLOAT, []),
+        ],
+        initializer=[c("one", 1.0)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Relu", ["pixels"], ["bright"]),
+            helper.make_node("ReduceMax", ["bright"], ["peak"], keepdims=0),
+            helper.make_node("Mul", ["peak", "scale"], ["trips_f"]),
+            helper.make_node("Cast", ["trips_f"], ["trips"], to=TensorProto.INT64),
+            helper.make_node("Loop", ["trips", "yes", "zero"], ["count"], body=body),
+            helper.make_node("Mul", ["count", "zero"], ["nothing"]),
+            helper.make_node("Shape", ["pixels"], ["shape"]),
+            helper.make_node("Slice", ["shape", "start", "end"], ["batch"]),
+            helper.make_node("Concat", ["batch", "ten"], ["out_shape"], axis=0),
+            helper.make_node("Expand", ["nothing", "out_shape"], ["logits"]),
+        ],
+        "hang",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 1, 28, 28])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
-        initializer=[c("scale", 1e9), c("yes", True, np.bool_), c("zero", 0.0),
-                     c("start", [0], np.int64), c("end", [1], np.int64),
-                     c("ten", [10], np.int64)])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
-                                ir_version=9), str(model / ONNX_FILE))
+        initializer=[
+            c("scale", 1e9),
+            c("yes", True, np.bool_),
+            c("zero", 0.0),
+            c("start", [0], np.int64),
+            c("end", [1], np.int64),
+            c("ten", [10], np.int64),
+        ],
+    )
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+        str(model / ONNX_FILE),
+    )
     manifest = model / MANIFEST_FILE
     text = manifest.read_text()
     old = text.split('"onnx_sha256": "')[1].split('"')[0]
@@ -269,13 +305,18 @@ def private_store(tmp_path: Path, tag: str) -> tuple[Path, Path]:
 
 @pytest.mark.exclusive  # times the hang
 def test_a_worker_hung_in_a_model_run_answers_504_and_is_replaced(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path: Path) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path
+) -> None:
     home, model = private_store(tmp_path, digits_model)
     hanging_model(model)
-    with start_server(tmp_path, BENTOML_HOME=str(home), DLSERVE_MODELS="digits",
-                      DLSERVE_WORKERS="1", DLSERVE_REQUEST_TIMEOUT_S="2",
-                      DLSERVE_HANG_TIMEOUT_S="4") as running:
+    with start_server(
+        tmp_path,
+        BENTOML_HOME=str(home),
+        DLSERVE_MODELS="digits",
+        DLSERVE_WORKERS="1",
+        DLSERVE_REQUEST_TIMEOUT_S="2",
+        DLSERVE_HANG_TIMEOUT_S="4",
+    ) as running:
         assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
         (worker,) = workers(running)
         bright = {"images": [[[255] * 28] * 28]}
@@ -289,13 +330,14 @@ def test_a_worker_hung_in_a_model_run_answers_504_and_is_replaced(
             time.sleep(0.3)
         assert httpx.post(running.url + "/digits/predict", json=DIGIT).status_code == 200
         assert workers(running)[0].pid != worker.pid
-        assert re.search(r"digits: a model run has taken \d+ s \(DLSERVE_HANG_TIMEOUT_S=4\)",
-                         running.output())
+        assert re.search(
+            r"digits: a model run has taken \d+ s \(DLSERVE_HANG_TIMEOUT_S=4\)", running.output()
+        )
 
 
 def test_model_files_removed_while_serving_keep_it_serving_and_stop_the_next_start(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path: Path) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path
+) -> None:
     home, model = private_store(tmp_path, digits_model)
     with start_server(tmp_path, BENTOML_HOME=str(home), DLSERVE_WORKERS="1") as running:
         (model / ONNX_FILE).unlink()
@@ -306,16 +348,20 @@ def test_model_files_removed_while_serving_keep_it_serving_and_stop_the_next_sta
     with start_server(tmp_path, ready=False, BENTOML_HOME=str(home)) as again:
         again.process.wait(timeout=90)
         assert again.process.returncode not in (None, 0)
-        assert "manifest.json is not a valid dlserve manifest" in again.output(), \
-            again.output()[-2000:]
+        assert "manifest.json is not a valid dlserve manifest" in again.output(), again.output()[
+            -2000:
+        ]
 
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
     """A small tmpfs mounted at `path` (root only; the test is skipped where it cannot)."""
     path.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
     try:
@@ -326,8 +372,9 @@ def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-def test_a_full_tmp_does_not_stop_serving(digits_model: str, sentiment_model: str,
-                                          recommender_model: str, tmp_path: Path) -> None:
+def test_a_full_tmp_does_not_stop_serving(
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path
+) -> None:
     with tmpfs(tmp_path / "tmp", "64k") as tmp:
         with contextlib.suppress(OSError):
             (tmp / "filler").write_bytes(b"\0" * (1 << 20))  # fills it: ENOSPC
@@ -338,8 +385,8 @@ def test_a_full_tmp_does_not_stop_serving(digits_model: str, sentiment_model: st
 
 
 def test_an_unwritable_metrics_directory_stops_start_up_naming_it(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path: Path) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path
+) -> None:
     home, _ = private_store(tmp_path, digits_model)
     with tmpfs(home / "prometheus_multiproc_dir", "64k", read_only=True) as metrics:
         with start_server(tmp_path, ready=False, BENTOML_HOME=str(home)) as running:

@@ -26,13 +26,16 @@ HANGUPS = 8
 ITEMS = 256
 
 
-def send_and_hang_up(url: str, body: bytes, after_s: float, clients: int,
-                     until: Callable[[], bool] | None = None) -> None:
+def send_and_hang_up(
+    url: str, body: bytes, after_s: float, clients: int, until: Callable[[], bool] | None = None
+) -> None:
     """`clients` connections each send the whole request at once, then close without reading
     the answer `after_s` later (or, with `until`, once it says so, within 30 s)."""
     host, port = urlsplit(url).hostname, urlsplit(url).port
-    head = (f"POST /sentiment/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
-            f"application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    head = (
+        f"POST /sentiment/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     sockets = [socket.create_connection((host, port)) for _ in range(clients)]
     for s in sockets:
         s.sendall(head + body)
@@ -59,29 +62,50 @@ def wait_until_idle(client: httpx.Client, quiet_s: float = 1.5, limit_s: float =
 
 def answered_total(client: httpx.Client) -> float:
     """Sentiment predictions answered with 200 (BentoML's own request counter)."""
-    return metric_total(client, "bentoml_service_request_total", endpoint="/sentiment/predict",
-                        http_response_code="200")
+    return metric_total(
+        client,
+        "bentoml_service_request_total",
+        endpoint="/sentiment/predict",
+        http_response_code="200",
+    )
 
 
 def test_requests_of_clients_that_hang_up_are_dropped_before_they_run(
-        client: httpx.Client, server: str) -> None:
+    client: httpx.Client, server: str
+) -> None:
     before = wait_until_idle(client)
-    abandoned = {stage: metric_total(client, "dlserve_requests_abandoned_total",
-                                     model="sentiment", stage=stage) for stage in STAGES}
+    abandoned = {
+        stage: metric_total(
+            client, "dlserve_requests_abandoned_total", model="sentiment", stage=stage
+        )
+        for stage in STAGES
+    }
     prepared = metric_total(client, "dlserve_preprocess_seconds_count", model="sentiment")
     answered = answered_total(client)
     body = orjson.dumps({"texts": [LONG_TEXT] * ITEMS})
     # Hang up once half the requests are prepared: their 4 runs of 64 texts each are then
     # queued behind the one that runs (a run of 64 long texts takes a tenth of a second or
     # more), while the others are still being tokenised.
-    send_and_hang_up(server, body, after_s=0, clients=HANGUPS, until=lambda: metric_total(
-        client, "dlserve_preprocess_seconds_count", model="sentiment") >= prepared + HANGUPS / 2)
+    send_and_hang_up(
+        server,
+        body,
+        after_s=0,
+        clients=HANGUPS,
+        until=lambda: (
+            metric_total(client, "dlserve_preprocess_seconds_count", model="sentiment")
+            >= prepared + HANGUPS / 2
+        ),
+    )
     ordinary = client.post("/sentiment/predict", json={"texts": ["a fine film"]})
     assert ordinary.status_code == 200, ordinary.text
     ran = wait_until_idle(client) - before - 1
-    dropped = {stage: metric_total(client, "dlserve_requests_abandoned_total",
-                                   model="sentiment", stage=stage) - abandoned[stage]
-               for stage in STAGES}
+    dropped = {
+        stage: metric_total(
+            client, "dlserve_requests_abandoned_total", model="sentiment", stage=stage
+        )
+        - abandoned[stage]
+        for stage in STAGES
+    }
     # Every hang-up is counted once, at the stage it had reached, unless its answer was
     # already written (on a slow machine a request of the first worker can finish before
     # half of all are prepared); what was queued never ran, so far from all of it ran.
@@ -93,37 +117,46 @@ def test_requests_of_clients_that_hang_up_are_dropped_before_they_run(
 
 
 def test_a_request_that_cannot_start_before_its_deadline_gets_503_at_once(
-        client: httpx.Client) -> None:
-    shed = metric_total(client, "dlserve_requests_shed_total", model="sentiment",
-                        reason="deadline")
-    r = client.post("/sentiment/predict", json={"texts": ["a fine film"]},
-                    headers={"Request-Timeout": "0.000001"})
+    client: httpx.Client,
+) -> None:
+    shed = metric_total(client, "dlserve_requests_shed_total", model="sentiment", reason="deadline")
+    r = client.post(
+        "/sentiment/predict",
+        json={"texts": ["a fine film"]},
+        headers={"Request-Timeout": "0.000001"},
+    )
     assert r.status_code == 503, r.text
     assert int(r.headers["Retry-After"]) >= 1
-    assert "refused now rather than answered late" in r.json()["error"] or \
-        "could not start within 1e-06 seconds (its Request-Timeout header)" in r.json()["error"]
-    assert metric_total(client, "dlserve_requests_shed_total", model="sentiment",
-                        reason="deadline") == shed + 1
+    assert (
+        "refused now rather than answered late" in r.json()["error"]
+        or "could not start within 1e-06 seconds (its Request-Timeout header)" in r.json()["error"]
+    )
+    assert (
+        metric_total(client, "dlserve_requests_shed_total", model="sentiment", reason="deadline")
+        == shed + 1
+    )
     # A deadline the server can meet changes nothing.
-    r = client.post("/sentiment/predict", json={"texts": ["a fine film"]},
-                    headers={"Request-Timeout": "20"})
+    r = client.post(
+        "/sentiment/predict", json={"texts": ["a fine film"]}, headers={"Request-Timeout": "20"}
+    )
     assert r.status_code == 200, r.text
 
 
 def test_the_protocol_route_honours_the_deadline_too(client: httpx.Client) -> None:
-    body = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
-                        "data": ["a fine film"]}]}
-    r = client.post("/v2/models/sentiment/infer", json=body,
-                    headers={"Request-Timeout": "0.000001"})
+    body = {
+        "inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a fine film"]}]
+    }
+    r = client.post(
+        "/v2/models/sentiment/infer", json=body, headers={"Request-Timeout": "0.000001"}
+    )
     assert r.status_code == 503, r.text
     assert "Retry-After" in r.headers
 
 
-def test_a_deadline_that_is_not_a_number_is_a_400_naming_the_header(
-        client: httpx.Client) -> None:
+def test_a_deadline_that_is_not_a_number_is_a_400_naming_the_header(client: httpx.Client) -> None:
     for bad in ("soon", "-1", "0", "nan", "inf"):
-        r = client.post("/sentiment/predict", json={"texts": ["a fine film"]},
-                        headers={"Request-Timeout": bad})
+        r = client.post(
+            "/sentiment/predict", json={"texts": ["a fine film"]}, headers={"Request-Timeout": bad}
+        )
         assert r.status_code == 400, (bad, r.text)
-        assert r.json()["error"] == f"Request-Timeout {bad!r} is not a positive number of " \
-            "seconds"
+        assert r.json()["error"] == f"Request-Timeout {bad!r} is not a positive number of seconds"

@@ -37,7 +37,8 @@ def test_each_internal_still_has_the_shape_dlserve_uses() -> None:
 
 
 def test_a_moved_internal_is_a_warning_that_says_what_is_lost(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     moved = dataclasses.replace(internals.TIMEOUT_MIDDLEWARE, name="NoSuchMiddleware")
     with caplog.at_level(logging.WARNING, logger="dlserve.service"):
         assert internals.find(moved) is None
@@ -60,9 +61,16 @@ print(",".join(m.cls.__name__ for m in app.user_middleware))
 
 
 def test_the_service_still_builds_when_every_internal_has_moved(
-        digits_model: str, sentiment_model: str, recommender_model: str) -> None:
-    out = subprocess.run([sys.executable, "-c", ALL_MOVED], cwd=ROOT, capture_output=True,
-                         text=True, env=os.environ, timeout=300)
+    digits_model: str, sentiment_model: str, recommender_model: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", ALL_MOVED],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=os.environ,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     stack = out.stdout.strip().splitlines()[-1].split(",")
     assert "TimeoutMiddleware" in stack  # BentoML's stack, unchanged

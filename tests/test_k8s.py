@@ -30,8 +30,12 @@ def rendered(overlay: str) -> tuple[dict[str, Any], ...]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with its built-in kustomize) is not installed")
-    out = subprocess.run([kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [kubectl, "kustomize", str(ROOT / "deploy/k8s/overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
 
@@ -53,8 +57,16 @@ def env(overlay: str) -> dict[str, Any]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_each_overlay_renders_every_kind(overlay: str) -> None:
     kinds = sorted(d["kind"] for d in rendered(overlay))
-    assert kinds == sorted(["Deployment", "Service", "HorizontalPodAutoscaler",
-                            "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"])
+    assert kinds == sorted(
+        [
+            "Deployment",
+            "Service",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "ServiceMonitor",
+            "NetworkPolicy",
+        ]
+    )
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -90,10 +102,12 @@ def test_the_servicemonitor_matches_the_service(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_selector_picks_the_pods(overlay: str) -> None:
     pod_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
-    selectors = [one(overlay, "Service")["spec"]["selector"],
-                 one(overlay, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
-                 one(overlay, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
-                 one(overlay, "Deployment")["spec"]["selector"]["matchLabels"]]
+    selectors = [
+        one(overlay, "Service")["spec"]["selector"],
+        one(overlay, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+        one(overlay, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"],
+        one(overlay, "Deployment")["spec"]["selector"]["matchLabels"],
+    ]
     for selector in selectors:
         assert selector and selector.items() <= pod_labels.items(), selector
     target = one(overlay, "HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
@@ -106,11 +120,13 @@ def test_the_pod_runs_as_the_service_expects(overlay: str) -> None:
     pod, c = deployment["spec"]["template"]["spec"], container(overlay)
     settings = env(overlay)
     known = {PREFIX + name.upper() for name in Settings.model_fields}
-    assert {n for n in settings if n.startswith(PREFIX)} <= known, "a DLSERVE_ name that " \
-        "the service does not read"
+    assert {n for n in settings if n.startswith(PREFIX)} <= known, (
+        "a DLSERVE_ name that the service does not read"
+    )
     # Workers follow the CPU request.
-    assert settings["DLSERVE_WORKERS"] == {"resourceFieldRef": {
-        "containerName": "dlserve", "resource": "requests.cpu", "divisor": "1"}}
+    assert settings["DLSERVE_WORKERS"] == {
+        "resourceFieldRef": {"containerName": "dlserve", "resource": "requests.cpu", "divisor": "1"}
+    }
     assert {"requests", "limits"} <= c["resources"].keys()
     # The drain ends before Kubernetes kills the pod.
     drain = float(settings["DLSERVE_DRAIN_TIMEOUT_S"])
@@ -131,8 +147,9 @@ def test_the_pod_runs_as_the_service_expects(overlay: str) -> None:
 def test_the_gpu_overlay_asks_for_a_gpu_and_caches_tensorrt_engines() -> None:
     c, pod = container("gpu"), one("gpu", "Deployment")["spec"]["template"]["spec"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} \
-        in pod["tolerations"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
     settings = env("gpu")
     assert settings["DLSERVE_PROVIDERS"].split(",")[0] == "tensorrt"
     assert settings["DLSERVE_TRT_CACHE_DIR"] in {m["mountPath"] for m in c["volumeMounts"]}

@@ -46,9 +46,11 @@ def read_status(sock: socket.socket) -> tuple[int, bytes]:
 
 def test_declared_oversized_body_is_refused_before_it_is_sent(server: str) -> None:
     with raw_connection(server) as sock:
-        sock.sendall(b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (LIMIT + 1))
+        sock.sendall(
+            b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (LIMIT + 1)
+        )
         # Not one byte of the body sent: the answer can only come from the header.
         status, data = read_status(sock)
     assert status == 413 and b"DLSERVE_MAX_BODY_BYTES" in data, data
@@ -58,8 +60,10 @@ def test_chunked_oversized_body_is_cut_off_at_the_limit(server: str) -> None:
     sent = 0
     chunk = b" " * 65536
     with raw_connection(server) as sock:
-        sock.sendall(b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         sock.settimeout(0.001)
         try:
             while sent < 4 * LIMIT:  # a client that would send 32 MiB
@@ -82,28 +86,49 @@ def test_chunked_oversized_body_is_cut_off_at_the_limit(server: str) -> None:
 def test_a_body_just_under_the_limit_is_read(client: httpx.Client) -> None:
     body = b'{"texts": ["' + b"a" * 90_000 + b'"], "pad": "' + b" " * (LIMIT - 90_100) + b'"}'
     assert len(body) <= LIMIT
-    assert client.post("/sentiment/predict", content=body,
-                       headers={"Content-Type": "application/json"}).status_code == 200
+    assert (
+        client.post(
+            "/sentiment/predict", content=body, headers={"Content-Type": "application/json"}
+        ).status_code
+        == 200
+    )
 
 
 @pytest.fixture(scope="module")
-def strict(digits_model: str, sentiment_model: str, recommender_model: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with start_server(tmp_path_factory.mktemp("strict"), DLSERVE_WORKERS="1",
-                      DLSERVE_API_KEY=KEY, DLSERVE_MAX_CONCURRENCY="2",
-                      DLSERVE_REQUEST_TIMEOUT_S="0.3",
-                      DLSERVE_KEEPALIVE_REQUESTS="1", DLSERVE_DOCS="false") as running:
+def strict(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    with start_server(
+        tmp_path_factory.mktemp("strict"),
+        DLSERVE_WORKERS="1",
+        DLSERVE_API_KEY=KEY,
+        DLSERVE_MAX_CONCURRENCY="2",
+        DLSERVE_REQUEST_TIMEOUT_S="0.3",
+        DLSERVE_KEEPALIVE_REQUESTS="1",
+        DLSERVE_DOCS="false",
+    ) as running:
         yield running.url
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": f"Basic {KEY}"},
-                                     {"Authorization": f"Bearer {KEY}x"},
-                                     {"Authorization": KEY}])
-@pytest.mark.parametrize("path", ["/sentiment/predict", "/digits/predict", "/models",
-                                  "/docs.json", "/no/such/route"])
-def test_without_the_right_key_every_route_is_401(strict: str, path: str,
-                                                   headers: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY}x"},
+        {"Authorization": KEY},
+    ],
+)
+@pytest.mark.parametrize(
+    "path", ["/sentiment/predict", "/digits/predict", "/models", "/docs.json", "/no/such/route"]
+)
+def test_without_the_right_key_every_route_is_401(
+    strict: str, path: str, headers: dict[str, str]
+) -> None:
     method = "GET" if path in ("/models", "/docs.json") else "POST"
     r = httpx.request(method, strict + path, json=TEXT, headers=headers)
     assert r.status_code == 401, r.text
@@ -117,8 +142,7 @@ def test_with_the_key_predictions_work(strict: str) -> None:
     assert httpx.get(strict + "/models", headers=AUTH).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/", "/docs", "/docs.json", "/demo",
-                                  "/static/dlserve/demo.js"])
+@pytest.mark.parametrize("path", ["/", "/docs", "/docs.json", "/demo", "/static/dlserve/demo.js"])
 def test_with_the_docs_turned_off_the_pages_are_404(strict: str, path: str) -> None:
     """DLSERVE_DOCS=false: no docs, no demo, not BentoML's own docs page either; and
     without the key, 401 like any other route (the pages are open only when on)."""
@@ -182,7 +206,8 @@ def test_refusals_are_counted_in_metrics(strict: str) -> None:
 
 
 def test_about_one_response_in_keepalive_requests_closes_its_connection(
-        client: httpx.Client) -> None:
+    client: httpx.Client,
+) -> None:
     # The default, DLSERVE_KEEPALIVE_REQUESTS=100: about 10 closes in 1,000 responses (fewer
     # than 1 or more than 30 would happen by chance less than once in 10,000 runs).
     answers = [client.get("/livez") for _ in range(1000)]
@@ -193,7 +218,6 @@ def test_about_one_response_in_keepalive_requests_closes_its_connection(
 
 def test_keepalive_requests_1_closes_every_connection(strict: str) -> None:
     with httpx.Client(base_url=strict, headers=AUTH) as c:
-        answers = [c.get("/models"), c.get("/livez"),
-                   c.post("/sentiment/predict", json=TEXT)]
+        answers = [c.get("/models"), c.get("/livez"), c.post("/sentiment/predict", json=TEXT)]
     assert [r.status_code for r in answers] == [200, 200, 200]
     assert all(r.headers["connection"] == "close" for r in answers)

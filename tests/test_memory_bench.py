@@ -37,8 +37,9 @@ print(freed, rss(), trimming)
 
 
 def fragmented(every_s: float) -> tuple[float, float, bool]:
-    out = subprocess.run([sys.executable, "-c", FRAGMENT, str(every_s)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", FRAGMENT, str(every_s)], capture_output=True, text=True, check=True
+    ).stdout.split()
     return float(out[0]), float(out[1]), out[2] == "True"
 
 
@@ -48,15 +49,23 @@ def test_a_configuration_is_measured_in_its_own_process(digits_model: str) -> No
     steps = ("loaded_mib", "after_burst_mib", "after_small_mib", "after_varied_mib")
     assert all(row[k] > 50 for k in steps), row  # a Python process with ONNX Runtime
     assert row["items_per_s_1"] > 0 and row["items_per_s_64"] > row["items_per_s_1"], row
-    lines = render({"large_items": 256, "small_runs": 200, "varied_runs": 1000,
-                    "rows": [{"model": "digits", "config": config.name, **row}]}, {})
+    lines = render(
+        {
+            "large_items": 256,
+            "small_runs": 200,
+            "varied_runs": 1000,
+            "rows": [{"model": "digits", "config": config.name, **row}],
+        },
+        {},
+    )
     assert lines[0] == "## Memory: ONNX Runtime's options after a burst"
     assert f"| digits | {config.name} | {row['loaded_mib']} |" in "\n".join(lines)
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "malloc_trim")
-                    or "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-                    reason="glibc's allocator is not the one in use (malloc_trim is glibc's)")
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(None), "malloc_trim") or "jemalloc" in os.environ.get("LD_PRELOAD", ""),
+    reason="glibc's allocator is not the one in use (malloc_trim is glibc's)",
+)
 def test_a_worker_returns_memory_its_allocator_holds_free() -> None:
     freed, later, trimming = fragmented(0)  # DLSERVE_MALLOC_TRIM_S=0: held
     assert not trimming and later > freed - 20, (freed, later)

@@ -43,39 +43,59 @@ def tool(name: str) -> str:
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in yaml.safe_load(ALERTS.read_text())["groups"]
-            for rule in group["rules"]]
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
     """(panel title, PromQL) for every query of every panel, Grafana's variables filled in."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"].replace("$__rate_interval", RATE_INTERVAL))
-            for panel in dashboard["panels"] for target in panel["targets"]]
+    return [
+        (panel["title"], target["expr"].replace("$__rate_interval", RATE_INTERVAL))
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]
 
 
 def test_alert_rules_pass_promtools_unit_tests() -> None:
     promtool = tool("promtool")
-    checked = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
-                             text=True, timeout=60)
+    checked = subprocess.run(
+        [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60
+    )
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tested = subprocess.run([promtool, "test", "rules", "alerts.test.yml"], cwd=MONITORING,
-                            capture_output=True, text=True, timeout=120)
+    tested = subprocess.run(
+        [promtool, "test", "rules", "alerts.test.yml"],
+        cwd=MONITORING,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
 def test_the_dashboard_covers_what_operators_watch() -> None:
     """The panels docs/deployment.md promises, each with a Prometheus query."""
     exprs = " ".join(expr for _, expr in dashboard_queries())
-    for metric in ("bentoml_service_request_total", "bentoml_service_request_duration_seconds",
-                   "dlserve_errors_total", "dlserve_batch_items", "dlserve_inference_seconds",
-                   "dlserve_queue_seconds", "dlserve_model_ready", "dlserve_worker_starts_total",
-                   "dlserve_requests_shed_total", "dlserve_requests_abandoned_total"):
+    for metric in (
+        "bentoml_service_request_total",
+        "bentoml_service_request_duration_seconds",
+        "dlserve_errors_total",
+        "dlserve_batch_items",
+        "dlserve_inference_seconds",
+        "dlserve_queue_seconds",
+        "dlserve_model_ready",
+        "dlserve_worker_starts_total",
+        "dlserve_requests_shed_total",
+        "dlserve_requests_abandoned_total",
+    ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
         assert f"histogram_quantile({quantile}, sum by (le, endpoint)" in exprs
-        assert f"histogram_quantile({quantile}, sum by (le, model) (rate(dlserve_queue_seconds" \
+        assert (
+            f"histogram_quantile({quantile}, sum by (le, model) (rate(dlserve_queue_seconds"
             in exprs
+        )
 
 
 def test_the_dashboards_panels_tile_the_grid() -> None:
@@ -94,8 +114,12 @@ def test_the_dashboards_panels_tile_the_grid() -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(digits_model: str, sentiment_model: str, recommender_model: str,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Server]]:
+def prometheus(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, Server]]:
     """A real dlserve (2 workers) and a real Prometheus scraping it every second with the
     alert rules loaded; yields (Prometheus URL, server)."""
     binary = tool("prometheus")
@@ -106,17 +130,31 @@ def prometheus(digits_model: str, sentiment_model: str, recommender_model: str,
             "rule_files": [str(ALERTS)],
             # Labelled as a GPU server: it runs on the CPU, so the GPU-fallback alert's
             # signal is there for real (and the alert goes pending).
-            "scrape_configs": [{"job_name": "dlserve", "static_configs": [{
-                "targets": [server.url.removeprefix("http://")],
-                "labels": {"accelerator": "gpu"}}]}],
+            "scrape_configs": [
+                {
+                    "job_name": "dlserve",
+                    "static_configs": [
+                        {
+                            "targets": [server.url.removeprefix("http://")],
+                            "labels": {"accelerator": "gpu"},
+                        }
+                    ],
+                }
+            ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         process = subprocess.Popen(
-            [binary, f"--config.file={tmp / 'prometheus.yml'}",
-             f"--storage.tsdb.path={tmp / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=(tmp / "prometheus.log").open("wb"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                binary,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=(tmp / "prometheus.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             wait_ready(url, process, 60, "/-/ready")
@@ -157,11 +195,15 @@ def shed_and_abandon(server: str) -> None:
     clients that send 256 long texts each and hang up 0.2 s later (abandoned): the
     dashboard's shed and abandoned panels and their alerts' signals then have data."""
     with httpx.Client(base_url=server, timeout=30) as client:
-        r = client.post("/sentiment/predict", json={"texts": ["a fine film"]},
-                        headers={"Request-Timeout": "0.000001"})
+        r = client.post(
+            "/sentiment/predict",
+            json={"texts": ["a fine film"]},
+            headers={"Request-Timeout": "0.000001"},
+        )
         assert r.status_code == 503, r.text
-    send_and_hang_up(server, orjson.dumps({"texts": [LONG_TEXT] * 256}), after_s=0.2,
-                     clients=HANGUPS)
+    send_and_hang_up(
+        server, orjson.dumps({"texts": [LONG_TEXT] * 256}), after_s=0.2, clients=HANGUPS
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,9 +213,12 @@ def loaded(prometheus: tuple[str, Server]) -> Iterator[httpx.Client]:
     url, server = prometheus
     send_load(server.url, 5.0)
     shed_and_abandon(server.url)
-    scraped = ['count_over_time(up{job="dlserve"}[1m]) >= 8', 'up{job="dlserve"} == 1',
-               'sum(dlserve_requests_shed_total{model="sentiment"}) >= 1',
-               f'sum(dlserve_requests_abandoned_total{{model="sentiment"}}) >= {HANGUPS}']
+    scraped = [
+        'count_over_time(up{job="dlserve"}[1m]) >= 8',
+        'up{job="dlserve"} == 1',
+        'sum(dlserve_requests_shed_total{model="sentiment"}) >= 1',
+        f'sum(dlserve_requests_abandoned_total{{model="sentiment"}}) >= {HANGUPS}',
+    ]
     with httpx.Client(base_url=url, timeout=30) as client:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -194,7 +239,9 @@ def test_prometheus_counts_the_shed_and_the_abandoned_requests(loaded: httpx.Cli
     series of each reason exist from the start, at 0, so that rate() sees a first event."""
     shed = query(loaded, 'sum by (reason) (dlserve_requests_shed_total{model="sentiment"})')
     assert {r["metric"]["reason"]: float(r["value"][1]) for r in shed} == {
-        "deadline": 1, "overloaded": 0}
+        "deadline": 1,
+        "overloaded": 0,
+    }
     abandoned = query(loaded, 'sum(dlserve_requests_abandoned_total{model="sentiment"})')
     assert abandoned and float(abandoned[0]["value"][1]) == HANGUPS, abandoned
 
@@ -211,23 +258,28 @@ def test_prometheus_evaluates_every_alert_expression(loaded: httpx.Client) -> No
             no_data.append(rule["alert"])
     assert not no_data, f"alerts whose signal returned no data: {no_data}"
     groups = loaded.get("/api/v1/rules").json()["data"]["groups"]
-    health = {r["name"]: (r["health"], r.get("lastError") or "")
-              for g in groups for r in g["rules"]}
+    health = {
+        r["name"]: (r["health"], r.get("lastError") or "") for g in groups for r in g["rules"]
+    }
     assert health == {r["alert"]: ("ok", "") for r in alert_rules()}, health
 
 
 def test_a_gpu_labelled_server_on_the_cpu_raises_the_fallback_alert(loaded: httpx.Client) -> None:
     """The real rule manager: the server is labelled accelerator=gpu and runs on the CPU."""
     alerts = loaded.get("/api/v1/alerts").json()["data"]["alerts"]
-    fallback = {a["labels"]["model"] for a in alerts
-                if a["labels"]["alertname"] == "DlserveGPUFallback"}
+    fallback = {
+        a["labels"]["model"] for a in alerts if a["labels"]["alertname"] == "DlserveGPUFallback"
+    }
     assert fallback == set(os.environ["DLSERVE_MODELS"].split(",")), alerts
     # The fixture sheds one sentiment request and has four clients hang up, out of a few
     # dozen: over the threshold of both alerts, which are pending (their `for` has not
     # passed), for sentiment alone.
     provoked = {"DlserveRequestsShed", "DlserveClientsAbandoning"}
-    pending = {(a["labels"]["alertname"], a["labels"]["model"], a["state"]) for a in alerts
-               if a["labels"]["alertname"] in provoked}
+    pending = {
+        (a["labels"]["alertname"], a["labels"]["model"], a["state"])
+        for a in alerts
+        if a["labels"]["alertname"] in provoked
+    }
     assert pending <= {(name, "sentiment", "pending") for name in provoked}, pending
     quiet = {a["labels"]["alertname"] for a in alerts} - {"DlserveGPUFallback", *provoked}
     assert not quiet, f"alerts raised on a healthy server: {quiet}"

@@ -29,8 +29,9 @@ def test_ml100k_u1_split_and_latin1_titles(data_dir: Path) -> None:
     assert set(ml.files) == {"u.item", "u1.base", "u1.test"}
 
 
-@pytest.mark.parametrize("stars, level", [(0.5, 1), (1, 1), (1.5, 2), (3.0, 3), (3.5, 4),
-                                          (4.5, 5), (5, 5)])
+@pytest.mark.parametrize(
+    "stars, level", [(0.5, 1), (1, 1), (1.5, 2), (3.0, 3), (3.5, 4), (4.5, 5), (5, 5)]
+)
 def test_half_stars_round_up(stars: float, level: int) -> None:
     assert rating_level(stars) == level
 
@@ -41,11 +42,14 @@ def test_rating_level_rejects_what_is_not_a_star_rating(stars: float) -> None:
         rating_level(stars)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("1\t2\t3\n", r":1: expected 4 tab-separated fields"),
-    ("1\t2\t3\t4\n1\tx\t3\t4\n", r":2: user, movie and rating must be whole numbers"),
-    ("1\t2\t6\t4\n", r":1: rating must be 1 to 5, got 6"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("1\t2\t3\n", r":1: expected 4 tab-separated fields"),
+        ("1\t2\t3\t4\n1\tx\t3\t4\n", r":2: user, movie and rating must be whole numbers"),
+        ("1\t2\t6\t4\n", r":1: rating must be 1 to 5, got 6"),
+    ],
+)
 def test_tsv_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "u1.base"
     path.write_text(content)
@@ -53,11 +57,14 @@ def test_tsv_errors_name_the_line(tmp_path: Path, content: str, message: str) ->
         read_ratings_tsv(path)
 
 
-@pytest.mark.parametrize("content, message", [
-    ("user,movie,rating\n", r":1: should be the header"),
-    ("userId,movieId,rating,timestamp\n1,2,4.5,9\n1,3,7,9\n", r":3: .*0.5 to 5"),
-    ("userId,movieId,rating,timestamp\n1,2\n", r":2: "),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("user,movie,rating\n", r":1: should be the header"),
+        ("userId,movieId,rating,timestamp\n1,2,4.5,9\n1,3,7,9\n", r":3: .*0.5 to 5"),
+        ("userId,movieId,rating,timestamp\n1,2\n", r":2: "),
+    ],
+)
 def test_csv_errors_name_the_line(tmp_path: Path, content: str, message: str) -> None:
     path = tmp_path / "ratings.csv"
     path.write_text(content)
@@ -104,8 +111,9 @@ def test_ml100k_archive_in_the_folder_is_unpacked(data_dir: Path, tmp_path: Path
     assert (folder / "u1.test").read_bytes() == (data_dir / "ml-100k" / "u1.test").read_bytes()
 
 
-def test_ml100k_download_insists_on_the_official_archive(http_mirror, data_dir: Path,
-                                                        tmp_path: Path) -> None:
+def test_ml100k_download_insists_on_the_official_archive(
+    http_mirror, data_dir: Path, tmp_path: Path
+) -> None:
     url, root = http_mirror
     _ml100k_archive(data_dir, root / "ml-100k.zip")  # same files, not GroupLens's zip bytes
     with pytest.raises(DataError, match="checksum mismatch .* expected md5 0e33842e"):
@@ -114,8 +122,10 @@ def test_ml100k_download_insists_on_the_official_archive(http_mirror, data_dir: 
 
 
 def test_one_hot_marks_each_rating_and_leaves_unrated_movies_empty() -> None:
-    users = [UserRatings(np.array([2, 0]), np.array([5, 1], np.int8)),
-             UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))]
+    users = [
+        UserRatings(np.array([2, 0]), np.array([5, 1], np.int8)),
+        UserRatings(np.empty(0, np.int64), np.empty(0, np.int8)),
+    ]
     v = one_hot(users, 4)
     assert v.shape == (2, 4, 5) and v.dtype == np.float32
     assert v[0, 2, 4] == 1 and v[0, 0, 0] == 1 and v.sum() == 2 and not v[1].any()

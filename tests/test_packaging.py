@@ -19,8 +19,19 @@ from packaging.utils import canonicalize_name
 
 from tests.conftest import ROOT
 
-NOT_SERVING = ("torch", "training", "export", "readers", "evaluation", "bench", "cli", "tests",
-               "scoring", "pyarrow", "ray")
+NOT_SERVING = (
+    "torch",
+    "training",
+    "export",
+    "readers",
+    "evaluation",
+    "bench",
+    "cli",
+    "tests",
+    "scoring",
+    "pyarrow",
+    "ray",
+)
 
 
 def bento_files() -> list[Path]:
@@ -58,10 +69,17 @@ def serving_imports(digits_model: str, tmp_path_factory: pytest.TempPathFactory)
         "site = sysconfig.get_paths()['purelib']\n"
         "for name in sorted(set(sys.modules) - before):\n"
         "    where = getattr(sys.modules[name], '__file__', None) or ''\n"
-        "    print(os.path.relpath(where, site) if where.startswith(site) else name)\n")
+        "    print(os.path.relpath(where, site) if where.startswith(site) else name)\n"
+    )
     env = {**os.environ, "DLSERVE_MODELS": "digits", "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.split()
 
@@ -84,8 +102,9 @@ def requirement_closure(requirements: list[Requirement]) -> set[str]:
         seen.add(key)
         for line in metadata.requires(req.name) or []:
             sub = Requirement(line)
-            if sub.marker is None or any(sub.marker.evaluate({"extra": extra})
-                                         for extra in (*req.extras, "")):
+            if sub.marker is None or any(
+                sub.marker.evaluate({"extra": extra}) for extra in (*req.extras, "")
+            ):
                 todo.append(sub)
     return {name for name, _ in seen}
 
@@ -108,12 +127,12 @@ OPTIONAL_IMPORTS = {
 
 
 def test_the_package_list_brings_in_every_package_the_service_imports(
-        serving_imports: list[str]) -> None:
+    serving_imports: list[str],
+) -> None:
     """An import the list misses (as `onnx` once was: the image stopped at start-up with
     No module named 'onnx') fails here, without building an image."""
     closure = requirement_closure(serving_requirements())
-    provided = {str(file) for name in closure
-                for file in metadata.distribution(name).files or []}
+    provided = {str(file) for name in closure for file in metadata.distribution(name).files or []}
     owners = metadata.packages_distributions()
 
     def brought_in(file: str) -> bool:
@@ -121,19 +140,24 @@ def test_the_package_list_brings_in_every_package_the_service_imports(
         # that owns its top-level package: a CI run once reported psutil (which bentoml
         # requires) as missing on file names alone.
         top = file.split("/")[0].split(".")[0]
-        return file in provided or any(canonicalize_name(d) in closure
-                                       for d in owners.get(top, []))
+        return file in provided or any(canonicalize_name(d) in closure for d in owners.get(top, []))
 
-    missing = {file.split("/")[0] for file in serving_imports
-               if "/" in file and not brought_in(file)} - OPTIONAL_IMPORTS.keys()
-    assert not missing, "the service imports from these, which service/requirements.txt " \
+    missing = {
+        file.split("/")[0] for file in serving_imports if "/" in file and not brought_in(file)
+    } - OPTIONAL_IMPORTS.keys()
+    assert not missing, (
+        "the service imports from these, which service/requirements.txt "
         f"does not bring in: {sorted({d for top in missing for d in owners.get(top, [top])})}"
+    )
 
 
 def test_the_project_depends_on_the_serving_list() -> None:
     """pyproject.toml reads its dependencies from the same file (no second copy)."""
-    declared = {canonicalize_name(Requirement(r).name) for r in metadata.requires("dlserve")
-                if "extra ==" not in r}
+    declared = {
+        canonicalize_name(Requirement(r).name)
+        for r in metadata.requires("dlserve")
+        if "extra ==" not in r
+    }
     assert {canonicalize_name(r.name) for r in serving_requirements()} <= declared
 
 
@@ -142,12 +166,16 @@ def test_bentoml_build_makes_a_bento_with_the_models_and_the_locked_list(bento: 
     models = {m["tag"].split(":")[0] for s in info.get("services", []) for m in s["models"]}
     models |= {m["tag"].split(":")[0] for m in info.get("models", [])}
     assert models == set(os.environ["DLSERVE_MODELS"].split(",")), info
-    locked = {canonicalize_name(Requirement(line).name)
-              for line in (bento / "env/python/requirements.lock.txt").read_text().splitlines()
-              if line.strip() and not line.startswith(("#", "-"))}
+    locked = {
+        canonicalize_name(Requirement(line).name)
+        for line in (bento / "env/python/requirements.lock.txt").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-"))
+    }
     assert {canonicalize_name(r.name) for r in serving_requirements()} <= locked
     dockerfile = (bento / "env/docker/Dockerfile").read_text()
     for line in ("USER bentoml", "EXPOSE 3000", "HEALTHCHECK", "ARG BASE_IMAGE", "ARG VARIANT"):
         assert line in dockerfile, line
-    assert {p.relative_to(bento / "src").parts[0] for p in (bento / "src").rglob("*.py")} \
-        == {"dlserve", "service"}
+    assert {p.relative_to(bento / "src").parts[0] for p in (bento / "src").rglob("*.py")} == {
+        "dlserve",
+        "service",
+    }

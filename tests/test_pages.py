@@ -41,15 +41,23 @@ from tests.routes import request_examples
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, and nothing of its own on the network: no updates, sync or QUIC probing.
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = ROOT / "docs" / "screenshots"
 KEY = "browser-test-key"
 ERROR_STATUSES = {"400", "401", "413", "415", "429", "503", "504"}
 
 
 # ---- The OpenAPI document, over HTTP --------------------------------------------------------
+
 
 def operations(doc: dict[str, Any]) -> set[str]:
     return {f"{method.upper()} {path}" for path, item in doc["paths"].items() for method in item}
@@ -71,15 +79,18 @@ def test_the_openapi_document_is_dlserves_own(client: httpx.Client) -> None:
             assert post["tags"] == [name] and post["summary"] == route.summary
             assert set(post["responses"]) == {"200"} | ERROR_STATUSES
             assert post["responses"]["413"]["content"]["application/json"]["schema"] == {
-                "$ref": "#/components/schemas/Error"}
+                "$ref": "#/components/schemas/Error"
+            }
     assert f"{settings.max_body_bytes:,} bytes" in info["description"]
     assert "No API key is set" in info["description"]
-    assert {"GET /models", "GET /recommender/movies", "GET /readyz",
-            "GET /metrics"} <= operations(doc)
+    assert {"GET /models", "GET /recommender/movies", "GET /readyz", "GET /metrics"} <= operations(
+        doc
+    )
     schemas = doc["components"]["schemas"]
     assert "InvalidArgument" not in schemas and "TaskStatusResponse" not in schemas
     assert schemas["ModelsResponse"]["properties"]["models"]["items"] == {
-        "$ref": "#/components/schemas/ModelInfo"}
+        "$ref": "#/components/schemas/ModelInfo"
+    }
 
 
 def test_every_request_example_works_when_pasted(client: httpx.Client) -> None:
@@ -98,7 +109,9 @@ def test_every_request_example_works_when_pasted(client: httpx.Client) -> None:
     assert [o["data"] for o in seven if o["name"] == "digit"] == [[7]]
     assert answered["/digits/predict"]["predictions"][0]["digit"] == 7  # the example is a 7
     assert [p["label"] for p in answered["/sentiment/predict"]["predictions"]] == [
-        "positive", "negative"]
+        "positive",
+        "negative",
+    ]
 
 
 def test_the_pages_replace_bentomls_own(client: httpx.Client) -> None:
@@ -127,9 +140,11 @@ def test_movie_search_finds_titles_as_people_type_them(client: httpx.Client) -> 
     assert top["matches"] == 1682 and len(top["movies"]) == 3
     counts = [m["times_rated"] for m in top["movies"]]
     assert counts == sorted(counts, reverse=True)
-    for params, message in [({"limit": 0}, "limit: Input should be greater than or equal to 1"),
-                            ({"limit": "ten"}, "limit: Input should be a valid integer"),
-                            ({"q": "x"}, "q: Extra inputs are not permitted")]:
+    for params, message in [
+        ({"limit": 0}, "limit: Input should be greater than or equal to 1"),
+        ({"limit": "ten"}, "limit: Input should be a valid integer"),
+        ({"q": "x"}, "q: Extra inputs are not permitted"),
+    ]:
         r = client.get("/recommender/movies", params=params)
         assert r.status_code == 400 and r.json()["error"].startswith(message), r.text
 
@@ -147,6 +162,7 @@ def raw_get(url: str, path: str) -> int:
 
 # ---- In the browser ----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     try:
@@ -154,8 +170,10 @@ def browser() -> Iterator[Any]:
     except ImportError:
         pytest.skip("playwright is not installed (pip install -e '.[dev]')")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}: run `make browser-tools` "
-                    "(apt-get install chromium)")
+        pytest.skip(
+            f"Chromium is not installed at {CHROMIUM}: run `make browser-tools` "
+            "(apt-get install chromium)"
+        )
     from playwright.sync_api import expect
 
     expect.set_options(timeout=15_000)  # a busy 2-core machine answers slowly now and then
@@ -174,8 +192,12 @@ class Visit:
     problems: list[str] = field(default_factory=list)  # script errors and CSP violations
 
     def foreign_requests(self, origin: str) -> list[str]:
-        return [u for u in self.requests if urlsplit(u).scheme not in ("data", "blob")
-                and urlsplit(u).netloc != urlsplit(origin).netloc]
+        return [
+            u
+            for u in self.requests
+            if urlsplit(u).scheme not in ("data", "blob")
+            and urlsplit(u).netloc != urlsplit(origin).netloc
+        ]
 
 
 @contextmanager
@@ -185,8 +207,10 @@ def visit(browser: Any, url: str) -> Iterator[Visit]:
     seen = Visit(page)
     page.on("request", lambda r: seen.requests.append(r.url))
     page.on("pageerror", lambda e: seen.problems.append(f"script error: {e}"))
-    page.on("console", lambda m: seen.problems.append(m.text)
-            if "Content Security Policy" in m.text else None)
+    page.on(
+        "console",
+        lambda m: seen.problems.append(m.text) if "Content Security Policy" in m.text else None,
+    )
     page.goto(url)
     try:
         yield seen
@@ -222,7 +246,8 @@ def draw(page: Any, strokes: list[list[tuple[float, float]]]) -> None:
 
 
 def test_the_docs_page_lists_every_route_and_loads_nothing_from_elsewhere(
-        browser: Any, server: str, client: httpx.Client, tmp_path: Path) -> None:
+    browser: Any, server: str, client: httpx.Client, tmp_path: Path
+) -> None:
     from playwright.sync_api import expect
 
     with visit(browser, server + "/") as seen:
@@ -230,31 +255,38 @@ def test_the_docs_page_lists_every_route_and_loads_nothing_from_elsewhere(
         expect(page.locator(".info .title")).to_contain_text("dlserve")
         shown = page.locator(".opblock")
         expect(shown).to_have_count(len(operations(client.get("/docs.json").json())))
-        listed = {f"{b.locator('.opblock-summary-method').inner_text()} "
-                  f"{b.locator('.opblock-summary-path').get_attribute('data-path')}"
-                  for b in shown.all()}
+        listed = {
+            f"{b.locator('.opblock-summary-method').inner_text()} "
+            f"{b.locator('.opblock-summary-path').get_attribute('data-path')}"
+            for b in shown.all()
+        }
         assert listed == operations(client.get("/docs.json").json())
         screenshot(page, "docs", tmp_path)
         # Try one route from the page, with its example, as a reader would.
-        page.locator("#operations-sentiment-dlserve__sentiment_predict "
-                     ".opblock-summary-control").click()
+        page.locator(
+            "#operations-sentiment-dlserve__sentiment_predict .opblock-summary-control"
+        ).click()
         page.get_by_role("button", name="Try it out").click()
         page.get_by_role("button", name="Execute").click()
-        expect(page.locator(".live-responses-table .response .response-col_status")
-               .first).to_have_text("200")
+        expect(
+            page.locator(".live-responses-table .response .response-col_status").first
+        ).to_have_text("200")
         assert seen.foreign_requests(server) == [] and seen.problems == []
         assert any(u.endswith("/docs.json") for u in seen.requests)
 
 
-def test_the_demo_classifies_a_drawn_digit_and_a_review(browser: Any, server: str,
-                                                        tmp_path: Path) -> None:
+def test_the_demo_classifies_a_drawn_digit_and_a_review(
+    browser: Any, server: str, tmp_path: Path
+) -> None:
     from playwright.sync_api import expect
 
     with visit(browser, server + "/demo") as seen:
         page = seen.page
         expect(page.locator("#served")).to_contain_text("digits:")
-        for digit, strokes in [(7, [[(0.25, 0.22), (0.75, 0.22), (0.42, 0.85)]]),
-                               (1, [[(0.52, 0.15), (0.48, 0.85)]])]:
+        for digit, strokes in [
+            (7, [[(0.25, 0.22), (0.75, 0.22), (0.42, 0.85)]]),
+            (1, [[(0.52, 0.15), (0.48, 0.85)]]),
+        ]:
             page.get_by_role("button", name="Clear").click()
             draw(page, strokes)
             expect(page.locator("#digit")).to_have_text(str(digit))
@@ -262,7 +294,8 @@ def test_the_demo_classifies_a_drawn_digit_and_a_review(browser: Any, server: st
             expect(page.locator("#bars li.top")).to_contain_text(str(digit))
             expect(page.locator("#digits-meta")).to_contain_text(re_answer("digits"))
         page.get_by_label("A movie review, in English").fill(
-            "A very well-made, funny and entertaining picture.")
+            "A very well-made, funny and entertaining picture."
+        )
         page.get_by_role("button", name="Classify").click()
         expect(page.locator("#label")).to_have_text("positive")
         expect(page.locator("#sentiment-meta")).to_contain_text(re_answer("sentiment"))
@@ -272,8 +305,9 @@ def test_the_demo_classifies_a_drawn_digit_and_a_review(browser: Any, server: st
         assert seen.foreign_requests(server) == [] and seen.problems == []
 
 
-def test_the_demo_recommends_movies_other_than_those_rated(browser: Any, server: str,
-                                                           tmp_path: Path) -> None:
+def test_the_demo_recommends_movies_other_than_those_rated(
+    browser: Any, server: str, tmp_path: Path
+) -> None:
     from playwright.sync_api import expect
 
     rated = ["Star Wars (1977)", "Fargo (1996)", "Toy Story (1995)"]
@@ -291,8 +325,7 @@ def test_the_demo_recommends_movies_other_than_those_rated(browser: Any, server:
         assert not [t for t in titles for r in rated if t.startswith(r)], titles
         expect(page.locator("#recommender-meta")).to_contain_text(re_answer("recommender"))
         page.get_by_label("Find a movie by title").fill("")
-        page.get_by_label("A movie review, in English").fill(
-            "It all adds up to good fun.")
+        page.get_by_label("A movie review, in English").fill("It all adds up to good fun.")
         page.get_by_role("button", name="Classify").click()
         draw(page, [[(0.25, 0.22), (0.75, 0.22), (0.42, 0.85)]])
         expect(page.locator("#digit")).to_have_text("7")
@@ -310,25 +343,38 @@ def test_the_demo_shows_why_an_input_was_refused(browser: Any, server: str) -> N
         page.get_by_role("button", name="Classify").click()
         expect(page.locator("#sentiment-error")).to_have_text(
             "Refused (HTTP 400): texts[0]: the text is empty or only whitespace; "
-            "there is nothing to classify")
+            "there is nothing to classify"
+        )
         seven = Image.fromarray(np.asarray(example_pixels(), dtype=np.uint8))
-        page.set_input_files("#file", files=[{"name": "seven.gif", "mimeType": "image/gif",
-                                              "buffer": encode(seven, "GIF")}])
+        page.set_input_files(
+            "#file",
+            files=[{"name": "seven.gif", "mimeType": "image/gif", "buffer": encode(seven, "GIF")}],
+        )
         expect(page.locator("#digits-error")).to_have_text(
-            "Refused (HTTP 415): image: format GIF is not accepted; send PNG or JPEG")
-        page.set_input_files("#file", files=[{"name": "seven.png", "mimeType": "image/png",
-                                              "buffer": encode(seven)}])
+            "Refused (HTTP 415): image: format GIF is not accepted; send PNG or JPEG"
+        )
+        page.set_input_files(
+            "#file", files=[{"name": "seven.png", "mimeType": "image/png", "buffer": encode(seven)}]
+        )
         expect(page.locator("#digit")).to_have_text("7")
         expect(page.locator("#digits-error")).to_be_empty()
         assert seen.foreign_requests(server) == [] and seen.problems == []
 
 
 @pytest.fixture(scope="module")
-def locked(digits_model: str, sentiment_model: str, recommender_model: str,
-           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def locked(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
     """A server with an API key, serving the sentiment model only."""
-    with start_server(tmp_path_factory.mktemp("locked"), DLSERVE_WORKERS="1",
-                      DLSERVE_MODELS="sentiment", DLSERVE_API_KEY=KEY) as running:
+    with start_server(
+        tmp_path_factory.mktemp("locked"),
+        DLSERVE_WORKERS="1",
+        DLSERVE_MODELS="sentiment",
+        DLSERVE_API_KEY=KEY,
+    ) as running:
         yield running.url
 
 
@@ -353,8 +399,15 @@ def test_with_an_api_key_the_pages_open_and_ask_for_it(browser: Any, locked: str
         page.get_by_role("button", name="Classify").click()
         expect(page.locator("#label")).to_have_text("positive")
         page.goto(locked + "/")  # the same tab keeps the key for the docs
-        expect(page.locator(".opblock")).to_have_count(len(operations(httpx.get(
-            locked + "/docs.json", headers={"Authorization": f"Bearer {KEY}"}).json())))
+        expect(page.locator(".opblock")).to_have_count(
+            len(
+                operations(
+                    httpx.get(
+                        locked + "/docs.json", headers={"Authorization": f"Bearer {KEY}"}
+                    ).json()
+                )
+            )
+        )
         expect(page.locator(".info")).to_contain_text("This server requires an API key")
         assert seen.foreign_requests(locked) == [] and seen.problems == []
     with visit(browser, locked + "/") as seen:

@@ -46,8 +46,9 @@ def test_export_prints_its_own_lines_only(digits_model: str, tmp_path: Path) -> 
     the summary, none of the exporter's graph-pass chatter or its torchvision warnings."""
     out = dlserve("export", "digits", env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     lines = out.stderr.splitlines()
-    assert lines and all(line.startswith(("INFO export.", "INFO dlserve:")) for line in lines), \
+    assert lines and all(line.startswith(("INFO export.", "INFO dlserve:")) for line in lines), (
         out.stderr[-3000:]
+    )
     assert [line for line in lines if "parity digits" in line], lines
 
 
@@ -63,13 +64,25 @@ def test_tampered_onnx_file_is_refused(digits_model: str) -> None:
 
 
 def test_parity_check_reports_by_how_much_it_missed(digits_model: str) -> None:
-    model, _, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits", DigitsRun,
-                               build_model)
+    model, _, _ = load_trained(
+        Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "digits", DigitsRun, build_model
+    )
     with torch.no_grad():
         model.output.bias += 0.01  # the PyTorch model no longer matches the stored ONNX
-    spec = ExportSpec(name="digits", task="", architecture="", inputs=[], outputs=[],
-                      preprocessing={}, labels=[], assets={}, metrics={}, training_data={},
-                      example=example_inputs(2), parity_cases=[example_inputs(7)])
+    spec = ExportSpec(
+        name="digits",
+        task="",
+        architecture="",
+        inputs=[],
+        outputs=[],
+        preprocessing={},
+        labels=[],
+        assets={},
+        metrics={},
+        training_data={},
+        example=example_inputs(2),
+        parity_cases=[example_inputs(7)],
+    )
     with pytest.raises(ParityError, match=r"differs from PyTorch by 1\.0\d*e-02"):
         check_parity(model, store.load("digits").onnx_path, spec)
 
@@ -88,8 +101,9 @@ def test_eval_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:
     assert r.returncode == 2 and "dlserve export digits" in r.stderr
 
 
-def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str,
-                                       recommender_model: str) -> None:
+def test_serving_code_imports_no_torch(
+    digits_model: str, sentiment_model: str, recommender_model: str
+) -> None:
     """The serving path (service module, model loading, a prediction) never loads torch,
     the training or export code, the data readers, evaluation or the bench."""
     code = (
@@ -106,8 +120,9 @@ def test_serving_code_imports_no_torch(digits_model: str, sentiment_model: str,
         "assert not bad, bad\n"
         "print('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=ROOT, env=os.environ)
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=os.environ
+    )
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
@@ -117,8 +132,10 @@ def test_a_manifest_of_another_format_is_refused(digits_model: str) -> None:
     original = path.read_text()
     try:
         path.write_text(original.replace('"format_version": 1', '"format_version": 2'))
-        with pytest.raises(ModelIntegrityError, match="is manifest format 2, and this dlserve "
-                                                      "reads format 1; re-export"):
+        with pytest.raises(
+            ModelIntegrityError,
+            match="is manifest format 2, and this dlserve reads format 1; re-export",
+        ):
             store.load("digits")
     finally:
         path.write_text(original)

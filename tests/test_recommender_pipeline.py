@@ -46,23 +46,29 @@ def test_training_writes_checkpoint_catalogue_metrics_and_curve(recommender_mode
 def test_rbm_conditions_on_the_bias_models_user_offset(recommender_model, data_dir) -> None:
     """The model's b_u is the bias baseline's, worked out inside the exported graph from
     the ratings alone; a higher b_u moves the prediction towards the high levels."""
-    model, run, _ = load_trained(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender",
-                                 RecommenderRun, build_model)
+    model, run, _ = load_trained(
+        Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender", RecommenderRun, build_model
+    )
     catalogue = Catalogue.from_json(run.catalogue)
     train = by_user(load_movielens(data_dir / "ml-100k").train, catalogue)
     biases = Biases.fit(train.values(), len(catalogue))
     assert float(model.mean_rating) == pytest.approx(biases.mean, abs=1e-6)
     assert np.allclose(model.item_bias.numpy(), biases.item, atol=1e-6)
-    users = [train[1], train[13], UserRatings(np.array([49]), np.array([1], np.int8)),
-             UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))]
+    users = [
+        train[1],
+        train[13],
+        UserRatings(np.array([49]), np.array([1], np.int8)),
+        UserRatings(np.empty(0, np.int64), np.empty(0, np.int8)),
+    ]
     offsets = model.user_offset(torch.from_numpy(one_hot(users, len(catalogue))))
     assert np.allclose(offsets.detach().numpy(), [biases.user(u) for u in users], atol=1e-5)
     assert offsets[-1] == 0 and offsets[2] < 0  # no ratings; one harsh rating
     assert np.all(np.diff(model.offset_weight.detach().numpy()) > 0)
 
 
-def test_export_refuses_a_checkpoint_of_an_older_model_by_name(recommender_model,
-                                                             tmp_path: Path) -> None:
+def test_export_refuses_a_checkpoint_of_an_older_model_by_name(
+    recommender_model, tmp_path: Path
+) -> None:
     """A checkpoint from before the offset weights existed: a clear error, no model stored."""
     src = run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "recommender")
     old = run_paths(tmp_path, "recommender")
@@ -71,8 +77,9 @@ def test_export_refuses_a_checkpoint_of_an_older_model_by_name(recommender_model
     del state["offset_weight"], state["item_bias"]
     torch.save(state, old.checkpoint)
     before = store.load("recommender").tag
-    result = dlserve("export", "recommender", check=False,
-                     env={"DLSERVE_ARTIFACTS_DIR": str(tmp_path)})
+    result = dlserve(
+        "export", "recommender", check=False, env={"DLSERVE_ARTIFACTS_DIR": str(tmp_path)}
+    )
     assert result.returncode == 2
     assert "missing: item_bias, offset_weight" in result.stderr
     assert "dlserve train recommender" in result.stderr and "Traceback" not in result.stderr
@@ -118,9 +125,12 @@ def test_eval_json_reports_rmse_and_ranking_beside_baselines(recommender_model) 
 def test_same_commands_train_and_evaluate_a_ratings_csv_folder(tmp_path: Path) -> None:
     """A newer-release folder: each user loves one genre; the model should learn that."""
     genre_of = write_csv_release(tmp_path / "data" / "ml-small")
-    env = {"DLSERVE_DATA_DIR": str(tmp_path / "data"), "DLSERVE_MOVIELENS": "ml-small",
-           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-           "BENTOML_HOME": str(tmp_path / "bentoml")}
+    env = {
+        "DLSERVE_DATA_DIR": str(tmp_path / "data"),
+        "DLSERVE_MOVIELENS": "ml-small",
+        "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -137,14 +147,20 @@ def test_same_commands_train_and_evaluate_a_ratings_csv_folder(tmp_path: Path) -
     assert len(genre_of) == 60
 
 
-@pytest.mark.parametrize(("ratings", "error"), [
-    ([(1, 5.0), (2, 0.5)], r"ratings\[1\]\.rating: expected a number from 1 to 5, got 0\.5"),
-    ([(1, 5.0), (2, float("nan"))], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
-    ([(1, 5.0), (2, 1e308)], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
-    ([(1, 4.25)], r"ratings\[0\]\.rating: expected whole or half stars"),
-    ([(1, 4.0), (2, 3.0), (1, 2.0)], r"ratings\[2\]\.movie_id: movie 1 is rated twice "
-                                     r"\(also at ratings\[0\]\)"),
-])
+@pytest.mark.parametrize(
+    ("ratings", "error"),
+    [
+        ([(1, 5.0), (2, 0.5)], r"ratings\[1\]\.rating: expected a number from 1 to 5, got 0\.5"),
+        ([(1, 5.0), (2, float("nan"))], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
+        ([(1, 5.0), (2, 1e308)], r"ratings\[1\]\.rating: expected a number from 1 to 5"),
+        ([(1, 4.25)], r"ratings\[0\]\.rating: expected whole or half stars"),
+        (
+            [(1, 4.0), (2, 3.0), (1, 2.0)],
+            r"ratings\[2\]\.movie_id: movie 1 is rated twice "
+            r"\(also at ratings\[0\]\)",
+        ),
+    ],
+)
 def test_user_ratings_names_the_first_bad_entry(runner, ratings, error: str) -> None:
     with pytest.raises(InputError, match=error):
         user_ratings(runner, ratings, max_ratings=100)

@@ -51,8 +51,11 @@ class Balancer:
         return random.choice(ready) if ready else None
 
 
-def send_with_retries(balancer: Balancer, request_id: int, log: list[tuple[int, int, int]],
-                      ) -> None:
+def send_with_retries(
+    balancer: Balancer,
+    request_id: int,
+    log: list[tuple[int, int, int]],
+) -> None:
     """The retry rule of docs/http-api.md: retry (on a ready server) after a connection that was
     refused or dropped before an answer, and after a 503, waiting its Retry-After."""
     for attempt in itertools.count(1):
@@ -61,8 +64,12 @@ def send_with_retries(balancer: Balancer, request_id: int, log: list[tuple[int, 
             time.sleep(0.1)
             continue
         try:
-            r = httpx.post(url + "/digits/predict", json=DIGIT,
-                           headers={"X-Request-Id": str(request_id)}, timeout=30)
+            r = httpx.post(
+                url + "/digits/predict",
+                json=DIGIT,
+                headers={"X-Request-Id": str(request_id)},
+                timeout=30,
+            )
         except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
             time.sleep(0.1)
             continue
@@ -83,14 +90,25 @@ def restart(server: Server) -> float:
 
 
 @pytest.fixture
-def pair(digits_model: str, sentiment_model: str, recommender_model: str,
-         tmp_path: Path):
+def pair(digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    with start_server(tmp_path / "a", DLSERVE_MODELS="digits", DLSERVE_WORKERS="1",
-                      DLSERVE_DRAIN_DELAY_S="1", DLSERVE_DRAIN_TIMEOUT_S="10") as a, \
-            start_server(tmp_path / "b", DLSERVE_MODELS="digits", DLSERVE_WORKERS="1",
-                         DLSERVE_DRAIN_DELAY_S="1", DLSERVE_DRAIN_TIMEOUT_S="10") as b:
+    with (
+        start_server(
+            tmp_path / "a",
+            DLSERVE_MODELS="digits",
+            DLSERVE_WORKERS="1",
+            DLSERVE_DRAIN_DELAY_S="1",
+            DLSERVE_DRAIN_TIMEOUT_S="10",
+        ) as a,
+        start_server(
+            tmp_path / "b",
+            DLSERVE_MODELS="digits",
+            DLSERVE_WORKERS="1",
+            DLSERVE_DRAIN_DELAY_S="1",
+            DLSERVE_DRAIN_TIMEOUT_S="10",
+        ) as b,
+    ):
         yield [a, b]
 
 
@@ -122,5 +140,7 @@ def test_a_rolling_restart_loses_no_request(pair: list[Server]) -> None:
     assert set(answered.values()) == {1}, "a request was answered twice"
     assert {status for _, status, _ in log} == {200}
     retried = sum(attempts > 1 for _, _, attempts in log)
-    print(f"\nrolling restart: {sent} requests, all 200, {retried} needed a retry; "
-          f"each server down {downtime[0]:.1f} and {downtime[1]:.1f} s")
+    print(
+        f"\nrolling restart: {sent} requests, all 200, {retried} needed a retry; "
+        f"each server down {downtime[0]:.1f} and {downtime[1]:.1f} s"
+    )

@@ -38,12 +38,17 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """y = x + 1, a real ONNX file."""
     one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "one"], ["y"])], "add_one",
+        [helper.make_node("Add", ["x", "one"], ["y"])],
+        "add_one",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])], initializer=[one])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[one],
+    )
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
-                                ir_version=9), str(path))
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9),
+        str(path),
+    )
     return path
 
 
@@ -54,6 +59,7 @@ def gpu_usable() -> bool:
 def _cuda_really_runs() -> bool:
     try:
         import ctypes
+
         ctypes.CDLL("libcuda.so.1")
         return True
     except OSError:
@@ -76,12 +82,14 @@ def test_the_session_runs_and_reports_its_provider(model: Path) -> None:
 
 @pytest.mark.skipif(gpu_usable(), reason="this machine has a working GPU: nothing falls back")
 def test_unusable_gpu_providers_fall_back_to_cpu_with_one_warning_naming_the_model(
-        model: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     listed = [p for p in ("TensorrtExecutionProvider", CUDA) if p in ort.get_available_providers()]
     assert listed, "onnxruntime-gpu lists its GPU providers even without a GPU"
     with caplog.at_level(logging.WARNING, logger="dlserve.runtime"):
-        session = create_session(model, label="add:1",
-                                 config=SessionConfig(tuple(resolve_providers(()))))
+        session = create_session(
+            model, label="add:1", config=SessionConfig(tuple(resolve_providers(())))
+        )
     assert session.provider == CPU
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("add:1: ")
@@ -104,8 +112,9 @@ def test_require_gpu_refuses_the_cpu_fallback_naming_the_model_and_why(model: Pa
     assert f"{CUDA}: " in message and "refusing to fall back to the CPU" in message
 
 
-def test_an_explicit_cpu_list_never_probes_the_gpu(model: Path,
-                                                    caplog: pytest.LogCaptureFixture) -> None:
+def test_an_explicit_cpu_list_never_probes_the_gpu(
+    model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.WARNING, logger="dlserve.runtime"):
         session = create_session(model, label="add:1", config=SessionConfig((CPU,)))
     assert session.provider == CPU and not caplog.records
@@ -119,8 +128,10 @@ def test_providers_setting_auto_or_an_explicit_list() -> None:
         load_settings(providers="cuda,tpu")
     with pytest.raises(SettingsError, match="DLSERVE_PROVIDERS: auto stands alone"):
         load_settings(providers="auto,cpu")
-    with pytest.raises(SettingsError, match="DLSERVE_REQUIRE_GPU=true but DLSERVE_PROVIDERS=cpu "
-                                            "lists no GPU provider"):
+    with pytest.raises(
+        SettingsError,
+        match="DLSERVE_REQUIRE_GPU=true but DLSERVE_PROVIDERS=cpu lists no GPU provider",
+    ):
         load_settings(providers="cpu", require_gpu=True)
 
 
@@ -138,16 +149,21 @@ RBM_INPUTS = [TensorSpec("ratings", "float32", ["users", 1682, 5])]
 
 def test_tensorrt_profiles_cover_the_batch_and_token_limits() -> None:
     lstm = profile(LSTM_INPUTS, {"max_tokens": 256}, opt_batch=64, max_batch=256)
-    assert lstm == {"min": {"token_ids": (1, 1)}, "opt": {"token_ids": (64, 32)},
-                    "max": {"token_ids": (256, 256)}}
+    assert lstm == {
+        "min": {"token_ids": (1, 1)},
+        "opt": {"token_ids": (64, 32)},
+        "max": {"token_ids": (256, 256)},
+    }
     assert profile_shapes(lstm) == {
         "trt_profile_min_shapes": "token_ids:1x1",
         "trt_profile_opt_shapes": "token_ids:64x32",
-        "trt_profile_max_shapes": "token_ids:256x256"}
+        "trt_profile_max_shapes": "token_ids:256x256",
+    }
     assert profile_shapes(profile(RBM_INPUTS, {}, opt_batch=64, max_batch=256)) == {
         "trt_profile_min_shapes": "ratings:1x1682x5",
         "trt_profile_opt_shapes": "ratings:64x1682x5",
-        "trt_profile_max_shapes": "ratings:256x1682x5"}
+        "trt_profile_max_shapes": "ratings:256x1682x5",
+    }
     two = [TensorSpec("a", "float32", ["batch", 3]), TensorSpec("b", "float32", ["batch"])]
     opt = profile_shapes(profile(two, {}, opt_batch=8, max_batch=4))["trt_profile_opt_shapes"]
     assert opt == "a:4x3,b:4"
@@ -173,29 +189,48 @@ def test_the_warm_up_runs_every_profile_shape(model: Path) -> None:
 
 
 def test_provider_options_come_from_the_settings(tmp_path: Path) -> None:
-    settings = load_settings(trt_fp16=True, trt_cache_dir=str(tmp_path), cuda_device_id=1,
-                             cudnn_conv_algo_search="EXHAUSTIVE", max_batch_size=32,
-                             max_items=128, workers=2, ort_threads=None)
+    settings = load_settings(
+        trt_fp16=True,
+        trt_cache_dir=str(tmp_path),
+        cuda_device_id=1,
+        cudnn_conv_algo_search="EXHAUSTIVE",
+        max_batch_size=32,
+        max_items=128,
+        workers=2,
+        ort_threads=None,
+    )
     shapes = profile(LSTM_INPUTS, {"max_tokens": 100}, opt_batch=32, max_batch=128)
     profiles = profile_shapes(shapes)
     trt = tensorrt_options(settings, tmp_path, profiles)
-    assert trt == {"device_id": 1, "trt_fp16_enable": True,
-                   "trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path),
-                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(tmp_path),
-                   "trt_profile_min_shapes": "token_ids:1x1",
-                   "trt_profile_opt_shapes": "token_ids:32x32",
-                   "trt_profile_max_shapes": "token_ids:128x100"}
-    assert cuda_options(settings) == {"device_id": 1,
-                                      "arena_extend_strategy": "kSameAsRequested",
-                                      "cudnn_conv_algo_search": "EXHAUSTIVE"}
-    config = session_config(settings, LSTM_INPUTS, {"max_tokens": 100},
-                            default_cache_dir=tmp_path / "beside-the-model")
+    assert trt == {
+        "device_id": 1,
+        "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(tmp_path),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(tmp_path),
+        "trt_profile_min_shapes": "token_ids:1x1",
+        "trt_profile_opt_shapes": "token_ids:32x32",
+        "trt_profile_max_shapes": "token_ids:128x100",
+    }
+    assert cuda_options(settings) == {
+        "device_id": 1,
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+    }
+    config = session_config(
+        settings, LSTM_INPUTS, {"max_tokens": 100}, default_cache_dir=tmp_path / "beside-the-model"
+    )
     assert config.providers == (TENSORRT, CUDA, CPU) and not config.require_gpu
     assert config.profile == shapes
     assert config.options[TENSORRT] == trt and config.options[CUDA] == cuda_options(settings)
     assert config.threads == cpu_threads(None, 2, len(os.sched_getaffinity(0)))
     # Without DLSERVE_TRT_CACHE_DIR, the caches live beside the model.
-    default = session_config(load_settings(), LSTM_INPUTS, {"max_tokens": 100},
-                             default_cache_dir=tmp_path / "beside-the-model")
+    default = session_config(
+        load_settings(),
+        LSTM_INPUTS,
+        {"max_tokens": 100},
+        default_cache_dir=tmp_path / "beside-the-model",
+    )
     assert default.options[TENSORRT]["trt_engine_cache_path"] == str(tmp_path / "beside-the-model")
     assert default.options[TENSORRT]["trt_fp16_enable"] is False

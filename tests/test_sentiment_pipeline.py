@@ -35,8 +35,10 @@ def test_training_writes_checkpoint_vocabulary_metrics_and_curve(sentiment_model
     members = run.model_config.members
     for i in range(members):
         assert state[f"members.{i}.embed.weight"].shape == (len(vocab["tokens"]), 200)
-        assert {f"members.{i}.forward_lstm.weight_ih_l0",
-                f"members.{i}.backward_lstm.weight_ih_l0"} <= set(state)
+        assert {
+            f"members.{i}.forward_lstm.weight_ih_l0",
+            f"members.{i}.backward_lstm.weight_ih_l0",
+        } <= set(state)
     # The one-epoch --quick model scores 81.3 %; started at N(0, 1) instead of N(0, 0.1), its
     # word vectors held it to 74.3 % (training/sentiment.py, EMBED_INIT_STD).
     assert metrics["dev_accuracy_torch"] > 0.78 and metrics["best_epoch"] >= 1
@@ -55,11 +57,15 @@ def test_export_manifest_carries_the_vocabulary_and_dynamic_axes(sentiment_model
 
 def test_training_and_serving_turn_text_into_the_same_ids(runner, data_dir: Path) -> None:
     """Training encodes with the vocabulary it built; serving with the one in the manifest."""
-    _, run, _ = load_run(run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "sentiment"),
-                         SentimentRun)
+    _, run, _ = load_run(
+        run_paths(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]), "sentiment"), SentimentRun
+    )
     trained = Vocabulary.from_json(run.vocabulary)
     texts = load_sst2(data_dir, "dev").texts + [
-        "It's a charming, often affecting journey!", "Don't see it -- awful...", "😀 ok"]
+        "It's a charming, often affecting journey!",
+        "Don't see it -- awful...",
+        "😀 ok",
+    ]
     served = token_ids(runner, texts, max_items=len(texts), max_chars=10_000)
     assert served == trained.encode_corpus(texts)
 

@@ -33,8 +33,13 @@ def start_serve(args: list[str], env: dict[str, str], log_path: Path) -> subproc
     """`dlserve serve ARGS` in a session of its own (so that stop_process_group can end it
     whatever happens), its output in `log_path`."""
     with log_path.open("w") as log:
-        return subprocess.Popen([str(CLI), "serve", *args], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(CLI), "serve", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def tree(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
@@ -71,9 +76,12 @@ def readyz(port: int) -> int | None:
 
 def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path) -> None:
     port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"),
-           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-           "DLSERVE_MODELS": "digits"}  # one model is enough to prove the command
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "DLSERVE_MODELS": "digits",
+    }  # one model is enough to prove the command
     log_path = tmp_path / "serve.log"
     proc = start_serve(["--quick", "--port", str(port)], env, log_path)
     try:
@@ -95,20 +103,28 @@ def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path
 
 
 @pytest.mark.exclusive  # time bounds
-@pytest.mark.parametrize("signals", [
-    pytest.param([signal.SIGTERM], id="SIGTERM"),
-    pytest.param([signal.SIGINT], id="SIGINT"),
-    pytest.param([signal.SIGTERM, signal.SIGTERM], id="SIGTERM-twice"),
-])
-def test_a_stop_signal_stops_everything_it_started(signals: list[signal.Signals],
-                                                   digits_model: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "signals",
+    [
+        pytest.param([signal.SIGTERM], id="SIGTERM"),
+        pytest.param([signal.SIGINT], id="SIGINT"),
+        pytest.param([signal.SIGTERM, signal.SIGTERM], id="SIGTERM-twice"),
+    ],
+)
+def test_a_stop_signal_stops_everything_it_started(
+    signals: list[signal.Signals], digits_model: str, tmp_path: Path
+) -> None:
     """The signal goes to `dlserve serve` alone, as `kill PID` (or Kubernetes) sends it:
     the server, its workers and the port must all be gone within the drain timeout."""
     escalate = len(signals) > 1
     delay_s = 8.0 if escalate else DRAIN_DELAY_S  # long enough that skipping it shows
     port = free_port()
-    env = {**os.environ, "DLSERVE_MODELS": "digits", "DLSERVE_DRAIN_DELAY_S": str(delay_s),
-           "DLSERVE_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)}
+    env = {
+        **os.environ,
+        "DLSERVE_MODELS": "digits",
+        "DLSERVE_DRAIN_DELAY_S": str(delay_s),
+        "DLSERVE_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+    }
     log_path = tmp_path / "serve.log"
     proc = start_serve(["--port", str(port), "--workers", "2"], env, log_path)
     started: list[psutil.Process] = []
@@ -147,33 +163,49 @@ def test_a_port_in_use_is_one_line_and_status_2() -> None:
         held.listen()
         port = held.getsockname()[1]
         started = time.monotonic()
-        result = subprocess.run([str(CLI), "serve", "--port", str(port)], capture_output=True,
-                                text=True, timeout=120,
-                                env={**os.environ, "DLSERVE_MODELS": "digits"})
+        result = subprocess.run(
+            [str(CLI), "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "DLSERVE_MODELS": "digits"},
+        )
         took_s = time.monotonic() - started
     assert result.returncode == 2, result.stderr
     assert took_s < 30, f"took {took_s:.1f} s"  # the check comes before any training
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"dlserve: error: port {port} is already in use (by pid "
-                           f"{os.getpid()}: "), line
+    assert line.startswith(
+        f"dlserve: error: port {port} is already in use (by pid {os.getpid()}: "
+    ), line
 
 
-def test_a_failed_training_is_one_line_and_status_2(tmp_path: Path,
-                                                    http_mirror: tuple[str, Path]) -> None:
+def test_a_failed_training_is_one_line_and_status_2(
+    tmp_path: Path, http_mirror: tuple[str, Path]
+) -> None:
     """The training child fails (no data, and the mirror has none): its own message, then
     one line from `dlserve serve`, exit status 2, no traceback, no server started."""
     url, _ = http_mirror  # an empty folder: every download is a 404
-    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"),
-           "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-           "DLSERVE_DATA_DIR": str(tmp_path / "data"), "DLSERVE_MNIST_URL": url,
-           "DLSERVE_MODELS": "digits"}
-    result = subprocess.run([str(CLI), "serve", "--quick", "--port", str(free_port())],
-                            capture_output=True, text=True, timeout=300, env=env)
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "DLSERVE_DATA_DIR": str(tmp_path / "data"),
+        "DLSERVE_MNIST_URL": url,
+        "DLSERVE_MODELS": "digits",
+    }
+    result = subprocess.run(
+        [str(CLI), "serve", "--quick", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.splitlines()[-1] == (
         "dlserve: error: `dlserve train digits --quick` failed (exit status 2); "
-        "its messages are above")
+        "its messages are above"
+    )
 
 
 # Ignores SIGTERM and SIGINT, and so does the child it starts in a session of its own (as
@@ -201,8 +233,9 @@ def test_what_ignores_the_signal_is_killed_after_the_timeout(tmp_path: Path) -> 
     timer.start()
     started = time.monotonic()
     try:
-        status = supervise([sys.executable, "-c", STUBBORN, str(out)], signals, stop_s=2.0,
-                           relay=relay_to_server)
+        status = supervise(
+            [sys.executable, "-c", STUBBORN, str(out)], signals, stop_s=2.0, relay=relay_to_server
+        )
         took_s = time.monotonic() - started
     finally:
         timer.cancel()
@@ -225,14 +258,17 @@ def still_running(pid: int) -> psutil.Process | None:
 
 
 @pytest.mark.parametrize("killed", ["server", "supervisor"])
-def test_nothing_outlives_a_killed_process(killed: str, digits_model: str,
-                                           tmp_path: Path) -> None:
+def test_nothing_outlives_a_killed_process(killed: str, digits_model: str, tmp_path: Path) -> None:
     """SIGKILL (the OOM killer, `kill -9`) for BentoML's arbiter: `dlserve serve` stops the
     workers it leaves and exits with 128 + 9. For `dlserve serve` itself: the arbiter gets
     SIGTERM from the kernel (PR_SET_PDEATHSIG) and drains. Either way nothing is left."""
     port = free_port()
-    env = {**os.environ, "DLSERVE_MODELS": "digits", "DLSERVE_DRAIN_DELAY_S": "1",
-           "DLSERVE_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S)}
+    env = {
+        **os.environ,
+        "DLSERVE_MODELS": "digits",
+        "DLSERVE_DRAIN_DELAY_S": "1",
+        "DLSERVE_DRAIN_TIMEOUT_S": str(DRAIN_TIMEOUT_S),
+    }
     log_path = tmp_path / "serve.log"
     proc = start_serve(["--port", str(port), "--workers", "2"], env, log_path)
     started: list[psutil.Process] = []

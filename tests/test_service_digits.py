@@ -42,7 +42,7 @@ def test_predict_arrays_is_accurate_on_real_test_images(client, test_digits, dig
     images, labels = test_digits
     predicted = []
     for i in range(0, N, 50):
-        r = client.post("/digits/predict", json={"images": images[i: i + 50].tolist()})
+        r = client.post("/digits/predict", json={"images": images[i : i + 50].tolist()})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["model"] == digits_model
@@ -56,9 +56,14 @@ def test_predict_arrays_is_accurate_on_real_test_images(client, test_digits, dig
 def test_base64_pixels_give_the_same_predictions_as_arrays(client, test_digits) -> None:
     images = test_digits[0][:40]
     arrays = client.post("/digits/predict", json={"images": images.tolist()})
-    compact = client.post("/digits/predict", json={
-        "images_base64": [base64.b64encode(img.astype(np.uint8).tobytes()).decode()
-                          for img in images]})
+    compact = client.post(
+        "/digits/predict",
+        json={
+            "images_base64": [
+                base64.b64encode(img.astype(np.uint8).tobytes()).decode() for img in images
+            ]
+        },
+    )
     assert arrays.status_code == compact.status_code == 200, compact.text
     assert compact.json()["predictions"] == arrays.json()["predictions"]
 
@@ -68,8 +73,9 @@ def test_predict_image_is_accurate_on_real_png_and_jpeg_files(client, test_digit
     correct = 0
     for i, (digit, label) in enumerate(zip(images, labels, strict=True)):
         data, content_type = as_user_file(digit, i % 4)
-        r = client.post("/digits/predict_image", content=data,
-                        headers={"Content-Type": content_type})
+        r = client.post(
+            "/digits/predict_image", content=data, headers={"Content-Type": content_type}
+        )
         assert r.status_code == 200, r.text
         (prediction,) = r.json()["predictions"]
         correct += prediction["digit"] == label
@@ -79,8 +85,12 @@ def test_predict_image_is_accurate_on_real_png_and_jpeg_files(client, test_digit
 def test_concurrent_requests_each_get_their_own_answer(client, test_digits, server) -> None:
     """Batched across requests on the server, but never mixed up between them."""
     images, _ = test_digits
-    alone = [client.post("/digits/predict", json={"images": [img.tolist()]}).json()
-             ["predictions"][0]["probabilities"] for img in images[:64]]
+    alone = [
+        client.post("/digits/predict", json={"images": [img.tolist()]}).json()["predictions"][0][
+            "probabilities"
+        ]
+        for img in images[:64]
+    ]
     before = metric_total(client, "dlserve_batch_items_count", model="digits")
 
     def one(i: int) -> list[float]:
@@ -105,13 +115,19 @@ def test_metrics_count_items_runs_and_errors_across_workers(client, test_digits)
     assert client.post("/digits/predict", json={"images": []}).status_code == 400
     assert client.post("/digits/predict", json={"images": "x"}).status_code == 400
     assert metric_total(client, "dlserve_items_predicted_total", model="digits") == items + 30
-    assert metric_total(client, "dlserve_errors_total", model="digits",
-                        reason="http_400") == errors + 2
+    assert (
+        metric_total(client, "dlserve_errors_total", model="digits", reason="http_400")
+        == errors + 2
+    )
     text = client.get("/metrics").text
-    for name in ("dlserve_inference_seconds_bucket", "dlserve_preprocess_seconds_bucket",
-                 "dlserve_batch_items_bucket", "bentoml_service_request_total"):
+    for name in (
+        "dlserve_inference_seconds_bucket",
+        "dlserve_preprocess_seconds_bucket",
+        "dlserve_batch_items_bucket",
+        "bentoml_service_request_total",
+    ):
         assert name in text
-    info = re.search(r'dlserve_model_info\{([^}]*)\} 1\.0', text)
+    info = re.search(r"dlserve_model_info\{([^}]*)\} 1\.0", text)
     assert info and 'provider="CPUExecutionProvider"' in info.group(1)
 
 
@@ -152,8 +168,11 @@ BAD_ARRAYS = [
     ({"pictures": [GOOD]}, 400, r"send exactly one of `images` .* and `images_base64`"),
     ({"images": [GOOD], "images_base64": [B64_GOOD]}, 400, r"send exactly one of"),
     ({"images_base64": [B64_GOOD, "not base64!"]}, 400, r"images_base64\[1\]: not a base64"),
-    ({"images_base64": [base64.b64encode(bytes(783)).decode()]}, 400,
-     r"images_base64\[0\]: 783 bytes once decoded; expected 784"),
+    (
+        {"images_base64": [base64.b64encode(bytes(783)).decode()]},
+        400,
+        r"images_base64\[0\]: 783 bytes once decoded; expected 784",
+    ),
     ({"images_base64": [3]}, 400, r"images_base64\[0\]: Input should be a valid string"),
     ({"images_base64": []}, 400, r"images_base64: expected a non-empty list"),
     ({"images_base64": [B64_GOOD] * 257}, 413, r"257 images is more than the limit of 256"),
@@ -168,16 +187,37 @@ def test_bad_arrays_get_4xx_naming_the_problem(client, body, status, message) ->
     assert client.post("/digits/predict", json={"images": [GOOD]}).status_code == 200
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b'{"images": [[[NaN' + b", 0" * 27 + b"]" + b", [" + b"0, " * 27 + b"0]" * 27 + b"]]}",
-     r"(not a finite number|valid number|JSON)"),
-    (b'{"images": [[[1e999' + b", 0" * 27 + b"]" + b", [" + b"0, " * 27 + b"0]" * 27 + b"]]}",
-     r"(not a finite number|valid number|JSON)"),
-    (b'{"images": [[[Infinity' + b", 0" * 27 + b"]" + b", [" + b"0, " * 27 + b"0]" * 27 + b"]]}",
-     r"(not a finite number|valid number|JSON)"),
-    (b"this is not json", r"body is not valid JSON"),
-    (b'{"images": [[[0, 0', r"body is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            b'{"images": [[[NaN' + b", 0" * 27 + b"]" + b", [" + b"0, " * 27 + b"0]" * 27 + b"]]}",
+            r"(not a finite number|valid number|JSON)",
+        ),
+        (
+            b'{"images": [[[1e999'
+            + b", 0" * 27
+            + b"]"
+            + b", ["
+            + b"0, " * 27
+            + b"0]" * 27
+            + b"]]}",
+            r"(not a finite number|valid number|JSON)",
+        ),
+        (
+            b'{"images": [[[Infinity'
+            + b", 0" * 27
+            + b"]"
+            + b", ["
+            + b"0, " * 27
+            + b"0]" * 27
+            + b"]]}",
+            r"(not a finite number|valid number|JSON)",
+        ),
+        (b"this is not json", r"body is not valid JSON"),
+        (b'{"images": [[[0, 0', r"body is not valid JSON"),
+    ],
+)
 def test_non_finite_numbers_and_broken_json_get_400(client, raw, message) -> None:
     r = client.post("/digits/predict", content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and re.search(message, r.json()["error"]), r.text
@@ -186,8 +226,13 @@ def test_non_finite_numbers_and_broken_json_get_400(client, raw, message) -> Non
 BAD_FILES = [
     (b"", 400, r"body: empty; send one PNG or JPEG image"),
     (b"%PDF-1.4 not an image at all", 400, r"not a PNG or JPEG image"),
-    (encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 60), np.uint8)))[:2000],
-     400, r"truncated or corrupt PNG"),
+    (
+        encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 60), np.uint8)))[
+            :2000
+        ],
+        400,
+        r"truncated or corrupt PNG",
+    ),
     (png((1, 1), 255), 400, r"1×1 pixels is too small"),
     (png((10000, 10000)), 413, r"10000×10000 pixels is more than the limit"),
     (encode(Image.new("L", (40, 40), 200)), 400, r"no digit found"),
@@ -198,14 +243,16 @@ BAD_FILES = [
 def test_bad_image_files_get_4xx_naming_the_problem(client, data, status, message) -> None:
     r = client.post("/digits/predict_image", content=data, headers={"Content-Type": "image/png"})
     assert r.status_code == status and re.search(message, r.json()["error"]), r.text
-    ok = client.post("/digits/predict_image", content=png((40, 40)),
-                     headers={"Content-Type": "image/png"})
+    ok = client.post(
+        "/digits/predict_image", content=png((40, 40)), headers={"Content-Type": "image/png"}
+    )
     assert ok.status_code == 200
 
 
 def test_gif_is_unsupported_media(client) -> None:
     buf = io.BytesIO()
     Image.new("L", (40, 40), 0).save(buf, "GIF")
-    r = client.post("/digits/predict_image", content=buf.getvalue(),
-                    headers={"Content-Type": "image/gif"})
+    r = client.post(
+        "/digits/predict_image", content=buf.getvalue(), headers={"Content-Type": "image/gif"}
+    )
     assert r.status_code == 415 and "GIF is not accepted" in json.loads(r.text)["error"]

@@ -15,8 +15,12 @@ from readers.movielens import load_movielens
 from tests.conftest import dlserve
 
 # A user who has seen only a few space operas, all loved.
-SPACE_FAN = [{"movie_id": 50, "rating": 5}, {"movie_id": 172, "rating": 5},
-             {"movie_id": 181, "rating": 4.5}, {"movie_id": 271, "rating": 4}]
+SPACE_FAN = [
+    {"movie_id": 50, "rating": 5},
+    {"movie_id": 172, "rating": 5},
+    {"movie_id": 181, "rating": 4.5},
+    {"movie_id": 271, "rating": 4},
+]
 
 
 def recommend(client: httpx.Client, body: object) -> httpx.Response:
@@ -41,8 +45,9 @@ def test_cold_start_answers_with_the_popularity_ranking_and_says_so(client) -> N
     assert [m["title"] for m in body["recommendations"]][0] == "Star Wars (1977)"
 
 
-def test_predict_agrees_with_eval_on_the_held_out_ratings(client, data_dir: Path,
-                                                         recommender_model) -> None:
+def test_predict_agrees_with_eval_on_the_held_out_ratings(
+    client, data_dir: Path, recommender_model
+) -> None:
     """Every u1.test user's u1.base ratings in, their u1.test movies asked about: the RMSE
     of the HTTP answers is `dlserve eval`'s RMSE."""
     ml = load_movielens(data_dir / "ml-100k")
@@ -50,11 +55,12 @@ def test_predict_agrees_with_eval_on_the_held_out_ratings(client, data_dir: Path
 
     def ask(user: int) -> tuple[list[float], list[int]]:
         base, test = ml.train.users == user, ml.test.users == user
-        ratings = [{"movie_id": int(m), "rating": int(r)}
-                   for m, r in zip(ml.train.movies[base], ml.train.levels[base], strict=True)]
+        ratings = [
+            {"movie_id": int(m), "rating": int(r)}
+            for m, r in zip(ml.train.movies[base], ml.train.levels[base], strict=True)
+        ]
         movie_ids = ml.test.movies[test].tolist()
-        r = client.post("/recommender/predict", json={"ratings": ratings,
-                                                      "movie_ids": movie_ids})
+        r = client.post("/recommender/predict", json={"ratings": ratings, "movie_ids": movie_ids})
         assert r.status_code == 200, r.text
         answers = r.json()["predicted_ratings"]
         assert [a["movie_id"] for a in answers] == movie_ids
@@ -70,18 +76,33 @@ def test_predict_agrees_with_eval_on_the_held_out_ratings(client, data_dir: Path
 
 
 BAD = [
-    ({"ratings": [{"movie_id": 99999, "rating": 4}]}, 400, r"ratings\[0\].movie_id: movie 99999 "
-     "is not in the catalogue"),
-    ({"ratings": [{"movie_id": 1, "rating": 6}]}, 400, r"ratings\[0\].rating: expected a number "
-     "from 1 to 5, got 6"),
+    (
+        {"ratings": [{"movie_id": 99999, "rating": 4}]},
+        400,
+        r"ratings\[0\].movie_id: movie 99999 "
+        "is not in the catalogue",
+    ),
+    (
+        {"ratings": [{"movie_id": 1, "rating": 6}]},
+        400,
+        r"ratings\[0\].rating: expected a number "
+        "from 1 to 5, got 6",
+    ),
     ({"ratings": [{"movie_id": 1, "rating": 0}]}, 400, r"ratings\[0\].rating: .*from 1 to 5"),
     ({"ratings": [{"movie_id": 1, "rating": 3.3}]}, 400, r"ratings\[0\].rating: .*half stars"),
-    ({"ratings": [{"movie_id": 1, "rating": "five"}]}, 400, r"ratings\[0\].rating: Input should "
-     "be a valid number"),
+    (
+        {"ratings": [{"movie_id": 1, "rating": "five"}]},
+        400,
+        r"ratings\[0\].rating: Input should "
+        "be a valid number",
+    ),
     ({"ratings": [{"movie_id": 1, "rating": None}]}, 400, r"ratings\[0\].rating"),
     ({"ratings": [{"movie_id": "1", "rating": 4}]}, 400, r"ratings\[0\].movie_id"),
-    ({"ratings": [{"movie_id": 1, "rating": 4}, {"movie_id": 1, "rating": 2}]}, 400,
-     r"ratings\[1\].movie_id: movie 1 is rated twice \(also at ratings\[0\]\)"),
+    (
+        {"ratings": [{"movie_id": 1, "rating": 4}, {"movie_id": 1, "rating": 2}]},
+        400,
+        r"ratings\[1\].movie_id: movie 1 is rated twice \(also at ratings\[0\]\)",
+    ),
     ({"ratings": SPACE_FAN, "k": 0}, 400, "k: expected a whole number from 1 to 1682"),
     ({"ratings": SPACE_FAN, "k": -3}, 400, "k: expected a whole number from 1 to 1682"),
     ({"ratings": SPACE_FAN, "k": 1683}, 400, "k: .*the catalogue's size"),
@@ -93,8 +114,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("body, status, message", BAD)
-def test_bad_recommend_requests_get_a_4xx_naming_the_problem(client, body, status,
-                                                             message) -> None:
+def test_bad_recommend_requests_get_a_4xx_naming_the_problem(client, body, status, message) -> None:
     r = recommend(client, body)
     assert r.status_code == status, r.text
     assert re.search(message, r.json()["error"]), r.text
@@ -120,12 +140,18 @@ def test_predict_rejects_unknown_and_empty_movie_lists(client) -> None:
 
 def test_concurrent_users_get_their_own_answers(client) -> None:
     """Requests batched together on the server answer exactly as they do alone."""
-    bodies = [{"ratings": [{"movie_id": m, "rating": 1 + m % 5}], "movie_ids": [1, 50, 100]}
-              for m in range(1, 65)]
-    alone = [client.post("/recommender/predict", json=b).json()["predicted_ratings"]
-             for b in bodies[:8]]
+    bodies = [
+        {"ratings": [{"movie_id": m, "rating": 1 + m % 5}], "movie_ids": [1, 50, 100]}
+        for m in range(1, 65)
+    ]
+    alone = [
+        client.post("/recommender/predict", json=b).json()["predicted_ratings"] for b in bodies[:8]
+    ]
     with ThreadPoolExecutor(32) as pool:
-        together = list(pool.map(
-            lambda b: client.post("/recommender/predict", json=b).json()["predicted_ratings"],
-            bodies))
+        together = list(
+            pool.map(
+                lambda b: client.post("/recommender/predict", json=b).json()["predicted_ratings"],
+                bodies,
+            )
+        )
     assert together[:8] == alone

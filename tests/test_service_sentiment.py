@@ -14,6 +14,7 @@ from readers.sst2 import load_sst2
 
 # Clear-cut sentences from SST-2 dev, as a user would type them; their labels are read
 # from dev.tsv (where each appears in its treebank-tokenised form).
+# fmt: off
 CLEAR_CUT = {
     "A very well-made, funny and entertaining picture.":
         "a very well-made , funny and entertaining picture .",
@@ -32,13 +33,16 @@ CLEAR_CUT = {
     "Suffers from the lack of a compelling or comprehensible narrative.":
         "suffers from the lack of a compelling or comprehensible narrative .",
 }
+# fmt: on
 
 
 @pytest.fixture(scope="module")
 def dev_labels(data_dir: Path) -> dict[str, str]:
     dev = load_sst2(data_dir, "dev")
-    return {t.strip(): ("positive" if y else "negative")
-            for t, y in zip(dev.texts, dev.labels, strict=True)}
+    return {
+        t.strip(): ("positive" if y else "negative")
+        for t, y in zip(dev.texts, dev.labels, strict=True)
+    }
 
 
 def predict(client: httpx.Client, texts: list) -> httpx.Response:
@@ -62,11 +66,15 @@ def test_clear_cut_dev_sentences_get_their_label(client, dev_labels, sentiment_m
 
 def test_same_probability_alone_and_in_a_batch_of_any_lengths(client, server) -> None:
     """Padding and length bucketing must not change a text's prediction (≤ 1e-5)."""
-    texts = ["Good.", "A fast, funny, highly enjoyable movie.",
-             "It has all the excitement of eating oatmeal. " * 20,  # ~200 tokens
-             "Not bad at all, really " * 6, "!", "Dull " * 40]
-    alone = [predict(client, [t]).json()["predictions"][0]["positive_probability"]
-             for t in texts]
+    texts = [
+        "Good.",
+        "A fast, funny, highly enjoyable movie.",
+        "It has all the excitement of eating oatmeal. " * 20,  # ~200 tokens
+        "Not bad at all, really " * 6,
+        "!",
+        "Dull " * 40,
+    ]
+    alone = [predict(client, [t]).json()["predictions"][0]["positive_probability"] for t in texts]
     together = [p["positive_probability"] for p in predict(client, texts).json()["predictions"]]
     assert np.allclose(together, alone, atol=1e-5, rtol=0)
 
@@ -80,10 +88,18 @@ def test_same_probability_alone_and_in_a_batch_of_any_lengths(client, server) ->
     assert np.allclose(concurrent, [alone[i % len(texts)] for i in range(48)], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("text", [
-    "!!!", "?", "😀😀😀", "日本語のテキスト", "Это ужасный фильм", "a" * 5000,
-    "x " * 10_000,  # far more tokens than the model reads: only the first ones count
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!!",
+        "?",
+        "😀😀😀",
+        "日本語のテキスト",
+        "Это ужасный фильм",
+        "a" * 5000,
+        "x " * 10_000,  # far more tokens than the model reads: only the first ones count
+    ],
+)
 def test_odd_texts_still_get_a_prediction(client, text: str) -> None:
     r = predict(client, [text])
     assert r.status_code == 200, r.text
@@ -94,8 +110,12 @@ def test_odd_texts_still_get_a_prediction(client, text: str) -> None:
 BAD = [
     ({"texts": [""]}, 400, r"texts\[0\]: the text is empty or only whitespace"),
     ({"texts": ["fine", " \t\n "]}, 400, r"texts\[1\]: the text is empty or only whitespace"),
-    ({"texts": ["x" * 1_000_000]}, 413, r"texts\[0\]: 1,000,000 characters is more than the "
-                                        r"limit of 100,000"),
+    (
+        {"texts": ["x" * 1_000_000]},
+        413,
+        r"texts\[0\]: 1,000,000 characters is more than the "
+        r"limit of 100,000",
+    ),
     ({"texts": ["fine"] * 10_000}, 413, r"texts: 10000 texts is more than the limit of 256"),
     ({"texts": []}, 400, r"texts: expected a non-empty list"),
     ({"texts": ["fine", 5]}, 400, r"texts\[1\]: Input should be a valid string"),
@@ -107,18 +127,23 @@ BAD = [
 
 @pytest.mark.parametrize("body, status, message", BAD)
 def test_bad_input_gets_4xx_naming_the_problem(client, body, status, message) -> None:
-    r = predict(client, body["texts"]) if list(body) == ["texts"] else client.post(
-        "/sentiment/predict", json=body)
+    r = (
+        predict(client, body["texts"])
+        if list(body) == ["texts"]
+        else client.post("/sentiment/predict", json=body)
+    )
     assert r.status_code == status and re.search(message, r.json()["error"]), r.text
     assert predict(client, ["fine"]).status_code == 200
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"texts": ["caf\xe9 \xff\xfe"]}',  # latin-1 bytes: not UTF-8
-    b'{"texts": ["ok"',  # truncated
-    b"texts=good",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"texts": ["caf\xe9 \xff\xfe"]}',  # latin-1 bytes: not UTF-8
+        b'{"texts": ["ok"',  # truncated
+        b"texts=good",
+    ],
+)
 def test_body_that_is_not_utf8_json_gets_400(client, raw: bytes) -> None:
-    r = client.post("/sentiment/predict", content=raw,
-                    headers={"Content-Type": "application/json"})
+    r = client.post("/sentiment/predict", content=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "error" in r.json(), r.text

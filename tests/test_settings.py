@@ -20,6 +20,7 @@ def environ(monkeypatch: pytest.MonkeyPatch):
     def set_env(**values: str) -> None:
         for name, value in values.items():
             monkeypatch.setenv(name, value)
+
     return set_env
 
 
@@ -33,15 +34,18 @@ def test_defaults_and_overrides(environ) -> None:
     assert load_settings().data_dir == Path("data")
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"DLSERVE_WORKERS": "two"}, "DLSERVE_WORKERS: expected int, got 'two'"),
-    ({"DLSERVE_MAX_ITEMS": "0"}, "DLSERVE_MAX_ITEMS: must be at least 1"),
-    ({"DLSERVE_MODELS": "digits,cats"}, "DLSERVE_MODELS: unknown model"),
-    ({"DLSERVE_BATCHING": "maybe"}, "DLSERVE_BATCHING: expected true/false"),
-    ({"DLSERVE_KEEPALIVE_REQUESTS": "-1"}, "DLSERVE_KEEPALIVE_REQUESTS: must be at least 0"),
-    ({"DLSERVE_DRAIN_DELAY_S": "30"}, "DLSERVE_DRAIN_DELAY_S: must be less than"),
-    ({"DLSERVE_MODEL_MODULES": "no.such.module"}, "model module 'no.such.module' cannot be"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"DLSERVE_WORKERS": "two"}, "DLSERVE_WORKERS: expected int, got 'two'"),
+        ({"DLSERVE_MAX_ITEMS": "0"}, "DLSERVE_MAX_ITEMS: must be at least 1"),
+        ({"DLSERVE_MODELS": "digits,cats"}, "DLSERVE_MODELS: unknown model"),
+        ({"DLSERVE_BATCHING": "maybe"}, "DLSERVE_BATCHING: expected true/false"),
+        ({"DLSERVE_KEEPALIVE_REQUESTS": "-1"}, "DLSERVE_KEEPALIVE_REQUESTS: must be at least 0"),
+        ({"DLSERVE_DRAIN_DELAY_S": "30"}, "DLSERVE_DRAIN_DELAY_S: must be less than"),
+        ({"DLSERVE_MODEL_MODULES": "no.such.module"}, "model module 'no.such.module' cannot be"),
+    ],
+)
 def test_bad_values_name_the_variable(environ, env: dict[str, str], message: str) -> None:
     environ(**env)
     with pytest.raises(SettingsError, match=message):
@@ -50,7 +54,7 @@ def test_bad_values_name_the_variable(environ, env: dict[str, str], message: str
 
 def test_every_setting_is_in_the_docs_configuration_table() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text()
-    table = page[page.index("| variable | default | meaning |"):].split("\n\n")[0]
+    table = page[page.index("| variable | default | meaning |") :].split("\n\n")[0]
     names = [Settings.env_name(name) for name in Settings.model_fields]
     missing = [name for name in names if f"| `{name}` |" not in table]
     assert not missing, missing

@@ -29,12 +29,21 @@ SLOW_CONNECTIONS = 1000
 
 
 @pytest.fixture(scope="module")
-def slow(digits_model: str, sentiment_model: str, recommender_model: str,
-         tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def slow(
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
     """Short header and body timeouts, so that the tests see them fire."""
-    with start_server(tmp_path_factory.mktemp("slow"), DLSERVE_WORKERS="2",
-                      DLSERVE_HEADER_TIMEOUT_S="1.5", DLSERVE_BODY_TIMEOUT_S="1.5",
-                      DLSERVE_MIN_BODY_RATE="2000", DLSERVE_BODY_GRACE_S="3") as running:
+    with start_server(
+        tmp_path_factory.mktemp("slow"),
+        DLSERVE_WORKERS="2",
+        DLSERVE_HEADER_TIMEOUT_S="1.5",
+        DLSERVE_BODY_TIMEOUT_S="1.5",
+        DLSERVE_MIN_BODY_RATE="2000",
+        DLSERVE_BODY_GRACE_S="3",
+    ) as running:
         yield running
 
 
@@ -67,23 +76,29 @@ def test_headers_that_trickle_get_408(slow: Server) -> None:
             sock.sendall(piece)
             time.sleep(0.6)  # each piece in time for an idle timer, not for the headers
         status, _, body = read_answer(sock)
-    assert status == 408 and "headers did not arrive within 1.5 seconds" in \
-        json.loads(body)["error"]
+    assert (
+        status == 408 and "headers did not arrive within 1.5 seconds" in json.loads(body)["error"]
+    )
 
 
 def test_a_body_that_stops_gets_408(slow: Server) -> None:
     with connect(slow) as sock:
-        sock.sendall(b"POST /digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: 10000\r\n\r\n{\"images\":")
+        sock.sendall(
+            b"POST /digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b'application/json\r\nContent-Length: 10000\r\n\r\n{"images":'
+        )
         status, _, body = read_answer(sock)
-    assert status == 408 and re.search(r"no body bytes for 1.5 seconds .*DLSERVE_BODY_TIMEOUT_S",
-                                       json.loads(body)["error"])
+    assert status == 408 and re.search(
+        r"no body bytes for 1.5 seconds .*DLSERVE_BODY_TIMEOUT_S", json.loads(body)["error"]
+    )
 
 
 def test_a_body_below_the_minimum_rate_gets_408(slow: Server) -> None:
     with connect(slow) as sock:
-        sock.sendall(b"POST /digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: 100000\r\n\r\n")
+        sock.sendall(
+            b"POST /digits/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            b"application/json\r\nContent-Length: 100000\r\n\r\n"
+        )
         sock.settimeout(0.5)
         answer = b""
         for _ in range(40):  # 100 bytes every 0.3 s: 333 B/s, under the 2,000 B/s minimum
@@ -114,8 +129,10 @@ async def trickle_headers(url: urlsplit, stop: asyncio.Event) -> None:
 
 async def trickle_body(url: urlsplit, stop: asyncio.Event) -> None:
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
-    writer.write(b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
-                 b"application/json\r\nContent-Length: 100000\r\n\r\n{")
+    writer.write(
+        b"POST /sentiment/predict HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        b"application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
     while not stop.is_set():
         await asyncio.sleep(1)
         writer.write(b" ")
@@ -123,8 +140,11 @@ async def trickle_body(url: urlsplit, stop: asyncio.Event) -> None:
 
 
 def test_a_thousand_slow_connections_do_not_starve_ordinary_requests(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     """Half trickle their headers, half their bodies, for the whole run (the timeouts are
     the defaults, 60 s); an ordinary client meanwhile gets every answer, fast."""
     with start_server(tmp_path_factory.mktemp("slowloris"), DLSERVE_WORKERS="2") as server:
@@ -134,15 +154,21 @@ def test_a_thousand_slow_connections_do_not_starve_ordinary_requests(
 
         async def main() -> int:
             stop = asyncio.Event()
-            slow = [asyncio.create_task(trickle_headers(url, stop) if i % 2 else
-                                        trickle_body(url, stop))
-                    for i in range(SLOW_CONNECTIONS)]
+            slow = [
+                asyncio.create_task(
+                    trickle_headers(url, stop) if i % 2 else trickle_body(url, stop)
+                )
+                for i in range(SLOW_CONNECTIONS)
+            ]
             await asyncio.sleep(3)  # all of them connected and stalling
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
                 for _ in range(300):
                     started = time.perf_counter()
-                    r = await client.post("/digits/predict", content=DIGIT,
-                                          headers={"Content-Type": "application/json"})
+                    r = await client.post(
+                        "/digits/predict",
+                        content=DIGIT,
+                        headers={"Content-Type": "application/json"},
+                    )
                     latencies.append(time.perf_counter() - started)
                     statuses.append(r.status_code)
             held = sum(not t.done() for t in slow)
@@ -154,16 +180,22 @@ def test_a_thousand_slow_connections_do_not_starve_ordinary_requests(
     assert held == SLOW_CONNECTIONS, f"only {held} slow connections were still held"
     assert statuses == [200] * len(statuses), sorted(set(statuses))
     p99 = statistics.quantiles(latencies, n=100)[98]
-    print(f"\n{SLOW_CONNECTIONS} slow connections held; ordinary requests: "
-          f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms")
+    print(
+        f"\n{SLOW_CONNECTIONS} slow connections held; ordinary requests: "
+        f"p50 {statistics.median(latencies) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms"
+    )
     assert p99 < 0.2, f"p99 {p99 * 1000:.0f} ms"
 
 
 def test_connections_past_the_cap_get_503_at_once(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path_factory: pytest.TempPathFactory) -> None:
-    with start_server(tmp_path_factory.mktemp("cap"), DLSERVE_WORKERS="1",
-                      DLSERVE_MAX_CONNECTIONS="10") as server:
+    digits_model: str,
+    sentiment_model: str,
+    recommender_model: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    with start_server(
+        tmp_path_factory.mktemp("cap"), DLSERVE_WORKERS="1", DLSERVE_MAX_CONNECTIONS="10"
+    ) as server:
         held = [connect(server) for _ in range(10)]
         try:
             with connect(server) as extra:
@@ -182,8 +214,9 @@ def test_connections_past_the_cap_get_503_at_once(
 def test_a_client_that_sends_its_whole_body_first_reads_the_413(server: str) -> None:
     """urllib writes the whole body, then reads: it must see the 413, not a broken pipe."""
     body = b'{"texts": ["' + b"a" * (9 << 20) + b'"]}'
-    request = urllib.request.Request(server + "/sentiment/predict", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        server + "/sentiment/predict", data=body, headers={"Content-Type": "application/json"}
+    )
     for _ in range(5):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)

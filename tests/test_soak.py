@@ -25,18 +25,25 @@ pytestmark = pytest.mark.exclusive
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None,
-                    reason="wrk is not installed (make test installs it with apt-get)")
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (make test installs it with apt-get)"
+)
 def test_a_minute_of_mixed_traffic_leaks_nothing_and_breaks_nothing(
-        digits_model: str, sentiment_model: str, recommender_model: str,
-        tmp_path: Path) -> None:
+    digits_model: str, sentiment_model: str, recommender_model: str, tmp_path: Path
+) -> None:
     settings = load_settings(workers=2)
-    sources = {name: (spec.workload.load(), spec.data(settings))
-               for name, spec in registry.serving(settings).items()}
+    sources = {
+        name: (spec.workload.load(), spec.data(settings))
+        for name, spec in registry.serving(settings).items()
+    }
     # 4 clients a burst, not the hour's 16: 2 cores serve 16 requests of 256 long texts in
     # 20-30 s, longer than a slice, and close to the request timeout (30 s).
-    r = soak(BenchContext(settings, sources, 0, 0, 1, out=tmp_path), minutes=1, slice_s=15,
-             burst_clients=4)
+    r = soak(
+        BenchContext(settings, sources, 0, 0, 1, out=tmp_path),
+        minutes=1,
+        slice_s=15,
+        burst_clients=4,
+    )
     assert len(r["slices"]) == 4
     assert r["status_5xx"] == 0 and r["socket_errors"] == 0, r["slices"]
     for s in r["slices"]:
@@ -62,8 +69,9 @@ def test_a_minute_of_mixed_traffic_leaks_nothing_and_breaks_nothing(
     assert len(r["bursts"]) == 4, r["bursts"]
     totals = r["burst_totals"]
     assert totals["status_2xx"] > 0, r["bursts"]
-    assert totals["status_2xx"] + totals["status_503"] == sum(
-        b["clients"] for b in r["bursts"]), r["bursts"]
+    assert totals["status_2xx"] + totals["status_503"] == sum(b["clients"] for b in r["bursts"]), r[
+        "bursts"
+    ]
     assert totals["status_5xx"] == totals["no_answer"] == 0, r["bursts"]
 
     plot = tmp_path / r["plot"]
@@ -72,7 +80,8 @@ def test_a_minute_of_mixed_traffic_leaks_nothing_and_breaks_nothing(
     (tmp_path / "soak.md").write_text(markdown)  # beside the plot, for a look after a failure
     assert f"![Resident memory per process over the soak]({r['plot']})" in markdown
     assert "**Target: every process < 1 % of its RSS per hour after the warm-up, 0 5xx: " in (
-        markdown)
+        markdown
+    )
 
 
 def test_the_soak_runs_only_when_asked_for(tmp_path: Path) -> None:
@@ -94,8 +103,12 @@ class FakeProcess:
         return self.parent
 
     def cmdline(self) -> list[str]:
-        return ["python", "-m", "_bentoml_impl.worker.service",
-                *(["--worker-id", self.worker] if self.worker else [])]
+        return [
+            "python",
+            "-m",
+            "_bentoml_impl.worker.service",
+            *(["--worker-id", self.worker] if self.worker else []),
+        ]
 
     def create_time(self) -> float:
         return float(self.pid)
@@ -113,8 +126,11 @@ def test_each_process_is_a_series_by_role_and_a_replaced_worker_a_new_one() -> N
     tracker.record(0.0, [root, one, two])
     tracker.record(10.0, [root, two, FakeProcess(13, 10, "2", mib=50)])  # worker 2 replaced
     assert {n: (s.role, s.pid, len(s.samples)) for n, s in tracker.series.items()} == {
-        "supervisor": ("supervisor", 10, 2), "worker-1": ("worker", 11, 2),
-        "worker-2": ("worker", 12, 1), "worker-2 (restart 1)": ("worker", 13, 1)}
+        "supervisor": ("supervisor", 10, 2),
+        "worker-1": ("worker", 11, 2),
+        "worker-2": ("worker", 12, 1),
+        "worker-2 (restart 1)": ("worker", 13, 1),
+    }
     assert tracker.restarts == 1
     assert tracker.series["worker-2 (restart 1)"].samples == [(10.0, 50.0)]
 
@@ -125,7 +141,11 @@ def test_without_worker_ids_workers_are_named_by_creation_and_keep_their_slot() 
     tracker.record(0.0, [root, FakeProcess(21, 10, None), FakeProcess(20, 10, None)])
     tracker.record(5.0, [root, FakeProcess(21, 10, None), FakeProcess(30, 10, None)])
     assert {n: s.pid for n, s in tracker.series.items()} == {
-        "supervisor": 10, "worker-1": 20, "worker-2": 21, "worker-1 (restart 1)": 30}
+        "supervisor": 10,
+        "worker-1": 20,
+        "worker-2": 21,
+        "worker-1 (restart 1)": 30,
+    }
 
 
 def test_the_fit_is_the_slope_after_the_warm_up_as_a_share_of_its_start_per_hour() -> None:

@@ -10,20 +10,32 @@ from dlserve.preprocess.text import PAD, UNK, UNK_ID, Vocabulary, pad_batch, tok
 from readers.sst2 import load_sst2
 
 
-@pytest.mark.parametrize("text, tokens", [
-    ("It's a charming, often affecting journey.",
-     ["it", "'s", "a", "charming", ",", "often", "affecting", "journey", "."]),
-    ("I don't know... can't say!!", ["i", "do", "n't", "know", "...", "ca", "n't", "say", "!!"]),
-    ("A well-made, 90-minute film -- Mr. Smith's best.",
-     ["a", "well-made", ",", "90-minute", "film", "--", "mr.", "smith", "'s", "best", "."]),
-    ("it ’s “great”", ["it", "'s", '"', "great", '"']),  # curly quotes are straight ones
-    ("-lrb- t -rrb- here `` quoted '' writer\\/director",  # the treebank's escapes
-     ["(", "t", ")", "here", '"', "quoted", '"', "writer", "/", "director"]),
-    ("CAPITALS and Ｆｕｌｌｗｉｄｔｈ", ["capitals", "and", "fullwidth"]),
-    ("😀 日本語 текст", ["😀", "日本語", "текст"]),
-    ("", []),
-    (" \t\n ", []),
-])
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        (
+            "It's a charming, often affecting journey.",
+            ["it", "'s", "a", "charming", ",", "often", "affecting", "journey", "."],
+        ),
+        (
+            "I don't know... can't say!!",
+            ["i", "do", "n't", "know", "...", "ca", "n't", "say", "!!"],
+        ),
+        (
+            "A well-made, 90-minute film -- Mr. Smith's best.",
+            ["a", "well-made", ",", "90-minute", "film", "--", "mr.", "smith", "'s", "best", "."],
+        ),
+        ("it ’s “great”", ["it", "'s", '"', "great", '"']),  # curly quotes are straight ones
+        (
+            "-lrb- t -rrb- here `` quoted '' writer\\/director",  # the treebank's escapes
+            ["(", "t", ")", "here", '"', "quoted", '"', "writer", "/", "director"],
+        ),
+        ("CAPITALS and Ｆｕｌｌｗｉｄｔｈ", ["capitals", "and", "fullwidth"]),
+        ("😀 日本語 текст", ["😀", "日本語", "текст"]),
+        ("", []),
+        (" \t\n ", []),
+    ],
+)
 def test_tokenize(text: str, tokens: list[str]) -> None:
     assert tokenize(text) == tokens
 

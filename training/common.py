@@ -62,8 +62,7 @@ def run_paths(artifacts_dir: Path, model: str) -> RunPaths:
     return RunPaths(artifacts_dir / model)
 
 
-def resolve_config(default: C, quick_cfg: C, *, quick: bool, seed: int,
-                   epochs: int | None) -> C:
+def resolve_config(default: C, quick_cfg: C, *, quick: bool, seed: int, epochs: int | None) -> C:
     """The run's training config: the default (or the --quick one) with the CLI's seed and,
     when given, its epoch count."""
     base = quick_cfg if quick else default
@@ -83,8 +82,14 @@ def pick_device() -> torch.device:
     return device
 
 
-def save_run(paths: RunPaths, state_dict: dict[str, torch.Tensor], run: Any,
-             metrics: dict[str, Any], history: dict[str, list[float]], title: str) -> None:
+def save_run(
+    paths: RunPaths,
+    state_dict: dict[str, torch.Tensor],
+    run: Any,
+    metrics: dict[str, Any],
+    history: dict[str, list[float]],
+    title: str,
+) -> None:
     """Write the run's artefacts; `run` is the model's run config dataclass."""
     paths.root.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, paths.checkpoint)
@@ -93,8 +98,9 @@ def save_run(paths: RunPaths, state_dict: dict[str, torch.Tensor], run: Any,
     plot_curve(history, paths.curve, title)
 
 
-def load_run(paths: RunPaths, run_type: type[R]) -> tuple[dict[str, torch.Tensor], R,
-                                                         dict[str, Any]]:
+def load_run(
+    paths: RunPaths, run_type: type[R]
+) -> tuple[dict[str, torch.Tensor], R, dict[str, Any]]:
     """Checkpoint, typed config and metrics of a finished run; never unpickles arbitrary
     objects (`weights_only=True`)."""
     for p in (paths.checkpoint, paths.config, paths.metrics):
@@ -104,14 +110,17 @@ def load_run(paths: RunPaths, run_type: type[R]) -> tuple[dict[str, torch.Tensor
     try:
         run = TypeAdapter(run_type).validate_json(paths.config.read_bytes())
     except ValidationError as exc:
-        raise ValueError(f"{paths.config} does not fit this version's {run_type.__name__} "
-                         f"({exc.error_count()} problem(s), first: {exc.errors()[0]['loc']} "
-                         f"{exc.errors()[0]['msg']}): train the model again") from None
+        raise ValueError(
+            f"{paths.config} does not fit this version's {run_type.__name__} "
+            f"({exc.error_count()} problem(s), first: {exc.errors()[0]['loc']} "
+            f"{exc.errors()[0]['msg']}): train the model again"
+        ) from None
     return state, run, json.loads(paths.metrics.read_text())
 
 
-def load_trained(artifacts_dir: Path, name: str, run_type: type[R],
-                 build: Callable[[R], M]) -> tuple[M, R, dict[str, Any]]:
+def load_trained(
+    artifacts_dir: Path, name: str, run_type: type[R], build: Callable[[R], M]
+) -> tuple[M, R, dict[str, Any]]:
     """The trained model of a finished run (built by `build` from its config), its config and
     metrics. A checkpoint from an older version of the model is refused by name."""
     state, run, metrics = load_run(run_paths(artifacts_dir, name), run_type)
@@ -119,10 +128,12 @@ def load_trained(artifacts_dir: Path, name: str, run_type: type[R],
     expected = model.state_dict().keys()
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"the {name} checkpoint does not fit this version's model (missing: "
-                         f"{', '.join(missing) or 'none'}; unexpected: "
-                         f"{', '.join(unexpected) or 'none'}): train it again "
-                         f"(dlserve train {name})")
+        raise ValueError(
+            f"the {name} checkpoint does not fit this version's model (missing: "
+            f"{', '.join(missing) or 'none'}; unexpected: "
+            f"{', '.join(unexpected) or 'none'}): train it again "
+            f"(dlserve train {name})"
+        )
     model.load_state_dict(state)
     return model, run, {k: v for k, v in metrics.items() if k != "history"}
 

@@ -97,10 +97,13 @@ def random_affine(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
     angle = u[:, 0] * math.radians(cfg.max_rotation_deg)
     scale = 1 + u[:, 1] * cfg.max_scale
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos, -sin, u[:, 2] * cfg.max_shift * 2], dim=1),
-        torch.stack([sin, cos, u[:, 3] * cfg.max_shift * 2], dim=1),
-    ], dim=1).to(x.device)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, u[:, 2] * cfg.max_shift * 2], dim=1),
+            torch.stack([sin, cos, u[:, 3] * cfg.max_shift * 2], dim=1),
+        ],
+        dim=1,
+    ).to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Pad with the normalised value of a black pixel, the MNIST background.
     background = (0 - MNIST_MEAN) / MNIST_STD
@@ -111,14 +114,21 @@ def random_affine(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> to
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     model.eval()
     correct = sum(
-        int((model(x[i: i + batch]).argmax(1) == y[i: i + batch]).sum())
+        int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
         for i in range(0, len(x), batch)
     )
     return correct / len(x)
 
 
-def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
-          quick: bool = False, download_url: str | None = None) -> dict[str, float]:
+def train(
+    data_dir: Path,
+    artifacts_dir: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    download_url: str | None = None,
+) -> dict[str, float]:
     cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     device = pick_device()
@@ -134,7 +144,8 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch)
+        opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch
+    )
     augment = cfg.max_rotation_deg > 0 or cfg.max_shift > 0 or cfg.max_scale > 0
     history: dict[str, list[float]] = {"train loss": [], "held-out accuracy": []}
     started = time.perf_counter()
@@ -144,7 +155,7 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         order = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i: i + cfg.batch_size]
+            idx = order[i : i + cfg.batch_size]
             xb, yb = x_train[idx], y_train[idx]
             if augment:
                 xb = random_affine(xb, cfg, gen)
@@ -159,8 +170,9 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         # Reported each epoch for the curve only: the final weights are the last epoch's,
         # never chosen by this number.
         history["held-out accuracy"].append(accuracy(model, x_test, y_test))
-        bar.set_postfix(loss=f"{history['train loss'][-1]:.4f}",
-                        acc=f"{history['held-out accuracy'][-1]:.4f}")
+        bar.set_postfix(
+            loss=f"{history['train loss'][-1]:.4f}", acc=f"{history['held-out accuracy'][-1]:.4f}"
+        )
 
     metrics = {
         "test_accuracy_torch": history["held-out accuracy"][-1],
@@ -170,10 +182,19 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "epochs": cfg.epochs,
         "quick": quick,
     }
-    run = DigitsRun(model_cfg, cfg, TrainingData("MNIST", str(data_dir), {
-        **train_split.files, **test_split.files}))
-    save_run(run_paths(artifacts_dir, "digits"), model.state_dict(), run, metrics,
-             history, "LeNet-5 on MNIST")
+    run = DigitsRun(
+        model_cfg,
+        cfg,
+        TrainingData("MNIST", str(data_dir), {**train_split.files, **test_split.files}),
+    )
+    save_run(
+        run_paths(artifacts_dir, "digits"),
+        model.state_dict(),
+        run,
+        metrics,
+        history,
+        "LeNet-5 on MNIST",
+    )
     return metrics
 
 

@@ -106,8 +106,10 @@ class RecommenderRun:
     data: TrainingData
     catalogue: dict[str, Any]  # Catalogue.to_json()
     model: str = "recommender"
-    architecture: str = ("conditional RBM (softmax visible units over 5 rating levels, "
-                         "conditioned on the user's rating offset; Bernoulli hidden)")
+    architecture: str = (
+        "conditional RBM (softmax visible units over 5 rating levels, "
+        "conditioned on the user's rating offset; Bernoulli hidden)"
+    )
 
 
 class RBM(nn.Module):
@@ -153,11 +155,12 @@ class RBM(nn.Module):
 
     def forward(self, ratings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.visible_probs(self.hidden_probs(ratings), self.user_offset(ratings))
-        return p @ self.levels, self.rated_share * p[..., RELEVANT_LEVEL - 1:].sum(-1)
+        return p @ self.levels, self.rated_share * p[..., RELEVANT_LEVEL - 1 :].sum(-1)
 
 
-def initial_visible_bias(train: dict[int, UserRatings], n_movies: int,
-                         strength: float) -> torch.Tensor:
+def initial_visible_bias(
+    train: dict[int, UserRatings], n_movies: int, strength: float
+) -> torch.Tensor:
     counts = np.zeros((n_movies, LEVELS))
     for u in train.values():
         counts[u.movies, u.levels - 1] += 1
@@ -196,18 +199,20 @@ def cd_step(model: RBM, v0: torch.Tensor, k: int, gen: torch.Generator) -> dict[
 
 
 @torch.no_grad()
-def predict(model: RBM, users: list[UserRatings], device: torch.device,
-            batch: int = 256) -> np.ndarray:
+def predict(
+    model: RBM, users: list[UserRatings], device: torch.device, batch: int = 256
+) -> np.ndarray:
     """Expected ratings [len(users), movies]."""
     out = []
     for i in range(0, len(users), batch):
-        v = torch.from_numpy(one_hot(users[i: i + batch], model.n_movies)).to(device)
+        v = torch.from_numpy(one_hot(users[i : i + batch], model.n_movies)).to(device)
         out.append(model(v)[0].cpu().numpy())
     return np.concatenate(out) if out else np.empty((0, model.n_movies), np.float32)
 
 
-def held_out_rmse(model: RBM, train: dict[int, UserRatings], test: dict[int, UserRatings],
-                  device: torch.device) -> float:
+def held_out_rmse(
+    model: RBM, train: dict[int, UserRatings], test: dict[int, UserRatings], device: torch.device
+) -> float:
     users = [u for u in test if u in train]
     scores = predict(model, [train[u] for u in users], device)
     return rmse(*held_out_predictions(scores, [test[u] for u in users]))
@@ -217,12 +222,22 @@ def catalogue_of(data: MovieLens) -> Catalogue:
     """The data set's movies, with how many training ratings each has."""
     unranked = Catalogue(data.movie_ids, data.titles, np.zeros(len(data.movie_ids)))
     rated = unranked.positions(data.train.movies)
-    return Catalogue(data.movie_ids, data.titles,
-                     rating_counts([UserRatings(rated, data.train.levels)], len(data.movie_ids)))
+    return Catalogue(
+        data.movie_ids,
+        data.titles,
+        rating_counts([UserRatings(rated, data.train.levels)], len(data.movie_ids)),
+    )
 
 
-def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
-          quick: bool = False, download_url: str | None = None) -> dict[str, float]:
+def train(
+    data_dir: Path,
+    artifacts_dir: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    download_url: str | None = None,
+) -> dict[str, float]:
     cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -237,8 +252,9 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
     model_cfg = RbmConfig(n_movies=len(catalogue))
     model = RBM(model_cfg).to(device)
     with torch.no_grad():
-        model.visible_bias.copy_(initial_visible_bias(train_users, len(catalogue),
-                                                      cfg.prior_strength))
+        model.visible_bias.copy_(
+            initial_visible_bias(train_users, len(catalogue), cfg.prior_strength)
+        )
         model.rated_share.copy_(torch.from_numpy(catalogue.popularity / len(train_users)))
         biases = Biases.fit(train_users.values(), len(catalogue))
         model.mean_rating.fill_(biases.mean)
@@ -253,7 +269,7 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         momentum = cfg.momentum if epoch >= cfg.warm_epochs else 0.5
         order = rng.permutation(user_ids)
         for i in range(0, len(order), cfg.batch_users):
-            batch = [train_users[u] for u in order[i: i + cfg.batch_users]]
+            batch = [train_users[u] for u in order[i : i + cfg.batch_users]]
             v0 = torch.from_numpy(one_hot(batch, len(catalogue))).to(device)
             grads = cd_step(model, v0, k, gen)
             with torch.no_grad():
@@ -273,10 +289,20 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "movies": len(catalogue),
         "quick": quick,
     }
-    run = RecommenderRun(model_cfg, cfg, TrainingData("MovieLens", str(data_dir), data.files,
-                                                      data.layout), catalogue.to_json())
-    save_run(run_paths(artifacts_dir, "recommender"), model.state_dict(), run, metrics,
-             history, "RBM on MovieLens")
+    run = RecommenderRun(
+        model_cfg,
+        cfg,
+        TrainingData("MovieLens", str(data_dir), data.files, data.layout),
+        catalogue.to_json(),
+    )
+    save_run(
+        run_paths(artifacts_dir, "recommender"),
+        model.state_dict(),
+        run,
+        metrics,
+        history,
+        "RBM on MovieLens",
+    )
     return metrics
 
 

@@ -153,26 +153,34 @@ def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> l
     pool = batch_size * 50
     out = []
     for i in range(0, len(order), pool):
-        chunk = order[i: i + pool]
+        chunk = order[i : i + pool]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        out += [chunk[j: j + batch_size] for j in range(0, len(chunk), batch_size)]
+        out += [chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size)]
     rng.shuffle(out)
     return out
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, seqs: list[list[int]], device: torch.device,
-                  batch: int = 256) -> np.ndarray:
+def predict_probs(
+    model: nn.Module, seqs: list[list[int]], device: torch.device, batch: int = 256
+) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(seqs), batch):
-        ids = torch.from_numpy(pad_batch(seqs[i: i + batch])).to(device)
+        ids = torch.from_numpy(pad_batch(seqs[i : i + batch])).to(device)
         out.append(F.softmax(model(ids), dim=-1).cpu().numpy())
     return np.concatenate(out)
 
 
-def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, seed: int = 0,
-          quick: bool = False, download_url: str | None = None) -> dict[str, float]:
+def train(
+    data_dir: Path,
+    artifacts_dir: Path,
+    *,
+    epochs: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    download_url: str | None = None,
+) -> dict[str, float]:
     cfg = resolve_config(TrainConfig(), QUICK, quick=quick, seed=seed, epochs=epochs)
     gen = seed_everything(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -213,8 +221,9 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
             opt.step()
             sched.step()
             total += loss.detach().item() * len(idx)
-        dev_acc = float((predict_probs(model, dev_seqs, device).argmax(1)
-                         == dev_split.labels).mean())
+        dev_acc = float(
+            (predict_probs(model, dev_seqs, device).argmax(1) == dev_split.labels).mean()
+        )
         history["train loss"].append(total / len(train_seqs))
         history["dev accuracy"].append(dev_acc)
         bar.set_postfix(loss=f"{history['train loss'][-1]:.4f}", dev=f"{dev_acc:.4f}")
@@ -222,8 +231,12 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
             best_acc, best_epoch = dev_acc, epoch
             best_state = copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= cfg.patience:
-            log.info("early stop after epoch %d: best dev accuracy %.4f at epoch %d",
-                     epoch, best_acc, best_epoch)
+            log.info(
+                "early stop after epoch %d: best dev accuracy %.4f at epoch %d",
+                epoch,
+                best_acc,
+                best_epoch,
+            )
             break
 
     metrics = {
@@ -236,11 +249,17 @@ def train(data_dir: Path, artifacts_dir: Path, *, epochs: int | None = None, see
         "vocab_size": len(vocab),
         "quick": quick,
     }
-    run = SentimentRun(model_cfg, cfg, TrainingData("SST-2 (GLUE)", str(data_dir), {
-        **train_split.files, **dev_split.files}), LABELS, vocab.to_json())
+    run = SentimentRun(
+        model_cfg,
+        cfg,
+        TrainingData("SST-2 (GLUE)", str(data_dir), {**train_split.files, **dev_split.files}),
+        LABELS,
+        vocab.to_json(),
+    )
     assert best_state is not None
-    save_run(run_paths(artifacts_dir, "sentiment"), best_state, run, metrics, history,
-             "BiLSTM on SST-2")
+    save_run(
+        run_paths(artifacts_dir, "sentiment"), best_state, run, metrics, history, "BiLSTM on SST-2"
+    )
     return metrics
 
 

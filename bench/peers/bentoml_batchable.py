@@ -23,8 +23,11 @@ settings = get_settings()
 @bentoml.service(workers=settings.workers)
 class Batchable:
     def __init__(self) -> None:
-        self.runners = {name: registry.load_runner(name, settings)
-                        for name in settings.models if name in ("digits", "sentiment")}
+        self.runners = {
+            name: registry.load_runner(name, settings)
+            for name in settings.models
+            if name in ("digits", "sentiment")
+        }
         for runner in self.runners.values():
             runner.warm_up()
 
@@ -38,4 +41,3 @@ class Batchable:
         runner = self.runners["sentiment"]
         (probs,) = runner.run_batch([[runner.encode(t) for t in texts]])
         return probs[:, runner.labels.index("positive")].tolist()
-

@@ -24,7 +24,14 @@ async def parse_and_answer(request: Request) -> Response:
     return Response(ANSWER, media_type="application/json")
 
 
-app = Starlette(routes=[Route("/health", lambda _: PlainTextResponse("ok")), *(
-    Route(route.path, parse_and_answer, methods=["POST"])
-    for spec in registry.serving(get_settings()).values()
-    for route in spec.routes if route.request is not None)])
+app = Starlette(
+    routes=[
+        Route("/health", lambda _: PlainTextResponse("ok")),
+        *(
+            Route(route.path, parse_and_answer, methods=["POST"])
+            for spec in registry.serving(get_settings()).values()
+            for route in spec.routes
+            if route.request is not None
+        ),
+    ]
+)

@@ -39,37 +39,76 @@ async def digits(request: Request) -> Response:
     runner = runners["digits"]
     pixels = np.asarray(orjson.loads(await request.body())["images"], dtype=np.float32)
     (probs,) = runner.run_batch([pixels])
-    return answer({"model": runner.tag, "predictions": [
-        {"digit": int(row.argmax()), "confidence": float(row.max()),
-         "probabilities": row.round(6).tolist()} for row in probs]})
+    return answer(
+        {
+            "model": runner.tag,
+            "predictions": [
+                {
+                    "digit": int(row.argmax()),
+                    "confidence": float(row.max()),
+                    "probabilities": row.round(6).tolist(),
+                }
+                for row in probs
+            ],
+        }
+    )
 
 
 async def sentiment(request: Request) -> Response:
     runner = runners["sentiment"]
     texts = orjson.loads(await request.body())["texts"]
     (probs,) = runner.run_batch([[runner.encode(t) for t in texts]])
-    return answer({"model": runner.tag, "predictions": [
-        {"label": runner.labels[int(row.argmax())],
-         "positive_probability": float(row[runner.labels.index("positive")])}
-        for row in probs]})
+    return answer(
+        {
+            "model": runner.tag,
+            "predictions": [
+                {
+                    "label": runner.labels[int(row.argmax())],
+                    "positive_probability": float(row[runner.labels.index("positive")]),
+                }
+                for row in probs
+            ],
+        }
+    )
 
 
 async def recommend(request: Request) -> Response:
     runner = runners["recommender"]
     body = orjson.loads(await request.body())
-    user = user_ratings(runner, [(r["movie_id"], r["rating"]) for r in body["ratings"]],
-                        max_ratings=settings.max_ratings)
-    ((expected,), (relevance,)), = runner.run_batch([[user]])
+    user = user_ratings(
+        runner,
+        [(r["movie_id"], r["rating"]) for r in body["ratings"]],
+        max_ratings=settings.max_ratings,
+    )
+    (((expected,), (relevance,)),) = runner.run_batch([[user]])
     cat = runner.catalogue
-    return answer({"model": runner.tag, "recommendations": [
-        {"movie_id": int(cat.movie_ids[i]), "title": cat.titles[i],
-         "predicted_rating": round(float(expected[i]), 4)}
-        for i in runner.recommend(relevance, user, body.get("k", 10))]})
+    return answer(
+        {
+            "model": runner.tag,
+            "recommendations": [
+                {
+                    "movie_id": int(cat.movie_ids[i]),
+                    "title": cat.titles[i],
+                    "predicted_rating": round(float(expected[i]), 4),
+                }
+                for i in runner.recommend(relevance, user, body.get("k", 10))
+            ],
+        }
+    )
 
 
 HANDLERS: dict[str, tuple[str, Callable[[Request], Awaitable[Response]]]] = {
-    "/digits/predict": ("digits", digits), "/sentiment/predict": ("sentiment", sentiment),
-    "/recommender/recommend": ("recommender", recommend)}
-app = Starlette(routes=[Route("/health", lambda _: PlainTextResponse("ok")), *(
-    Route(path, handler, methods=["POST"])
-    for path, (model, handler) in HANDLERS.items() if model in runners)])
+    "/digits/predict": ("digits", digits),
+    "/sentiment/predict": ("sentiment", sentiment),
+    "/recommender/recommend": ("recommender", recommend),
+}
+app = Starlette(
+    routes=[
+        Route("/health", lambda _: PlainTextResponse("ok")),
+        *(
+            Route(path, handler, methods=["POST"])
+            for path, (model, handler) in HANDLERS.items()
+            if model in runners
+        ),
+    ]
+)

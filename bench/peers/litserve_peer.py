@@ -47,8 +47,9 @@ class Model(ls.LitAPI):
         return output
 
     def predict(self, parts: list[Any]) -> list[Any]:
-        return [(part, result) for part, result in
-                zip(parts, self.runner.run_batch(parts), strict=True)]
+        return [
+            (part, result) for part, result in zip(parts, self.runner.run_batch(parts), strict=True)
+        ]
 
 
 class Digits(Model):
@@ -59,9 +60,17 @@ class Digits(Model):
 
     def encode_response(self, output: Any) -> dict[str, Any]:
         _, probs = output
-        return {"model": self.runner.tag, "predictions": [
-            {"digit": int(row.argmax()), "confidence": float(row.max()),
-             "probabilities": row.round(6).tolist()} for row in probs]}
+        return {
+            "model": self.runner.tag,
+            "predictions": [
+                {
+                    "digit": int(row.argmax()),
+                    "confidence": float(row.max()),
+                    "probabilities": row.round(6).tolist(),
+                }
+                for row in probs
+            ],
+        }
 
 
 class Sentiment(Model):
@@ -73,40 +82,67 @@ class Sentiment(Model):
     def encode_response(self, output: Any) -> dict[str, Any]:
         _, probs = output
         labels = self.runner.labels
-        return {"model": self.runner.tag, "predictions": [
-            {"label": labels[int(row.argmax())],
-             "positive_probability": float(row[labels.index("positive")])} for row in probs]}
+        return {
+            "model": self.runner.tag,
+            "predictions": [
+                {
+                    "label": labels[int(row.argmax())],
+                    "positive_probability": float(row[labels.index("positive")]),
+                }
+                for row in probs
+            ],
+        }
 
 
 class Recommender(Model):
     name = "recommender"
 
     def decode_request(self, request):
-        user = user_ratings(self.runner, [(r["movie_id"], r["rating"])
-                                          for r in request["ratings"]],
-                            max_ratings=settings.max_ratings)
+        user = user_ratings(
+            self.runner,
+            [(r["movie_id"], r["rating"]) for r in request["ratings"]],
+            max_ratings=settings.max_ratings,
+        )
         return [user]
 
     def encode_response(self, output: Any) -> dict[str, Any]:
         (user,), ((expected,), (relevance,)) = output
         cat = self.runner.catalogue
-        return {"model": self.runner.tag, "recommendations": [
-            {"movie_id": int(cat.movie_ids[i]), "title": cat.titles[i],
-             "predicted_rating": round(float(expected[i]), 4)}
-            for i in self.runner.recommend(relevance, user, K)]}
+        return {
+            "model": self.runner.tag,
+            "recommendations": [
+                {
+                    "movie_id": int(cat.movie_ids[i]),
+                    "title": cat.titles[i],
+                    "predicted_rating": round(float(expected[i]), 4),
+                }
+                for i in self.runner.recommend(relevance, user, K)
+            ],
+        }
 
 
-ROUTES = {"digits": (Digits, "/digits/predict"), "sentiment": (Sentiment, "/sentiment/predict"),
-          "recommender": (Recommender, "/recommender/recommend")}
+ROUTES = {
+    "digits": (Digits, "/digits/predict"),
+    "sentiment": (Sentiment, "/sentiment/predict"),
+    "recommender": (Recommender, "/recommender/recommend"),
+}
 
 
 def main() -> None:
-    apis = [cls(max_batch_size=MAX_BATCH, batch_timeout=BATCH_TIMEOUT_S, api_path=path)
-            for name, (cls, path) in ROUTES.items() if name in settings.models]
-    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=settings.workers,
-                          fast_queue=True)
-    server.run(host="127.0.0.1", port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000,
-               generate_client_file=False, log_level="warning")
+    apis = [
+        cls(max_batch_size=MAX_BATCH, batch_timeout=BATCH_TIMEOUT_S, api_path=path)
+        for name, (cls, path) in ROUTES.items()
+        if name in settings.models
+    ]
+    server = ls.LitServer(
+        apis, accelerator="cpu", workers_per_device=settings.workers, fast_queue=True
+    )
+    server.run(
+        host="127.0.0.1",
+        port=int(sys.argv[1]) if len(sys.argv) > 1 else 8000,
+        generate_client_file=False,
+        log_level="warning",
+    )
 
 
 if __name__ == "__main__":

@@ -44,12 +44,15 @@ def endpoint(runner: Runner[Any, Any], route: Route) -> Callable[..., Any]:
     """A FastAPI endpoint for `route`: its body typed with the route's request model, or,
     for a file route, read raw."""
     if route.request is None:
+
         async def take_file(request: Request) -> dict[str, Any]:
             return answer(runner, route, await request.body())
+
         return take_file
 
     def take_json(body: BaseModel) -> dict[str, Any]:
         return answer(runner, route, body)
+
     take_json.__annotations__ = {"body": route.request, "return": dict[str, Any]}
     return take_json
 
@@ -58,5 +61,9 @@ for spec in registry.serving(settings).values():
     model_runner = spec.load_runner(settings)
     model_runner.warm_up()
     for model_route in spec.routes:
-        app.add_api_route(model_route.path, endpoint(model_runner, model_route),
-                          methods=["POST"], response_model=model_route.response)
+        app.add_api_route(
+            model_route.path,
+            endpoint(model_runner, model_route),
+            methods=["POST"],
+            response_model=model_route.response,
+        )

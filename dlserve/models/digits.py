@@ -65,13 +65,19 @@ def example_pixels() -> list[list[int]]:
 
 class DigitsRequest(BaseModel):
     # The compact form: as arrays, the example would fill 784 lines of the docs page.
-    model_config = ConfigDict(json_schema_extra={"example": {
-        FIELD_B64: [base64.b64encode(bytes(sum(example_pixels(), []))).decode()]}})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {FIELD_B64: [base64.b64encode(bytes(sum(example_pixels(), []))).decode()]}
+        }
+    )
     images: list[list[list[StrictFloat]]] | None = Field(
-        None, description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)")
+        None, description="28×28 arrays of pixel values 0-255, ink bright on dark (as MNIST)"
+    )
     images_base64: list[str] | None = Field(
-        None, description="the compact form of `images`: each image the base64 of its 784 "
-                          "uint8 pixels, row by row; send one of the two fields")
+        None,
+        description="the compact form of `images`: each image the base64 of its 784 "
+        "uint8 pixels, row by row; send one of the two fields",
+    )
 
 
 class DigitPrediction(BaseModel):
@@ -122,8 +128,9 @@ def parse_fast(body: bytes) -> DigitsRequest | None:
 def parse_images(images: list[Any] | np.ndarray, *, max_items: int) -> np.ndarray:
     """Validate a JSON list of images (or parse_fast's float32 array of them) → float32
     [N, 28, 28]; InputError names the culprit."""
-    check_item_list(images, FIELD, expected=f"{SIDE}×{SIDE} arrays", noun="images",
-                    max_items=max_items)
+    check_item_list(
+        images, FIELD, expected=f"{SIDE}×{SIDE} arrays", noun="images", max_items=max_items
+    )
     try:
         pixels = np.asarray(images, dtype=np.float32)
     except (ValueError, TypeError):
@@ -133,8 +140,9 @@ def parse_images(images: list[Any] | np.ndarray, *, max_items: int) -> np.ndarra
     return check_pixels(pixels, FIELD, sent=images)
 
 
-def check_pixels(pixels: np.ndarray, field: str,
-                 sent: list[Any] | np.ndarray | None = None) -> np.ndarray:
+def check_pixels(
+    pixels: np.ndarray, field: str, sent: list[Any] | np.ndarray | None = None
+) -> np.ndarray:
     """Pixels that are finite and 0-255; InputError names the first that is not. `sent` is
     what the client sent, to quote a value float32 could not hold (1e308)."""
     if pixels.dtype == np.uint8:
@@ -150,7 +158,8 @@ def check_pixels(pixels: np.ndarray, field: str,
     if pixels.min() < 0 or pixels.max() > 255:
         i, r, c = np.argwhere((pixels < 0) | (pixels > 255))[0]
         raise InputError(
-            f"{field}[{i}][{r}][{c}]: {float(pixels[i, r, c]):g} is outside the pixel range 0-255")
+            f"{field}[{i}][{r}][{c}]: {float(pixels[i, r, c]):g} is outside the pixel range 0-255"
+        )
     return pixels
 
 
@@ -159,8 +168,9 @@ def parse_images_base64(images: list[Any], *, max_items: int) -> np.ndarray:
 
     A 28×28 image is 1,048 base64 characters instead of ~2,500 of JSON numbers, and it
     decodes without parsing or checking a number per pixel (uint8 is always in range)."""
-    check_item_list(images, FIELD_B64, expected="base64 strings", noun="images",
-                    max_items=max_items)
+    check_item_list(
+        images, FIELD_B64, expected="base64 strings", noun="images", max_items=max_items
+    )
     size = SIDE * SIDE
     raw = bytearray()
     for i, text in enumerate(images):
@@ -169,18 +179,21 @@ def parse_images_base64(images: list[Any], *, max_items: int) -> np.ndarray:
         except (binascii.Error, ValueError, TypeError):
             raise InputError(f"{FIELD_B64}[{i}]: not a base64 string") from None
         if len(decoded) != size:
-            raise InputError(f"{FIELD_B64}[{i}]: {len(decoded)} bytes once decoded; expected "
-                             f"{size} (28×28 uint8 pixels, row by row)")
+            raise InputError(
+                f"{FIELD_B64}[{i}]: {len(decoded)} bytes once decoded; expected "
+                f"{size} (28×28 uint8 pixels, row by row)"
+            )
         raw += decoded
     return np.frombuffer(bytes(raw), dtype=np.uint8).reshape(len(images), SIDE, SIDE)
 
 
-def prepare_arrays(runner: DigitsRunner, request: DigitsRequest,
-                   settings: Settings) -> Prepared:
+def prepare_arrays(runner: DigitsRunner, request: DigitsRequest, settings: Settings) -> Prepared:
     """A /digits/predict body's two alternative fields → [N, 28, 28] pixels."""
     if (request.images is None) == (request.images_base64 is None):
-        raise InputError(f"send exactly one of `{FIELD}` (arrays of numbers) and "
-                         f"`{FIELD_B64}` (base64 uint8 pixels)")
+        raise InputError(
+            f"send exactly one of `{FIELD}` (arrays of numbers) and "
+            f"`{FIELD_B64}` (base64 uint8 pixels)"
+        )
     if request.images is not None:
         pixels = parse_images(request.images, max_items=settings.max_items)
     else:
@@ -204,31 +217,42 @@ def prediction_arrays(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 def predictions(probs: np.ndarray) -> list[DigitPrediction]:
     """[N, 10] probabilities → one prediction each."""
     digits, confidence, rounded = prediction_arrays(probs)
-    return [DigitPrediction(digit=int(d), confidence=float(c), probabilities=row.tolist())
-            for d, c, row in zip(digits, confidence, rounded, strict=True)]
+    return [
+        DigitPrediction(digit=int(d), confidence=float(c), probabilities=row.tolist())
+        for d, c, row in zip(digits, confidence, rounded, strict=True)
+    ]
 
 
 def respond(runner: DigitsRunner, prepared: Prepared, probs: np.ndarray) -> DigitsResponse:
     return DigitsResponse(model=runner.tag, predictions=predictions(probs))
 
 
-def prepare_tensors(runner: DigitsRunner, inputs: dict[str, np.ndarray],
-                    parameters: dict[str, Any], settings: Settings) -> Prepared:
+def prepare_tensors(
+    runner: DigitsRunner,
+    inputs: dict[str, np.ndarray],
+    parameters: dict[str, Any],
+    settings: Settings,
+) -> Prepared:
     """The protocol's `pixels`, [N, 28, 28] or [N, 1, 28, 28], UINT8 or FP32 0-255."""
     pixels = inputs["pixels"]
     if pixels.ndim == 4 and pixels.shape[1] == 1:
         pixels = pixels[:, 0]
     if pixels.ndim != 3 or pixels.shape[1:] != (SIDE, SIDE) or not len(pixels):
-        raise InputError(f"pixels: expected shape [N, {SIDE}, {SIDE}] or [N, 1, {SIDE}, "
-                         f"{SIDE}] with N ≥ 1, got {list(inputs['pixels'].shape)}")
+        raise InputError(
+            f"pixels: expected shape [N, {SIDE}, {SIDE}] or [N, 1, {SIDE}, "
+            f"{SIDE}] with N ≥ 1, got {list(inputs['pixels'].shape)}"
+        )
     if len(pixels) > settings.max_items:
-        raise PayloadTooLarge(f"pixels: {len(pixels)} images is more than the limit of "
-                              f"{settings.max_items} per request")
+        raise PayloadTooLarge(
+            f"pixels: {len(pixels)} images is more than the limit of "
+            f"{settings.max_items} per request"
+        )
     return Prepared(check_pixels(pixels, "pixels"), len(pixels))
 
 
-def tensor_outputs(runner: DigitsRunner, prepared: Prepared,
-                   probs: np.ndarray) -> dict[str, np.ndarray]:
+def tensor_outputs(
+    runner: DigitsRunner, prepared: Prepared, probs: np.ndarray
+) -> dict[str, np.ndarray]:
     return {"probabilities": probs.astype(np.float32), "digit": probs.argmax(axis=1)}
 
 
@@ -242,21 +266,43 @@ MODEL = ModelSpec(
     summary="handwritten digit classification: LeNet-5 trained on MNIST",
     runner=DigitsRunner,
     routes=(
-        Route("/digits/predict", "Classify 28×28 digit images sent as pixel arrays",
-              DigitsResponse, prepare_arrays, respond, request=DigitsRequest,
-              parse_fast=parse_fast),
-        Route("/digits/predict_image",
-              "Classify one PNG or JPEG file of a digit (any size, colour and polarity)",
-              DigitsResponse, prepare_file, respond,
-              content_types=("image/*", "application/octet-stream")),
+        Route(
+            "/digits/predict",
+            "Classify 28×28 digit images sent as pixel arrays",
+            DigitsResponse,
+            prepare_arrays,
+            respond,
+            request=DigitsRequest,
+            parse_fast=parse_fast,
+        ),
+        Route(
+            "/digits/predict_image",
+            "Classify one PNG or JPEG file of a digit (any size, colour and polarity)",
+            DigitsResponse,
+            prepare_file,
+            respond,
+            content_types=("image/*", "application/octet-stream"),
+        ),
     ),
     tensors=Tensors(
         inputs=(TensorDecl("pixels", ("UINT8", "FP32"), (-1, SIDE, SIDE)),),
-        outputs=(TensorDecl("probabilities", ("FP32",), (-1, 10)),
-                 TensorDecl("digit", ("INT64",), (-1,))),
-        prepare=prepare_tensors, answer=tensor_outputs,
-        example={"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, SIDE, SIDE],
-                             "data": sum(example_pixels(), [])}]}),
+        outputs=(
+            TensorDecl("probabilities", ("FP32",), (-1, 10)),
+            TensorDecl("digit", ("INT64",), (-1,)),
+        ),
+        prepare=prepare_tensors,
+        answer=tensor_outputs,
+        example={
+            "inputs": [
+                {
+                    "name": "pixels",
+                    "datatype": "UINT8",
+                    "shape": [1, SIDE, SIDE],
+                    "data": sum(example_pixels(), []),
+                }
+            ]
+        },
+    ),
     data=mnist,
     train=Ref("training.digits:train"),
     export=Ref("export.digits:export"),
@@ -267,6 +313,10 @@ MODEL = ModelSpec(
     # calibrated on 512 training images): ONNX Runtime fuses it into QLinearConv, 1.9-4x
     # faster than dynamic INT8, whose ConvInteger is a slow kernel (measured at batch 64 on
     # the 2-core AVX2 machine; docs/providers-and-precision.md).
-    precision=PrecisionPlan(metric="accuracy", max_loss=0.003, int8="static",
-                        calibration=Ref("export.digits:calibration")),
+    precision=PrecisionPlan(
+        metric="accuracy",
+        max_loss=0.003,
+        int8="static",
+        calibration=Ref("export.digits:calibration"),
+    ),
 )

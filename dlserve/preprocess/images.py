@@ -46,8 +46,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise PayloadTooLarge(f"image: more than the limit of {max_pixels} pixels "
-                              f"(DLSERVE_MAX_IMAGE_PIXELS): {exc}") from exc
+        raise PayloadTooLarge(
+            f"image: more than the limit of {max_pixels} pixels (DLSERVE_MAX_IMAGE_PIXELS): {exc}"
+        ) from exc
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError("body: not a PNG or JPEG image (could not identify the format)") from exc
     if img.format not in ACCEPTED_FORMATS:
@@ -56,7 +57,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"image: {width}×{height} pixels is more than the limit of {max_pixels} pixels "
-            "(DLSERVE_MAX_IMAGE_PIXELS)")
+            "(DLSERVE_MAX_IMAGE_PIXELS)"
+        )
     if min(width, height) < MIN_IMAGE_SIDE:
         raise InputError(
             f"image: {width}×{height} pixels is too small; at least "
@@ -99,7 +101,7 @@ def to_mnist(img: Image.Image) -> np.ndarray:
     ink *= 255.0 / peak
     rows = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=1))
     cols = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=0))
-    crop = ink[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    crop = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
     h, w = crop.shape
     scale = BOX / max(h, w)
@@ -118,5 +120,5 @@ def to_mnist(img: Image.Image) -> np.ndarray:
     top = int(np.clip(round(SIDE / 2 - cy), 0, SIDE - new_h))
     left = int(np.clip(round(SIDE / 2 - cx), 0, SIDE - new_w))
     out = np.zeros((SIDE, SIDE), dtype=np.float32)
-    out[top: top + new_h, left: left + new_w] = patch
+    out[top : top + new_h, left : left + new_w] = patch
     return out

@@ -78,8 +78,7 @@ class Catalogue:
         accents ignored: "miserables" finds "Misérables"), most-rated first; every movie
         for an empty query."""
         words = fold(query).split()
-        hits = [i for i, title in enumerate(self._folded_titles)
-                if all(w in title for w in words)]
+        hits = [i for i, title in enumerate(self._folded_titles) if all(w in title for w in words)]
         found = np.asarray(hits, dtype=np.int64)
         return found[np.argsort(-self.popularity[found], kind="stable")]
 
@@ -88,13 +87,15 @@ class Catalogue:
         return [fold(t) for t in self.titles]
 
     def to_json(self) -> dict[str, Any]:
-        return {"movie_ids": self.movie_ids.tolist(), "titles": self.titles,
-                "popularity": self.popularity.tolist()}
+        return {
+            "movie_ids": self.movie_ids.tolist(),
+            "titles": self.titles,
+            "popularity": self.popularity.tolist(),
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Catalogue:
-        return cls(np.asarray(raw["movie_ids"]), list(raw["titles"]),
-                   np.asarray(raw["popularity"]))
+        return cls(np.asarray(raw["movie_ids"]), list(raw["titles"]), np.asarray(raw["popularity"]))
 
 
 def fold(text: str) -> str:
@@ -111,8 +112,10 @@ def by_user(ratings: Ratings, catalogue: Catalogue) -> dict[int, UserRatings]:
     order = np.argsort(ratings.users, kind="stable")
     users, starts = np.unique(ratings.users[order], return_index=True)
     groups = np.split(order, starts[1:])
-    return {int(u): UserRatings(positions[g], ratings.levels[g].astype(np.int8))
-            for u, g in zip(users, groups, strict=True)}
+    return {
+        int(u): UserRatings(positions[g], ratings.levels[g].astype(np.int8))
+        for u, g in zip(users, groups, strict=True)
+    }
 
 
 def one_hot(users: list[UserRatings], n_movies: int) -> np.ndarray:

@@ -34,21 +34,34 @@ import numpy as np
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 
-_ESCAPES = {"-lrb-": " ( ", "-rrb-": " ) ", "-lsb-": " [ ", "-rsb-": " ] ", "-lcb-": " { ",
-            "-rcb-": " } ", "``": ' " ', "''": ' " ', "\\/": "/", "\\*": "*"}
+_ESCAPES = {
+    "-lrb-": " ( ",
+    "-rrb-": " ) ",
+    "-lsb-": " [ ",
+    "-rsb-": " ] ",
+    "-lcb-": " { ",
+    "-rcb-": " } ",
+    "``": ' " ',
+    "''": ' " ',
+    "\\/": "/",
+    "\\*": "*",
+}
 _QUOTES = str.maketrans({"‘": "'", "’": "'", "`": "'", "“": '"', "”": '"', "´": "'"})
 _ESCAPE_RE = re.compile("|".join(re.escape(k) for k in _ESCAPES))
 _SUFFIXES = ("s", "es", "ed", "d", "ing", "ly", "er", "est", "ness")
 _NOT = re.compile(r"(?<=\w)n't\b")
 _CLITIC = re.compile(r"(?<=\w)'(s|re|ve|ll|d|m)\b")
-_TOKEN = re.compile(r"""
+_TOKEN = re.compile(
+    r"""
     n't | '(?:s|re|ve|ll|d|m)\b             # contractions, already split off
   | (?:mr|mrs|ms|dr|st|jr|sr|vs|bros)\.     # abbreviations the treebank keeps whole
   | '\d0s\b                                 # decades: '60s
   | [^\W_]+(?:-[^\W_]+)*                    # words, hyphenated compounds whole
   | ([^\w\s])\1+                            # runs of one punctuation mark: ... -- !!
   | [^\s]                                   # anything else, one character at a time
-""", re.VERBOSE)
+""",
+    re.VERBOSE,
+)
 
 
 def normalize(text: str) -> str:
@@ -127,8 +140,9 @@ class Vocabulary:
         """Every token seen at least min_freq times, most frequent first (ties by spelling,
         so the same data always gives the same ids)."""
         counts = Counter(t for text in texts for t in tokenize(text))
-        kept = sorted((t for t, c in counts.items() if c >= min_freq),
-                      key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t)
+        )
         return cls(tokens=[PAD, UNK, *kept], max_tokens=max_tokens)
 
 

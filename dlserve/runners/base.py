@@ -41,13 +41,20 @@ class Runner(Generic[Part, Result]):
     @classmethod
     def open(cls, stored: StoredModel, settings: Settings) -> Self:
         m = stored.manifest
-        config = session_config(settings, m.inputs, m.preprocessing,
-                                default_cache_dir=stored.path / "trt-cache")
+        config = session_config(
+            settings, m.inputs, m.preprocessing, default_cache_dir=stored.path / "trt-cache"
+        )
         session = create_session(stored.onnx_path, label=stored.tag, config=config)
         if session.provider == TENSORRT:  # engines are built per shape range, on first use
             warm_up_profile(session, config.profile, {t.name: t.dtype for t in m.inputs})
-        log.info("%s: %s (%s) on %s, %d CPU thread(s)", m.name, stored.tag, m.precision,
-                 session.provider, config.threads)
+        log.info(
+            "%s: %s (%s) on %s, %d CPU thread(s)",
+            m.name,
+            stored.tag,
+            m.precision,
+            session.provider,
+            config.threads,
+        )
         return cls(stored, session)
 
     @property
@@ -86,9 +93,15 @@ class Runner(Generic[Part, Result]):
     def describe(self) -> dict[str, Any]:
         """What GET /models shows: the manifest's summary plus where and how it runs."""
         m = self.manifest
-        return {"name": self.name, "tag": self.tag, "sha256": m.onnx_sha256,
-                "provider": self.provider, **m.summary(), "preprocessing": m.preprocessing,
-                "created_at": m.created_at}
+        return {
+            "name": self.name,
+            "tag": self.tag,
+            "sha256": m.onnx_sha256,
+            "provider": self.provider,
+            **m.summary(),
+            "preprocessing": m.preprocessing,
+            "created_at": m.created_at,
+        }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -57,12 +57,10 @@ class RecommenderRunner(Runner[list[UserRatings], Rows]):
     def run_batch(self, parts: list[list[UserRatings]]) -> list[Rows]:
         expected, relevance = self.predict([u for part in parts for u in part])
         counts = [len(p) for p in parts]
-        return list(zip(split_rows(expected, counts), split_rows(relevance, counts),
-                        strict=True))
+        return list(zip(split_rows(expected, counts), split_rows(relevance, counts), strict=True))
 
     def join(self, results: list[Rows]) -> Rows:
-        return (np.concatenate([r[0] for r in results]),
-                np.concatenate([r[1] for r in results]))
+        return (np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
 
     def warm_up(self) -> None:
         empty = UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))
