@@ -385,22 +385,61 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
     ceiling = sections.get("inprocess", {}).get("ceiling", [])
     cells = summarise(h["runs"])
     naive = {_cell(r): r["requests_per_s"] for r in cells if r["server"] == "naive"}
-    header = [
-        "model",
-        "items/request",
-        "clients",
-        "server",
-        "runs",
-        "requests/s",
-        "items/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "non-2xx",
-        "mean batch",
-        "vs naive",
+    return [
+        *_http_method(h),
+        "### Targets",
+        "",
+        "Against the naive server, throughput is judged as dlserve's median round against "
+        "its best round (its median beside it): in a round where every connection lands on "
+        'one worker of a server, that server serves about half as much ("Round by round" '
+        "below), and such a round of the naive server must not flatter dlserve. Against the "
+        "other peers, medians against medians.",
+        "",
+        table(["target", "measured", ""], targets(h, ceiling)),
+        "",
+        *render_peers(cells, h.get("idle_cpu", {})),
+        "### Every cell",
+        "",
+        "Where a cell ran more than one round, each figure is the median over its rounds "
+        "(non-2xx: the sum).",
+        "",
+        table(HTTP_HEADER, _run_rows(cells, naive)),
+        "",
+        *_http_rounds(cells, h["workers"]),
+        *_http_workers(h.get("worker_runs") or []),
+        *_http_overload(h.get("overload") or []),
+        "### Where the time goes",
+        "",
+        "Not in the model, for digits: the HTTP tier. What one worker spends its time on "
+        'is measured by the profile section ("Where a worker\'s time goes", '
+        "`dlserve bench --only profile`). Sentiment is different: its LSTM costs "
+        "0.55-0.85 ms of CPU per text at any batch size (the in-process table above), so "
+        "under load the two workers' inference threads and their event loops share the "
+        "same two cores, and batching saves little.",
+        "",
     ]
-    out = [
+
+
+HTTP_HEADER = [
+    "model",
+    "items/request",
+    "clients",
+    "server",
+    "runs",
+    "requests/s",
+    "items/s",
+    "p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "non-2xx",
+    "mean batch",
+    "vs naive",
+]
+
+
+def _http_method(h: dict[str, Any]) -> list[str]:
+    """How the HTTP cells are measured: load generator, servers, payloads."""
+    return [
         "## Over HTTP: dlserve against the servers people pick",
         "",
         f"Load generator: {h['load_generator']}, one thread, one keep-alive connection per "
@@ -426,115 +465,84 @@ def render_http(h: dict[str, Any], sections: dict[str, Any]) -> list[str]:
         'k = 10). "mean batch" is items per model run, read from `/metrics` '
         "(`dlserve_batch_items`).",
         "",
-        "### Targets",
+    ]
+
+
+def _http_rounds(cells: list[dict[str, Any]], workers: int) -> list[str]:
+    """Each round of the cells that ran more than one, and how connections were split."""
+    rounds = _round_rows(cells)
+    if not rounds:
+        return []
+    most = max(len(r["round_runs"]) for r in cells)
+    one_sided = "; ".join(f"{server} {n}" for server, n in _one_sided(cells, workers).items())
+    return [
+        "### Round by round, and connection balance",
         "",
-        "Against the naive server, throughput is judged as dlserve's median round against "
-        "its best round (its median beside it): in a round where every connection lands on "
-        'one worker of a server, that server serves about half as much ("Round by round" '
-        "below), and such a round of the naive server must not flatter dlserve. Against the "
-        "other peers, medians against medians.",
+        "Requests/s of each round of the cells above that ran more than once, with "
+        "how many of the clients' connections each server process held half-way "
+        "through (sampled with psutil). The workers of both servers share one "
+        "listening socket, and whichever calls accept() first takes a new connection: "
+        "a burst of new connections can all land on one worker, which then does all "
+        "the work while the other idles for as long as the clients keep their "
+        "connections, at about half the throughput. dlserve closes one keep-alive "
+        f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({KEEPALIVE_DEFAULT}) "
+        "responses at random "
+        "(`Connection: close`; `service/guard.py`), so that a client reconnects "
+        "and the split evens out within seconds; the naive server keeps uvicorn's "
+        f"behaviour. Runs in which one process held every connection: {one_sided}.",
         "",
-        table(["target", "measured", ""], targets(h, ceiling)),
-        "",
-        *render_peers(cells, h.get("idle_cpu", {})),
-        "### Every cell",
-        "",
-        "Where a cell ran more than one round, each figure is the median over its rounds "
-        "(non-2xx: the sum).",
-        "",
-        table(header, _run_rows(cells, naive)),
+        table(
+            ["model", "clients", "server", *(f"round {i + 1}" for i in range(most)), "median"],
+            rounds,
+        ),
         "",
     ]
-    if rounds := _round_rows(cells):
-        most = max(len(r["round_runs"]) for r in cells)
-        one_sided = "; ".join(
-            f"{server} {n}" for server, n in _one_sided(cells, h["workers"]).items()
-        )
-        out += [
-            "### Round by round, and connection balance",
-            "",
-            "Requests/s of each round of the cells above that ran more than once, with "
-            "how many of the clients' connections each server process held half-way "
-            "through (sampled with psutil). The workers of both servers share one "
-            "listening socket, and whichever calls accept() first takes a new connection: "
-            "a burst of new connections can all land on one worker, which then does all "
-            "the work while the other idles for as long as the clients keep their "
-            "connections, at about half the throughput. dlserve closes one keep-alive "
-            f"connection in `DLSERVE_KEEPALIVE_REQUESTS` ({KEEPALIVE_DEFAULT}) "
-            "responses at random "
-            "(`Connection: close`; `service/guard.py`), so that a client reconnects "
-            "and the split evens out within seconds; the naive server keeps uvicorn's "
-            f"behaviour. Runs in which one process held every connection: {one_sided}.",
-            "",
-            table(
-                ["model", "clients", "server", *(f"round {i + 1}" for i in range(most)), "median"],
-                rounds,
-            ),
-            "",
-        ]
-    if rows := h.get("worker_runs"):
-        out += [
-            "### Worker processes",
-            "",
-            "Digits, one image per request, 64 clients: the default (one worker per core) "
-            "against one worker, for both servers.",
-            "",
-            table(
-                ["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
+
+
+def _http_workers(rows: list[dict[str, Any]]) -> list[str]:
+    """Digits at 64 clients with the default workers against one, for both servers."""
+    if not rows:
+        return []
+    return [
+        "### Worker processes",
+        "",
+        "Digits, one image per request, 64 clients: the default (one worker per core) "
+        "against one worker, for both servers.",
+        "",
+        table(
+            ["workers", "server", "requests/s", "p50 ms", "p99 ms", "non-2xx"],
+            [
                 [
-                    [
-                        r["workers"],
-                        r["server"],
-                        f"{r['requests_per_s']:,.0f}",
-                        _ms(r["p50"]),
-                        _ms(r["p99"]),
-                        r["non_2xx"] + r["socket_errors"],
-                    ]
-                    for r in rows
-                ],
-            ),
-            "",
-        ]
-    if rows := h.get("overload"):
-        out += [
-            "### Beyond capacity",
-            "",
-            "Sentiment, 32 texts per request from 512 clients: 16,384 texts in flight, "
-            "several seconds of model work, against each worker's queue, bounded at "
-            "`DLSERVE_MAX_QUEUE_ITEMS` (4,096 items). Requests that do not fit are refused "
-            "at once with 503 and `Retry-After: 1` (wrk does not wait before retrying, so "
-            "it keeps knocking). Accepted requests wait at most about a full queue's "
-            "worth of work (4,096 texts are several seconds of LSTM), well inside the "
-            "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
-            "a shorter wait.",
-            "",
-            table(header, _run_rows(summarise(rows), {})),
-            "",
-        ]
-    out += [
-        "### Where the time goes",
-        "",
-        "A py-spy profile of one dlserve worker under 64 clients sending single images "
-        "showed the HTTP tier, not the model, as the cost. Before tuning, BentoML's "
-        "middleware stack (OpenTelemetry span, access log, metrics, timeout, context) and "
-        "Starlette routing took most of each request: excluding routes from tracing took "
-        "digits from ~650 to ~1,030 requests/s on one worker, and freezing the start-up "
-        "heap and raising the gen-0 GC threshold took two workers from ~2,000 to ~2,900 "
-        "and p99 from ~150 to ~35 ms. Next went dlserve's three ASGI layers (now one, "
-        "`service/guard.py`) and BentoML's request timeout, which spawns a task and a "
-        "never-cancelled timer per request (now the guard's `asyncio.timeout`; "
-        "`service/bentoml_patches.py`): +4 % together in an 8-round A/B. After that, the "
-        "profile (samples of the worker's threads) reads: uvicorn's socket writes 12 %, "
-        "pydantic checking the 784 pixels of each request 10 %, dlserve's parsing and "
-        "formatting 10 %, BentoML's request handling (its endpoint wrapper, "
-        "`inspect` calls, dependency injection) about 20 %, Starlette 8 %, the event loop "
-        "7 %, the hand-over to the inference thread 7 %, Prometheus metrics 7 %, ONNX "
-        "Runtime 5 %. Dropping OpenTelemetry's or BentoML's metrics middleware, or a "
-        "higher GC threshold, gained 1 % or less each and was not kept. "
-        "Sentiment is different: its LSTM costs 0.55-0.85 ms of CPU per text at any "
-        "batch size (the in-process table above), so under load the two workers' "
-        "inference threads and their event loops share the same two cores, and batching "
-        "saves little (in-process, its best batch is well under 2× batch 1).",
+                    r["workers"],
+                    r["server"],
+                    f"{r['requests_per_s']:,.0f}",
+                    _ms(r["p50"]),
+                    _ms(r["p99"]),
+                    r["non_2xx"] + r["socket_errors"],
+                ]
+                for r in rows
+            ],
+        ),
         "",
     ]
-    return out
+
+
+def _http_overload(rows: list[dict[str, Any]]) -> list[str]:
+    """Sentiment beyond the queue's capacity: what is refused, and how long the rest wait."""
+    if not rows:
+        return []
+    return [
+        "### Beyond capacity",
+        "",
+        "Sentiment, 32 texts per request from 512 clients: 16,384 texts in flight, "
+        "several seconds of model work, against each worker's queue, bounded at "
+        "`DLSERVE_MAX_QUEUE_ITEMS` (4,096 items). Requests that do not fit are refused "
+        "at once with 503 and `Retry-After: 1` (wrk does not wait before retrying, so "
+        "it keeps knocking). Accepted requests wait at most about a full queue's "
+        "worth of work (4,096 texts are several seconds of LSTM), well inside the "
+        "30 s request timeout; a lower `DLSERVE_MAX_QUEUE_ITEMS` trades more 503s for "
+        "a shorter wait.",
+        "",
+        table(HTTP_HEADER, _run_rows(summarise(rows), {})),
+        "",
+    ]
