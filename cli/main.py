@@ -12,11 +12,11 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli.parser import PROJECT_ROOT, Commands, build_parser
 from dlserve import registry
-from dlserve.manifest import PRECISIONS, ModelIntegrityError
+from dlserve.manifest import ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.settings import Settings, SettingsError, load_settings
 from readers.download import DataError
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from cli.serve import StopSignals
 
 log = logging.getLogger("dlserve")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def spec_of(name: str, settings: Settings) -> ModelSpec:
@@ -271,207 +270,15 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _column(raw: str) -> tuple[str, str]:
-    role, sep, name = raw.partition("=")
-    if not sep or not role or not name:
-        raise argparse.ArgumentTypeError(f"expected ROLE=NAME (e.g. text=review), got {raw!r}")
-    return role.strip(), name.strip()
-
-
-def _names(raw: str) -> list[str]:
-    return [n.strip() for n in raw.split(",") if n.strip()]
-
-
-def build_parser(models: list[str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlserve", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        help="data directory (default: $DLSERVE_DATA_DIR "
-        "or ./data); missing data sets are downloaded there",
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-
-    t = sub.add_parser("train", help="train a model; writes a checkpoint, metrics and a curve")
-    t.add_argument("model", choices=models)
-    t.add_argument("--epochs", type=int, help="number of epochs (default: the model's own)")
-    t.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    t.add_argument("--quick", action="store_true", help="a short run for tests and demos")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("export", help="export to ONNX, check, and add to the model store")
-    e.add_argument("model", choices=models)
-    e.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="fp32",
-        help="fp32 (default): export the trained model; int8 (CPUs) or fp16 "
-        "(GPUs): a variant of its newest fp32 version, evaluated against it",
-    )
-    e.add_argument(
-        "--allow-accuracy-loss",
-        "--force",
-        action="store_true",
-        help="store a variant even when it loses more accuracy than the model's tolerance",
-    )
-    e.add_argument(
-        "--int8-method",
-        choices=registry.INT8_METHODS,
-        help="with --precision int8: dynamic or static (calibrated) quantisation "
-        "(default: the model's own choice, see docs/command-line.md)",
-    )
-    e.set_defaults(func=cmd_export)
-
-    v = sub.add_parser("eval", help="evaluate the exported model with ONNX Runtime")
-    v.add_argument("model", choices=models)
-    v.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="evaluate the newest version of this precision (default: $DLSERVE_PRECISION or fp32)",
-    )
-    v.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    v.set_defaults(func=cmd_eval)
-
-    s = sub.add_parser("serve", help="serve every model over HTTP (trains/exports what is missing)")
-    s.add_argument("--port", type=int, help="HTTP port (default: $DLSERVE_PORT or 3000)")
-    s.add_argument(
-        "--workers",
-        type=int,
-        help="worker processes (default: $DLSERVE_WORKERS or one per CPU core)",
-    )
-    s.add_argument("--quick", action="store_true", help="train missing models with --quick")
-    s.set_defaults(func=cmd_serve)
-
-    b = sub.add_parser("bench", help="measure the models and write BENCHMARKS.md")
-    b.add_argument(
-        "--out",
-        type=Path,
-        default=PROJECT_ROOT,
-        help="folder for BENCHMARKS.md and benchmarks.json (default: the project)",
-    )
-    # Whole seconds: wrk takes no fractions of them.
-    b.add_argument(
-        "--hold-s",
-        type=int,
-        default=60,
-        help="seconds of each single-item run at 64 clients (default: 60)",
-    )
-    b.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="runs of each 64-client single-item cell per server; the report "
-        "takes medians (default: 3)",
-    )
-    b.add_argument(
-        "--short-s", type=int, default=10, help="seconds of every other HTTP run (default: 10)"
-    )
-    b.add_argument(
-        "--only",
-        type=_names,
-        metavar="SECTION[,SECTION]",
-        help="run only these sections (inprocess, http, ...); the others keep "
-        "their last results from benchmarks.json",
-    )
-    b.add_argument(
-        "--skip",
-        type=_names,
-        metavar="SECTION[,SECTION]",
-        help="run every section but these (e.g. --skip http: no servers, no wrk)",
-    )
-    b.add_argument(
-        "--soak",
-        type=float,
-        default=0.0,
-        metavar="MINUTES",
-        help="also run the soak section: MINUTES of mixed traffic on every route, "
-        "memory, descriptors, p99 and errors sampled every minute",
-    )
-    b.set_defaults(func=cmd_bench)
-
-    c = sub.add_parser(
-        "score",
-        help="batch-score a file (Parquet, CSV, JSON Lines) with a model "
-        "from the store; resumable; see docs/batch-scoring.md",
-    )
-    c.add_argument("model", choices=models)
-    c.add_argument("input", type=Path, help="file or folder to score")
-    c.add_argument(
-        "output",
-        type=Path,
-        help="file to write (.parquet, .csv or .jsonl; Parquet if the name says "
-        "nothing); rejected rows go beside it, to NAME.rejects.EXT",
-    )
-    c.add_argument(
-        "--model-tag",
-        help="the model version to use (default: the latest; a "
-        "resumed job keeps the version it started with)",
-    )
-    c.add_argument(
-        "--engine",
-        choices=("local", "ray"),
-        default="local",
-        help="local: this process (default); ray: Ray Data, locally or on a cluster",
-    )
-    c.add_argument(
-        "--input-format", help="parquet, csv, tsv or jsonl (default: from the file name)"
-    )
-    c.add_argument(
-        "--output-format",
-        help="parquet, csv, tsv or jsonl (default: from the file name, else parquet)",
-    )
-    c.add_argument(
-        "--id-column",
-        help="the input's id column, copied to each output row "
-        "(default: id; the recommender: user_id)",
-    )
-    c.add_argument(
-        "--column",
-        type=_column,
-        action="append",
-        metavar="ROLE=NAME",
-        help="the input column for a role when it is named otherwise: pixels, "
-        "image, text, user_id, movie_id, rating (repeatable)",
-    )
-    c.add_argument(
-        "--k", type=int, default=10, help="recommender: recommendations per user (default: 10)"
-    )
-    c.add_argument(
-        "--ratings",
-        type=Path,
-        help="recommender: the users' ratings table, "
-        "to predict the INPUT's user_id, movie_id pairs from",
-    )
-    c.add_argument("--ratings-format", help="the format of --ratings (default: from its name)")
-    c.add_argument("--batch-size", type=int, default=256, help="items per model run (default: 256)")
-    c.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=10_000,
-        help="rows per checkpointed chunk: a killed job re-scores at most one "
-        "(default: 10,000; for the recommender's top-k, users)",
-    )
-    c.add_argument(
-        "--max-rejects",
-        type=int,
-        help="stop with exit status 1 once more rows than this are rejected (default: no limit)",
-    )
-    c.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing output (and discard another job's partial work)",
-    )
-    c.add_argument("--quiet", action="store_true", help="no progress bar, no summary line")
-    c.add_argument(
-        "--ray-address", help="--engine ray: an existing cluster (default: start a local Ray)"
-    )
-    c.add_argument(
-        "--ray-actors",
-        type=int,
-        help="--engine ray: model actors (default: one per CPU, or per GPU on CUDA)",
-    )
-    c.set_defaults(func=cmd_score)
-    return p
+# The function each subcommand runs; cli/parser.py declares their arguments.
+COMMANDS = Commands(
+    train=cmd_train,
+    export=cmd_export,
+    eval=cmd_eval,
+    serve=cmd_serve,
+    bench=cmd_bench,
+    score=cmd_score,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         models = list(registry.available(load_settings().model_modules))
-        args = build_parser(models).parse_args(argv)
+        parser = build_parser(models, COMMANDS, description=__doc__.splitlines()[0])
+        args = parser.parse_args(argv)
         settings = load_settings(
             data_dir=args.data_dir,
             port=getattr(args, "port", None),
