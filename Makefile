@@ -7,7 +7,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 
 .PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
-	container-tools container-test ray-tools install lint format clean
+	container-tools container-test ray-tools install allocator lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,16 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-serve: install
+serve: install allocator
 	$(BIN)/dlserve serve
+
+# jemalloc, the allocator the server runs on where it is installed (dlserve/allocator.py):
+# a worker's memory comes back after a burst. Without it the server runs on glibc's malloc.
+allocator: install
+	@$(BIN)/python -c 'import sys; from dlserve.allocator import find_jemalloc; \
+	  sys.exit(find_jemalloc() is None)' 2>/dev/null || { \
+	  $(APT_INSTALL) libjemalloc2 >/dev/null; } || \
+	  echo "warning: could not install libjemalloc2; the server will run on glibc's malloc"
 
 # wrk, the HTTP load generator of `dlserve bench` (and of its test), from Debian's packages.
 bench-tools:
@@ -72,7 +80,7 @@ ray-tools: install
 # process (--dist loadfile), with the servers its fixtures start.
 TEST_PROCESSES ?= 2
 LINTED = dlserve readers training export evaluation service cli bench scoring tests
-test: install bench-tools browser-tools monitoring-tools container-tools ray-tools
+test: install allocator bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy

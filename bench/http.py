@@ -25,12 +25,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psutil
 
 from bench.workloads import Request
+from dlserve import allocator
 
 LUA_SCRIPT = Path(__file__).with_name("wrk_requests.lua")
 MIXED_SCRIPT = Path(__file__).with_name("wrk_mixed.lua")
@@ -300,6 +301,11 @@ def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
         **({"BENTOML_HOME": str(home)} if home else {}),
         **settings,
     }
+    # The allocator `dlserve serve` would give it (dlserve/allocator.py); the server itself
+    # refuses a DLSERVE_ALLOCATOR it does not know.
+    seen = {**os.environ, **env}
+    choice = cast(allocator.Choice, seen.get("DLSERVE_ALLOCATOR", "auto"))
+    env |= allocator.server_env(choice, seen)
     return Server(
         name,
         [

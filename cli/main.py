@@ -15,7 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from cli.parser import PROJECT_ROOT, Commands, build_parser
-from dlserve import registry
+from dlserve import allocator, registry
 from dlserve.manifest import ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.settings import Settings, SettingsError, load_settings
@@ -164,6 +164,8 @@ def server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
         "DLSERVE_MODELS": ",".join(settings.models),
         "DLSERVE_PORT": str(settings.port),
         "DLSERVE_WORKERS": str(settings.workers),
+        # jemalloc, where installed: set for the server's processes from their start
+        **allocator.server_env(settings.allocator, dict(os.environ)),
     }
     return command, env
 
@@ -198,7 +200,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         except serve.Stopped as stop:
             log.warning("%s: stopped before the server started", stop)
             return 128 + stop.signum
-        except serve.ServeError as exc:
+        except (serve.ServeError, allocator.AllocatorError) as exc:
             print(f"dlserve: error: {exc}", file=sys.stderr)
             return 2
 

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.config import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dlserve.allocator import Choice as AllocatorChoice
 from dlserve.catalog import registered
 from dlserve.manifest import Precision
 from dlserve.providers import resolve_providers
@@ -74,6 +75,10 @@ class Settings(BaseSettings):
     # per-thread arenas: in a 10-minute soak with bursts each worker grew 258 → 300 MiB,
     # and one malloc_trim took it to 242-255 MiB. See service/lifecycle.py.
     malloc_trim_s: float = Field(30.0, ge=0, le=3600)
+    # The server's memory allocator (dlserve/allocator.py): auto preloads jemalloc where it
+    # is installed (Debian: libjemalloc2), which gives a burst's memory back by itself;
+    # jemalloc requires it; system keeps glibc's malloc, trimmed as above.
+    allocator: AllocatorChoice = "auto"
     # TensorRT's engine and timing caches; unset: a trt-cache folder beside each model.
     trt_cache_dir: Path | None = None
     # Let TensorRT pick FP16 kernels for an FP32 model (an FP16 variant is FP16 anyway).

@@ -31,6 +31,7 @@ from pathlib import Path
 from types import FrameType
 
 from dlserve import store
+from dlserve.allocator import running_jemalloc
 from dlserve.manifest import ModelIntegrityError
 from dlserve.registry import ModelSpec
 from dlserve.runtime import GPURequired
@@ -140,6 +141,9 @@ def start_trimming(every_s: float) -> bool:
     measurable (`dlserve bench --only soak`). Nothing to do where another allocator (musl's,
     or a preloaded jemalloc) handles it."""
     if every_s <= 0:
+        return False
+    if running_jemalloc():  # preloaded (dlserve/allocator.py): it returns memory itself
+        log.info("running on jemalloc: no malloc_trim needed")
         return False
     try:  # the symbols the process has loaded: glibc's, if it runs on glibc
         trim = ctypes.CDLL(None).malloc_trim

@@ -32,14 +32,15 @@ log() { echo "build-image: $*" >&2; }
 
 case $VARIANT in cpu|gpu) ;; *) log "variant must be cpu or gpu, not $VARIANT"; exit 2;; esac
 
-# 1. The base image: Debian bookworm, whose Python is 3.11, with venv and CA certificates.
+# 1. The base image: Debian bookworm, whose Python is 3.11, with venv, CA certificates and
+#    jemalloc (the server's allocator: dlserve/allocator.py).
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     [ "$BASE_IMAGE" = dlserve-base:bookworm ] || { log "base image $BASE_IMAGE not found"; exit 1; }
     command -v debootstrap >/dev/null || { log "debootstrap is needed to make $BASE_IMAGE"; exit 1; }
     rootfs=$(mktemp -d /var/tmp/dlserve-rootfs.XXXXXX)
     trap 'rm -rf "$rootfs"' EXIT
     log "making $BASE_IMAGE with debootstrap (about 2 minutes)"
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,libjemalloc2 \
         bookworm "$rootfs" "$DEBIAN_MIRROR" >&2
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
         "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/*
