@@ -1,4 +1,4 @@
-"""`dlserve`: train, export, eval, serve, bench and batch-score the models (see README and docs/).
+"""`dlserve`: train, export, eval, serve, bench, batch-score and roll out the models (see docs/).
 
 Every command works on any model in the registry (`dlserve.registry`), by name. Heavy
 imports (torch, bentoml, the data readers) happen inside the command that needs them, so
@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from cli.parser import PROJECT_ROOT, Commands, build_parser
+from cli.rollout import cmd_rollback, cmd_rollout, cmd_versions
 from dlserve import allocator, registry
 from dlserve.manifest import ModelIntegrityError
 from dlserve.registry import ModelSpec
@@ -280,6 +281,9 @@ COMMANDS = Commands(
     serve=cmd_serve,
     bench=cmd_bench,
     score=cmd_score,
+    rollout=cmd_rollout,
+    rollback=cmd_rollback,
+    versions=cmd_versions,
 )
 
 

@@ -33,6 +33,9 @@ class Commands:
     serve: Command
     bench: Command
     score: Command
+    rollout: Command
+    rollback: Command
+    versions: Command
 
 
 def _column(raw: str) -> tuple[str, str]:
@@ -64,6 +67,9 @@ def build_parser(
     _add_serve(sub, commands.serve)
     _add_bench(sub, commands.bench)
     _add_score(sub, models, commands.score)
+    _add_rollout(sub, commands.rollout)
+    _add_rollback(sub, commands.rollback)
+    _add_versions(sub, commands.versions)
     return p
 
 
@@ -257,3 +263,52 @@ def _add_score(sub: Subparsers, models: list[str], func: Command) -> None:
         help="--engine ray: model actors (default: one per CPU, or per GPU on CUDA)",
     )
     c.set_defaults(func=func)
+
+
+def _add_url(parser: argparse.ArgumentParser) -> None:
+    """--url, for the commands that talk to a running server (cli/rollout.py). Those take
+    any model name, not a choice of `models`: the server knows what it serves, and may
+    serve models that this machine has not registered."""
+    parser.add_argument(
+        "--url",
+        help="the server (default: $DLSERVE_URL or http://localhost:$DLSERVE_PORT, "
+        "port 3000 if unset); it needs DLSERVE_MODEL_CONTROL=true, and $DLSERVE_API_KEY "
+        "is sent when set",
+    )
+
+
+def _add_rollout(sub: Subparsers, func: Command) -> None:
+    r = sub.add_parser(
+        "rollout",
+        help="make a running server serve a version of a model, in every worker, "
+        "without a restart; see docs/rollout.md",
+    )
+    r.add_argument("model")
+    r.add_argument(
+        "version",
+        nargs="?",
+        help="abc123 or MODEL:abc123 (default: the newest of the server's DLSERVE_PRECISION)",
+    )
+    _add_url(r)
+    r.set_defaults(func=func)
+
+
+def _add_rollback(sub: Subparsers, func: Command) -> None:
+    r = sub.add_parser(
+        "rollback", help="make a running server serve the version it served before the current one"
+    )
+    r.add_argument("model")
+    _add_url(r)
+    r.set_defaults(func=func)
+
+
+def _add_versions(sub: Subparsers, func: Command) -> None:
+    v = sub.add_parser(
+        "versions",
+        help="a model's versions in a running server's store: which serves, which served "
+        "before, their precision, age and metrics",
+    )
+    v.add_argument("model")
+    v.add_argument("--json", action="store_true", help="print the server's entries as JSON")
+    _add_url(v)
+    v.set_defaults(func=func)

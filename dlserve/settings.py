@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     # pages' own files need no API key (they hold no data; what they show comes from the
     # API, which does), but /docs.json does. See service/pages.py.
     docs: bool = Field(True, json_schema_extra=SECURITY)
+    # The model repository routes (POST /v2/repository/index, /v2/repository/models/{name}/
+    # load and unload: service/repository.py): off, as Triton's model control is by default,
+    # since they change what every client is answered by. They need the API key when one is
+    # set. A load waits up to rollout_timeout_s for every worker to serve the new version.
+    model_control: bool = Field(False, json_schema_extra=SECURITY)
+    rollout_timeout_s: float = Field(120.0, gt=0)
     # On SIGTERM a worker first reports not-ready for drain_delay_s while still serving (so
     # load balancers stop sending it traffic), then stops accepting and finishes in-flight
     # requests; it exits at the latest drain_timeout_s after the signal.

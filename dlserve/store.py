@@ -73,6 +73,45 @@ def latest(name: str, precision: str = "fp32") -> str | None:
     return str(newest.tag) if newest is not None else None
 
 
+@dataclass(frozen=True)
+class Version:
+    """One version of a model in the store, as the model repository index lists it."""
+
+    tag: str
+    precision: str
+    created_at: str  # ISO 8601
+    metrics: dict[str, Any]  # the held-out metrics of its manifest summary
+
+    @property
+    def version(self) -> str:
+        return self.tag.partition(":")[2]
+
+
+def versions(name: str) -> list[Version]:
+    """Every version of `name` in the store, newest first."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        found = [m for m in bentoml.models.list(name) if m.tag.name == name]
+    except NotFound:
+        return []
+    found.sort(key=lambda m: m.info.creation_time, reverse=True)
+    return [
+        Version(
+            tag=str(m.tag),
+            precision=_precision(m),
+            created_at=m.info.creation_time.isoformat(),
+            metrics=_metrics(m.info.metadata.get("metrics")),
+        )
+        for m in found
+    ]
+
+
+def _metrics(raw: Any) -> dict[str, Any]:
+    return dict(raw) if isinstance(raw, dict) else {}
+
+
 def exists(name: str, precision: str = "fp32") -> bool:
     return latest(name, precision) is not None
 

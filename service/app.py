@@ -14,6 +14,7 @@ torch.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
@@ -32,7 +33,7 @@ from dlserve import registry, store
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
-from service import connections, info, openapi, pages, predict, protocol
+from service import connections, info, openapi, pages, predict, protocol, repository, rollout
 from service.batching import STAGES, AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_middlewares
 from service.guard import RequestGuard
@@ -43,7 +44,7 @@ from service.lifecycle import (
     verify_models,
 )
 from service.metrics import SHED_REASONS
-from service.state import WorkerState
+from service.state import Serving, WorkerState
 
 log = logging.getLogger("dlserve.service")
 # BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
@@ -56,7 +57,7 @@ SERVED = registry.serving(settings)
 
 # GET /models and each model's lookups (service/info.py), and the Open Inference
 # Protocol's routes (service/protocol.py; the guard answers their POSTs itself).
-OPERATIONS = info.operations(SERVED) + protocol.operations()
+OPERATIONS = info.operations(SERVED) + protocol.operations() + repository.operations()
 
 
 def api_document(state: WorkerState) -> dict[str, Any]:
@@ -175,20 +176,23 @@ class DLServe:
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
 
     def _load_models(self) -> None:
+        directory = rollout.run_dir() if settings.model_control else None
+        desired = rollout.read_desired(directory) if directory else rollout.Desired()
         try:
             for name, spec in SERVED.items():
-                runner = spec.load_runner(settings)
+                # The latest version of DLSERVE_PRECISION, unless a rollout named another
+                # (a worker that replaces one that died serves what the others serve); its
+                # manifest is the contract every later version must keep (rollout.py).
+                latest = store.load(name, settings.precision)
+                self.state.contracts[name] = latest.manifest
+                wish = desired.models.get(name)
+                if wish is not None and wish.tag is None:
+                    self.state.unloaded[name] = wish.reason
+                    continue
+                stored = store.load(wish.tag) if wish is not None and wish.tag else latest
+                runner = spec.runner.open(stored, settings)
                 runner.warm_up()
-                self.state.batchers[name] = self._batcher(runner)
-                self.state.runners[name] = runner
-                self.state.metrics.model_info.labels(
-                    model=name,
-                    version=runner.stored.version,
-                    sha256=runner.manifest.onnx_sha256,
-                    provider=runner.provider,
-                    precision=runner.manifest.precision,
-                ).set(1)
-                self.state.metrics.model_ready.labels(model=name).set(1)
+                self._serve(name, runner)
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception(
@@ -200,6 +204,72 @@ class DLServe:
         start_trimming(settings.malloc_trim_s)
         self.state.ready = True
         threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog", daemon=True).start()
+        if directory is not None:
+            worker = str(bentoml.server_context.worker_index)
+            rollout.Follower(directory, worker, self._apply, self._serving_tags).start()
+
+    def _serve(self, name: str, runner: Runner[Any, Any]) -> None:
+        """Make `runner` the version of `name` this worker serves (one assignment: see
+        service/state.py, Serving)."""
+        self.state.serving[name] = Serving(runner, self._batcher(runner))
+        self.state.unloaded.pop(name, None)
+        self.state.metrics.model_info.labels(
+            model=name,
+            version=runner.stored.version,
+            sha256=runner.manifest.onnx_sha256,
+            provider=runner.provider,
+            precision=runner.manifest.precision,
+        ).set(1)
+        self.state.metrics.model_ready.labels(model=name).set(1)
+
+    def _apply(self, name: str, wish: rollout.Wish) -> str | None:
+        """Serve what a rollout wishes for `name` (service/rollout.py, Follower): None, or
+        why this worker cannot. The version before keeps serving until the new one has been
+        opened, checked and warmed up, and finishes what it has queued."""
+        current = self.state.serving.get(name)
+        if wish.tag is None:
+            if current is not None:
+                self.state.unloaded[name] = wish.reason
+                self.state.serving.pop(name, None)
+                self.state.metrics.model_ready.labels(model=name).set(0)
+                self._retire(current)
+            return None
+        if current is not None and current.tag == wish.tag:
+            return None
+        runner = self.state.candidates.pop(wish.tag, None)
+        if runner is None:
+            try:
+                runner = rollout.open_checked(
+                    SERVED[name], wish.tag, settings, self.state.contracts[name]
+                )
+            except rollout.Refused as exc:
+                return str(exc)
+        self._serve(name, runner)
+        if current is not None:
+            self._retire(current)
+        log.info("%s: now serving %s", name, wish.tag)
+        return None
+
+    def _retire(self, old: Serving) -> None:
+        """Close a replaced version's batcher once it has answered what it had queued."""
+        self.state.metrics.model_info.labels(
+            model=old.runner.name,
+            version=old.runner.stored.version,
+            sha256=old.runner.manifest.onnx_sha256,
+            provider=old.runner.provider,
+            precision=old.runner.manifest.precision,
+        ).set(0)
+
+        def close_when_idle() -> None:
+            deadline = time.monotonic() + settings.request_timeout_s + settings.hang_timeout_s
+            while not old.batcher.idle and time.monotonic() < deadline:
+                time.sleep(0.05)
+            old.batcher.close()
+
+        threading.Thread(target=close_when_idle, name="dlserve-retire", daemon=True).start()
+
+    def _serving_tags(self) -> dict[str, str | None]:
+        return {name: (s.tag if (s := self.state.serving.get(name)) else None) for name in SERVED}
 
     def _watch_for_hangs(self) -> None:
         """Exit the worker when a model run hangs (DLSERVE_HANG_TIMEOUT_S): its requests
@@ -264,6 +334,11 @@ class DLServe:
 
 # Refuse a server whose models do not match their manifests before any worker starts.
 verify_models(SERVED, settings)
+if settings.model_control and bentoml.server_context.worker_index is None:
+    # `bentoml serve`'s own process, before its workers start: their shared run
+    # directory, through which a rollout reaches every worker (service/rollout.py).
+    rollout.prepare_run_dir()
+    atexit.register(rollout.remove_run_dir)
 verify_metrics_dir()
 drop_bentoml_middlewares(tracing=settings.tracing)
 connections.install()

@@ -343,6 +343,11 @@ class AdaptiveBatcher:
         finally:
             self._draining = False
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, nothing running: a replaced version's batcher can close."""
+        return not self._outstanding and self.running_since is None and not self._draining
+
     def stuck_for(self) -> float:
         """Seconds the batch now running has taken so far (0 while the model is idle)."""
         since = self.running_since

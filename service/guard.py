@@ -60,7 +60,7 @@ from starlette.types import Message, Scope, Send
 
 from dlserve.registry import JSON, Route
 from dlserve.settings import HEALTH_PATHS, Settings, get_settings
-from service import predict, protocol
+from service import predict, protocol, repository
 from service.batching import Call
 from service.metrics import get_metrics
 from service.pages import is_page
@@ -108,6 +108,8 @@ class RequestGuard:
         self.body_timeout_s = settings.body_timeout_s
         self.body_grace_s = settings.body_grace_s
         self.min_body_rate = settings.min_body_rate
+        # A failed load waits again while the version before is put back.
+        self.rollout_timeout_s = 2 * settings.rollout_timeout_s + 10
         self.in_flight = 0
         self.state: WorkerState | None = None  # the worker's, found on first use
 
@@ -150,6 +152,8 @@ class RequestGuard:
             return
         self.in_flight += 1
         timeout_s, source = self.timeout_s, "DLSERVE_REQUEST_TIMEOUT_S"
+        if path.startswith(repository.PREFIX):  # a load waits for every worker to switch
+            timeout_s, source = self.rollout_timeout_s, "DLSERVE_ROLLOUT_TIMEOUT_S and a margin"
         call = None
         if target is not None or infer is not None:
             raw = headers.get(DEADLINE_HEADER)  # check_deadline has found it a number

@@ -80,7 +80,12 @@ def lookup_endpoint(model: str, lookup: Lookup) -> Any:
             query = lookup.parse(request.query_params)
         except InputError as exc:
             return predict.error(state, model, exc.status, str(exc), f"http_{exc.status}")
-        answer = lookup.answer(state.runners[model], query)
+        serving = state.serving.get(model)
+        if serving is None:
+            return predict.error(
+                state, model, 503, predict.unloaded_message(state, model), "unloaded"
+            )
+        answer = lookup.answer(serving.runner, query)
         return Response(
             answer.model_dump_json(),
             media_type=predict.JSON,

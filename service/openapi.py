@@ -47,7 +47,11 @@ ERRORS = {
     413: "Too much: the body, the items, a text, an image or the ratings are over a limit "
     "(the message names the setting).",
     404: "No such model here, or not that version of it.",
+    403: "Model control is off on this server (DLSERVE_MODEL_CONTROL).",
+    409: "The model has no earlier version to roll back to.",
     415: "A body type the route does not take, or any pickle.",
+    422: "The version cannot serve: its checksum, ONNX Runtime, its contract or its smoke "
+    "run (the message says which); the version before keeps serving.",
     429: "This worker has DLSERVE_MAX_CONCURRENCY requests in hand; retry after "
     "`Retry-After` seconds.",
     503: "The models are still loading, or the model's queue is full; retry after "

@@ -77,6 +77,14 @@ async def unless_loaded(state: WorkerState, model: str | None = None) -> Respons
     return json_response({"error": LOADING}, 503, {"Retry-After": "1"})
 
 
+def unloaded_message(state: WorkerState, model: str) -> str:
+    why = state.unloaded.get(model, "it is not loaded")
+    return (
+        f"model {model} is not being served: {why}; POST /v2/repository/models/{model}/load "
+        "loads it again"
+    )
+
+
 async def serve(
     state: WorkerState,
     model: str,
@@ -95,7 +103,10 @@ async def serve(
     # (checked inline first: the await costs every request once the models are loaded)
     if not state.ready and (refusal := await unless_loaded(state, model)) is not None:
         return refusal
-    runner = state.runners[model]
+    serving = state.serving.get(model)
+    if serving is None:  # unloaded through the model repository routes
+        return error(state, model, 503, unloaded_message(state, model), "unloaded")
+    runner, batcher = serving.runner, serving.batcher  # one version, start to end
     started = time.perf_counter()
     try:
         if heavy:
@@ -110,7 +121,7 @@ async def serve(
         raise
     state.preprocess_seconds[model].observe(time.perf_counter() - started)
     try:
-        result = await state.batchers[model].submit(prepared.part, prepared.items, call)
+        result = await batcher.submit(prepared.part, prepared.items, call)
     except (Overloaded, Shed) as exc:
         reason = "overloaded" if isinstance(exc, Overloaded) else "deadline"
         state.metrics.shed.labels(model=model, reason=reason).inc()

@@ -72,6 +72,8 @@ async def infer(
     spec = state.specs.get(name)
     if spec is None or spec.tensors is None:
         return _not_served(name)
+    if name in state.unloaded and name not in state.serving:
+        return predict.json_response({"error": unavailable_message(state, name)}, 400)
     tensors = spec.tensors
     settings = state.settings
     encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
@@ -122,13 +124,24 @@ def _check_version(runner: Any, version: str | None) -> None:
         )
 
 
+def unavailable_message(state: WorkerState, name: str) -> str:
+    """Triton's words for a model that has been unloaded (tritonclient users match on
+    them), then why and how to load it again."""
+    return (
+        f"Request for unknown model: '{name}' has no available versions "
+        f"({predict.unloaded_message(state, name)})"
+    )
+
+
 def _not_served(name: str) -> Response:
     return predict.json_response({"error": f"model {name!r} is not served here"}, 404)
 
 
 async def server_metadata(_: Request) -> Response:
+    # Triton's name for the load/unload/index routes (service/repository.py), when on.
+    repository = ["model_repository"] if current().settings.model_control else []
     return predict.json_response(
-        {"name": "dlserve", "version": __version__, "extensions": EXTENSIONS}
+        {"name": "dlserve", "version": __version__, "extensions": EXTENSIONS + repository}
     )
 
 
@@ -161,6 +174,8 @@ def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Res
     if spec is None or spec.tensors is None:
         return _not_served(name)
     runner = state.runners.get(name)
+    if runner is None and name in state.unloaded:  # Triton's answer for an unloaded model
+        return predict.json_response({"error": unavailable_message(state, name)}, 400)
     if runner is None:
         return predict.json_response(
             {"error": f"model {name} is still loading"}, 503, {"Retry-After": "1"}

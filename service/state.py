@@ -12,15 +12,29 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import bentoml
 
+from dlserve.manifest import Manifest
 from dlserve.registry import ModelSpec
 from dlserve.runners.base import Runner
 from dlserve.settings import Settings
 from service.batching import AdaptiveBatcher
 from service.metrics import Metrics, get_metrics
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One model version as this worker serves it."""
+
+    runner: Runner[Any, Any]
+    batcher: AdaptiveBatcher
+
+    @property
+    def tag(self) -> str:
+        return self.runner.tag
 
 
 class WorkerState:
@@ -39,11 +53,29 @@ class WorkerState:
         }
         # Large bodies are parsed and preprocessed here, one at a time (service/predict.py).
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        self.runners: dict[str, Runner[Any, Any]] = {}
-        self.batchers: dict[str, AdaptiveBatcher] = {}
+        # Each loaded model's runner with its batcher, replaced as one (service/rollout.py):
+        # a request takes both in one read, so it is prepared, run and answered by one
+        # version even when another takes over meanwhile.
+        self.serving: dict[str, Serving] = {}
+        # What unloaded a model (POST .../unload), by model: its requests are told so.
+        self.unloaded: dict[str, str] = {}
+        # The manifest of each model's version at start-up: the contract (tensor names and
+        # shapes, labels) that any version rolled out later must keep (service/rollout.py).
+        self.contracts: dict[str, Manifest] = {}
+        # Versions opened and checked by a load request in this worker, handed to its
+        # rollout thread so that it does not open them again.
+        self.candidates: dict[str, Runner[Any, Any]] = {}
         self.ready = False
         self.draining = False
         self.load_error: str | None = None
+
+    @property
+    def runners(self) -> dict[str, Runner[Any, Any]]:
+        return {name: s.runner for name, s in self.serving.items()}
+
+    @property
+    def batchers(self) -> dict[str, AdaptiveBatcher]:
+        return {name: s.batcher for name, s in self.serving.items()}
 
     async def wait_until_loaded(self) -> bool:
         """Whether the models are loaded, waiting up to half the request timeout for them.

@@ -36,8 +36,8 @@ class MlpRunner(Runner[np.ndarray, np.ndarray]):
     def run_batch(self, parts: list[np.ndarray]) -> list[np.ndarray]:
         return split_rows(self.predict(np.concatenate(parts)), [len(p) for p in parts])
 
-    def warm_up(self) -> None:
-        self.predict(np.zeros((4, SIDE, SIDE), np.float32))
+    def warm_up(self) -> list[np.ndarray]:
+        return [self.predict(np.zeros((4, SIDE, SIDE), np.float32))]
 
 
 def respond(runner: MlpRunner, prepared: Prepared, probs: np.ndarray) -> digits.DigitsResponse:

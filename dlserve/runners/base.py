@@ -77,8 +77,9 @@ class Runner(Generic[Part, Result]):
         """Run several requests' worth of prepared inputs as one model call; one result each."""
         raise NotImplementedError
 
-    def warm_up(self) -> None:
-        """One run at a few batch sizes, so the first real request pays no lazy set-up."""
+    def warm_up(self) -> list[Any]:
+        """One run at a few batch sizes, so the first real request pays no lazy set-up;
+        the outputs, which a new version's smoke test checks (service/rollout.py)."""
         raise NotImplementedError
 
     def item_costs(self, part: Part) -> list[int]:

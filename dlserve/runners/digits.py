@@ -20,6 +20,5 @@ class DigitsRunner(Runner[np.ndarray, np.ndarray]):
         pixels = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return split_rows(self.predict(pixels), [len(p) for p in parts])
 
-    def warm_up(self) -> None:
-        for n in (1, 8, 64):
-            self.predict(np.zeros((n, SIDE, SIDE), dtype=np.float32))
+    def warm_up(self) -> list[np.ndarray]:
+        return [self.predict(np.zeros((n, SIDE, SIDE), dtype=np.float32)) for n in (1, 8, 64)]

@@ -8,6 +8,8 @@ service and evaluation both use.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from dlserve.preprocess.ratings import Catalogue, UserRatings, one_hot
@@ -62,10 +64,9 @@ class RecommenderRunner(Runner[list[UserRatings], Rows]):
     def join(self, results: list[Rows]) -> Rows:
         return (np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]))
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> list[Any]:
         empty = UserRatings(np.empty(0, np.int64), np.empty(0, np.int8))
-        for n in (1, 8, 64):
-            self.predict([empty] * n)
+        return [self.predict([empty] * n) for n in (1, 8, 64)]
 
     def recommend(self, relevance: np.ndarray, user: UserRatings, k: int) -> np.ndarray:
         """Positions of the k movies the user has not rated with the highest relevance (the

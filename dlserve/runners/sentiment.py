@@ -9,6 +9,8 @@ padding all of them to the longest one.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from dlserve.preprocess.text import UNK_ID, Vocabulary, pad_batch
@@ -78,6 +80,5 @@ class SentimentRunner(Runner[TokenIds, np.ndarray]):
         probs = self.predict([seq for part in parts for seq in part])
         return split_rows(probs, [len(p) for p in parts])
 
-    def warm_up(self) -> None:
-        for n, length in ((1, 4), (8, 16), (64, 64)):
-            self.predict([[UNK_ID] * length] * n)
+    def warm_up(self) -> list[Any]:
+        return [self.predict([[UNK_ID] * length] * n) for n, length in ((1, 4), (8, 16), (64, 64))]
