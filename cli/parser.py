@@ -289,13 +289,22 @@ def _add_rollout(sub: Subparsers, func: Command) -> None:
         nargs="?",
         help="abc123 or MODEL:abc123 (default: the newest of the server's DLSERVE_PRECISION)",
     )
+    r.add_argument(
+        "--canary",
+        type=float,
+        metavar="PERCENT",
+        help="serve the version on this share of requests only, beside the current one; "
+        "rolling it out again without --canary promotes it, rollback drops it",
+    )
     _add_url(r)
     r.set_defaults(func=func)
 
 
 def _add_rollback(sub: Subparsers, func: Command) -> None:
     r = sub.add_parser(
-        "rollback", help="make a running server serve the version it served before the current one"
+        "rollback",
+        help="make a running server serve the version it served before the current one "
+        "(or drop its canary)",
     )
     r.add_argument("model")
     _add_url(r)

@@ -107,6 +107,11 @@ def _answer(action: Callable[[], str]) -> int:
 def _loaded(answer: dict[str, Any]) -> str:
     """`digits: digits:abc → digits:def, served by 2 workers`."""
     model, version, workers = answer["model"], answer["version"], answer["workers"]
+    if answer.get("canary"):
+        return (
+            f"{model}: {answer['canary']} on {answer['canary_percent']:g} % of requests, "
+            f"{version} on the rest, in {workers} workers"
+        )
     if answer.get("previous") == version:
         return f"{model}: {version} already served, by {workers} workers"
     return f"{model}: {answer.get('previous') or 'none'} → {version}, served by {workers} workers"
@@ -114,7 +119,9 @@ def _loaded(answer: dict[str, Any]) -> str:
 
 def cmd_rollout(args: argparse.Namespace, settings: Settings) -> int:
     repository = _repository(args, settings)
-    parameters = {} if args.version is None else {"version": args.version}
+    parameters: dict[str, Any] = {} if args.version is None else {"version": args.version}
+    if args.canary is not None:
+        parameters["canary_percent"] = args.canary
     return _answer(lambda: _loaded(repository.load(args.model, parameters)))
 
 

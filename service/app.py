@@ -44,7 +44,7 @@ from service.lifecycle import (
     verify_models,
 )
 from service.metrics import SHED_REASONS
-from service.state import Serving, WorkerState
+from service.state import Serving, VersionCounters, WorkerState
 
 log = logging.getLogger("dlserve.service")
 # BentoML sets up its own loggers only; dlserve's INFO lines (each model's tag, precision
@@ -208,19 +208,34 @@ class DLServe:
             worker = str(bentoml.server_context.worker_index)
             rollout.Follower(directory, worker, self._apply, self._serving_tags).start()
 
-    def _serve(self, name: str, runner: Runner[Any, Any]) -> None:
-        """Make `runner` the version of `name` this worker serves (one assignment: see
-        service/state.py, Serving)."""
-        self.state.serving[name] = Serving(runner, self._batcher(runner))
+    def _serve(self, name: str, serving: Serving | Runner[Any, Any]) -> None:
+        """Make `serving` (or a runner, with a batcher of its own) what this worker serves of
+        `name`: one assignment, so that a request sees the old or the new, never a mix
+        (service/state.py, Serving)."""
+        if not isinstance(serving, Serving):
+            serving = Serving(serving, self._batcher(serving))
+        self.state.serving[name] = serving
         self.state.unloaded.pop(name, None)
-        self.state.metrics.model_info.labels(
-            model=name,
+        for runner in (serving.runner, *([serving.canary.runner] if serving.canary else [])):
+            self._info(runner).set(1)
+        self.state.metrics.model_ready.labels(model=name).set(1)
+
+    def _info(self, runner: Runner[Any, Any]) -> Any:
+        return self.state.metrics.model_info.labels(
+            model=runner.name,
             version=runner.stored.version,
             sha256=runner.manifest.onnx_sha256,
             provider=runner.provider,
             precision=runner.manifest.precision,
-        ).set(1)
-        self.state.metrics.model_ready.labels(model=name).set(1)
+        )
+
+    def _open(self, name: str, tag: str) -> Serving:
+        """Version `tag`, ready to serve: the one a load request in this worker has opened
+        and checked already, or opened and checked now (rollout.Refused if it cannot)."""
+        runner = self.state.candidates.pop(tag, None) or rollout.open_checked(
+            SERVED[name], tag, settings, self.state.contracts[name]
+        )
+        return Serving(runner, self._batcher(runner))
 
     def _apply(self, name: str, wish: rollout.Wish) -> str | None:
         """Serve what a rollout wishes for `name` (service/rollout.py, Follower): None, or
@@ -234,31 +249,44 @@ class DLServe:
                 self.state.metrics.model_ready.labels(model=name).set(0)
                 self._retire(current)
             return None
-        if current is not None and current.tag == wish.tag:
-            return None
-        runner = self.state.candidates.pop(wish.tag, None)
-        if runner is None:
-            try:
-                runner = rollout.open_checked(
-                    SERVED[name], wish.tag, settings, self.state.contracts[name]
-                )
-            except rollout.Refused as exc:
-                return str(exc)
-        self._serve(name, runner)
-        if current is not None:
-            self._retire(current)
-        log.info("%s: now serving %s", name, wish.tag)
+        # Reuse what serves already: the stable version, or the canary being promoted.
+        known = {s.tag: s for s in (current, current.canary if current else None) if s}
+        try:
+            stable = known.get(wish.tag) or self._open(name, wish.tag)
+            canary = None
+            if wish.canary is not None:
+                canary = known.get(wish.canary) or self._open(name, wish.canary)
+        except rollout.Refused as exc:
+            return str(exc)
+        stable = Serving(stable.runner, stable.batcher)  # without the canary it had
+        if canary is not None:
+
+            def counters(tag: str) -> VersionCounters:
+                return VersionCounters.of(self.state.metrics, name, tag.partition(":")[2])
+
+            stable = Serving(
+                stable.runner,
+                stable.batcher,
+                Serving(canary.runner, canary.batcher, counted=counters(canary.tag)),
+                wish.canary_percent,
+                counters(stable.tag),
+            )
+        self._serve(name, stable)
+        kept = {stable.tag, *([canary.tag] if canary else [])}
+        for old in known.values():
+            if old.tag not in kept:
+                self._retire(old)
+        log.info(
+            "%s: now serving %s%s",
+            name,
+            wish.tag,
+            f" with {wish.canary} on {wish.canary_percent:g} % of requests" if canary else "",
+        )
         return None
 
     def _retire(self, old: Serving) -> None:
         """Close a replaced version's batcher once it has answered what it had queued."""
-        self.state.metrics.model_info.labels(
-            model=old.runner.name,
-            version=old.runner.stored.version,
-            sha256=old.runner.manifest.onnx_sha256,
-            provider=old.runner.provider,
-            precision=old.runner.manifest.precision,
-        ).set(0)
+        self._info(old.runner).set(0)
 
         def close_when_idle() -> None:
             deadline = time.monotonic() + settings.request_timeout_s + settings.hang_timeout_s
@@ -268,8 +296,13 @@ class DLServe:
 
         threading.Thread(target=close_when_idle, name="dlserve-retire", daemon=True).start()
 
-    def _serving_tags(self) -> dict[str, str | None]:
-        return {name: (s.tag if (s := self.state.serving.get(name)) else None) for name in SERVED}
+    def _serving_tags(self) -> tuple[dict[str, str | None], dict[str, str | None]]:
+        """What this worker serves of each model, and the canary beside it."""
+        serving = {name: self.state.serving.get(name) for name in SERVED}
+        return (
+            {name: s.tag if s else None for name, s in serving.items()},
+            {name: s.canary.tag if s and s.canary else None for name, s in serving.items()},
+        )
 
     def _watch_for_hangs(self) -> None:
         """Exit the worker when a model run hangs (DLSERVE_HANG_TIMEOUT_S): its requests

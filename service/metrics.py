@@ -30,6 +30,9 @@ class Metrics:
     worker_starts: Any  # Counter[worker]: worker processes started, by worker id
     abandoned: Any  # Counter[model, stage]: requests whose client hung up, by how far they got
     shed: Any  # Counter[model, reason]: requests refused at once: deadline or overloaded
+    # While a canary runs (service/repository.py): each version's requests and latency
+    version_requests: Any  # Counter[model, version, status]: status "2xx", "4xx", "5xx"
+    version_seconds: Any  # Histogram[model, version]: request to answer, in the worker
 
 
 @cache
@@ -98,5 +101,17 @@ def get_metrics() -> Metrics:
             "dlserve_requests_shed",
             "Requests refused at once with 503 + Retry-After rather than answered late",
             ["model", "reason"],
+        ),
+        version_requests=Counter(
+            "dlserve_version_requests",
+            "Requests answered by each version of a model while a canary runs, by status class",
+            ["model", "version", "status"],
+        ),
+        version_seconds=Histogram(
+            "dlserve_version_request_seconds",
+            "Time from a request's arrival in the worker to its answer, by version, while a "
+            "canary runs",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
         ),
     )

@@ -28,7 +28,7 @@ from dlserve.errors import InputError
 from dlserve.prepared import Prepared
 from dlserve.registry import Route
 from service.batching import Call, Overloaded, Shed
-from service.state import WorkerState
+from service.state import Serving, WorkerState
 
 # Bodies bigger than this (JSON, text, an image file) take 10 ms or more to parse and
 # prepare, so that is done off the event loop, where it would stall every other request,
@@ -106,7 +106,25 @@ async def serve(
     serving = state.serving.get(model)
     if serving is None:  # unloaded through the model repository routes
         return error(state, model, 503, unloaded_message(state, model), "unloaded")
-    runner, batcher = serving.runner, serving.batcher  # one version, start to end
+    serving = serving.pick()  # one version, start to end
+    if serving.counted is None:
+        return await _serve(state, model, serving, prepare, respond, heavy, call)
+    started = time.perf_counter()
+    response = await _serve(state, model, serving, prepare, respond, heavy, call)
+    serving.counted.count(response.status_code, time.perf_counter() - started)
+    return response
+
+
+async def _serve(
+    state: WorkerState,
+    model: str,
+    serving: Serving,
+    prepare: Callable[[Any], Prepared],
+    respond: Callable[[Any, Prepared, Any], Response],
+    heavy: bool,
+    call: Call | None,
+) -> Response:
+    runner, batcher = serving.runner, serving.batcher
     started = time.perf_counter()
     try:
         if heavy:

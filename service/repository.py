@@ -37,7 +37,7 @@ from starlette.responses import Response
 from dlserve import store
 from service import predict, rollout
 from service.openapi import Operation
-from service.state import WorkerState, current
+from service.state import Serving, WorkerState, current
 
 PREFIX = "/v2/repository/"
 TAG = "Model repository (admin)"
@@ -65,7 +65,10 @@ class IndexRequest(BaseModel):
 
 class LoadParameters(BaseModel):
     version: str | None = None  # "abc123" or "digits:abc123"; none: the newest
-    rollback: bool = False  # the version served before the current one
+    # With a version: it answers this share of requests, beside the one that serves now;
+    # loading it again without this promotes it, `rollback` drops it.
+    canary_percent: float | None = None
+    rollback: bool = False  # the version served before the current one, or drop the canary
 
 
 class LoadRequest(BaseModel):
@@ -82,6 +85,8 @@ class Loaded(BaseModel):
     version: str  # the tag every worker now serves
     previous: str | None  # the tag it replaced (None: none was served)
     workers: int
+    canary: str | None = None  # the candidate beside it, on canary_percent % of requests
+    canary_percent: float = 0.0
 
 
 def _refusal(status: int, message: str) -> Response:
@@ -135,7 +140,7 @@ async def index(request: Request) -> Response:
         serving = state.serving.get(name)
         wish = desired.models.get(name)
         for v in await asyncio.to_thread(store.versions, name):
-            entry = _entry(name, v, serving.tag if serving else None, wish, state)
+            entry = _entry(name, v, serving, wish, state)
             if entry.state == "READY" or not ready_only:
                 entries.append(entry.model_dump())
     return predict.json_response(entries)
@@ -144,13 +149,16 @@ async def index(request: Request) -> Response:
 def _entry(
     name: str,
     v: store.Version,
-    serving: str | None,
+    current: Serving | None,
     wish: rollout.Wish | None,
     state: WorkerState,
 ) -> RepositoryEntry:
+    serving = current.tag if current else None
     if v.tag == serving:
         status, reason = "READY", ""
-    elif wish is not None and wish.tag == v.tag:
+    elif current is not None and current.canary is not None and current.canary.tag == v.tag:
+        status, reason = "READY", f"canary: {current.canary_percent:g} % of requests"
+    elif wish is not None and v.tag in (wish.tag, wish.canary):
         status, reason = "LOADING", "being loaded"
     elif serving is None and name in state.unloaded:
         status, reason = "UNAVAILABLE", state.unloaded[name]
@@ -176,61 +184,89 @@ async def load(request: Request) -> Response:
     state, name = controlled
     directory = rollout.run_dir()
     assert directory is not None  # made at start-up when model control is on
+    before = state.serving.get(name)
+    served = {s.tag for s in (before, before.canary if before else None) if s}
+    prior = rollout.read_desired(directory).models.get(name)  # what a failure puts back
     try:
-        tag = _wanted(state, name, _parameters(await request.body()), directory)
-        runner = await asyncio.to_thread(
-            rollout.open_checked, state.specs[name], tag, state.settings, state.contracts[name]
-        )
+        wish = _plan(state, name, _parameters(await request.body()), prior, before)
+        for tag in {wish.tag, wish.canary} - served - {None}:
+            assert tag is not None
+            # Checked here first, before any worker switches; this worker's rollout
+            # thread then takes the opened version from `candidates`.
+            state.candidates[tag] = await asyncio.to_thread(
+                rollout.open_checked, state.specs[name], tag, state.settings, state.contracts[name]
+            )
     except rollout.Refused as exc:
         return _refusal(exc.status, str(exc))
-    before = state.serving.get(name)
-    before_tag = before.tag if before else None
-    prior = rollout.read_desired(directory).models.get(name)  # what a failure puts back
-    if tag != before_tag:
-        state.candidates[tag] = runner  # this worker's rollout thread takes it from here
-    generation = rollout.change(
-        directory,
-        name,
-        lambda old: rollout.Wish(
-            tag, previous=before_tag if before_tag != tag else (old.previous if old else None)
-        ),
-    )
-    failure = await _wait_for_workers(state, directory, generation, name, tag)
+    generation = rollout.change(directory, name, lambda _: wish)
+    failure = await _wait_for_workers(state, directory, generation, name, wish.tag, wish.canary)
     if failure is not None:
-        state.candidates.pop(tag, None)
+        for tag in (wish.tag, wish.canary):
+            state.candidates.pop(tag or "", None)
         # Put back what served before, everywhere, then say why.
-        back = rollout.change(
-            directory,
-            name,
-            lambda _: rollout.Wish(
-                before_tag, previous=prior.previous if prior else None, reason=failure
-            ),
+        back = prior or rollout.Wish(before.tag if before else None)
+        again = rollout.change(directory, name, lambda _: back)
+        await _wait_for_workers(state, directory, again, name, back.tag, back.canary)
+        return _refusal(
+            503,
+            f"{wish.tag} was not rolled out ({failure}); {before.tag if before else 'nothing'} "
+            "still serves",
         )
-        await _wait_for_workers(state, directory, back, name, before_tag)
-        return _refusal(503, f"{tag} was not rolled out ({failure}); {before_tag} still serves")
     return predict.json_response(
         Loaded(
-            model=name, version=tag, previous=before_tag, workers=state.settings.workers
+            model=name,
+            version=wish.tag or "",
+            previous=before.tag if before else None,
+            workers=state.settings.workers,
+            canary=wish.canary,
+            canary_percent=wish.canary_percent,
         ).model_dump()
     )
 
 
-def _wanted(state: WorkerState, name: str, parameters: dict[str, Any], directory: Any) -> str:
-    """The tag a load names: its version, the one before (rollback), or the newest of
-    DLSERVE_PRECISION."""
-    unknown = sorted(set(parameters) - {"version", "rollback"})
+def _plan(
+    state: WorkerState,
+    name: str,
+    parameters: dict[str, Any],
+    prior: rollout.Wish | None,
+    before: Serving | None,
+) -> rollout.Wish:
+    """What every worker should serve after this load: the version it names (or the newest
+    of DLSERVE_PRECISION), as a canary beside the current one, or the one before."""
+    unknown = sorted(set(parameters) - {"version", "rollback", "canary_percent"})
     if unknown:
         raise rollout.Refused(
             400,
             f"unsupported load parameter(s) {unknown}: dlserve loads versions from its model "
-            "store (`version`, or `rollback`), not configurations or files",
+            "store (`version`, `canary_percent`, `rollback`), not configurations or files",
         )
+    before_tag = before.tag if before else None
+    previous = prior.previous if prior else None
     if parameters.get("rollback"):
-        wish = rollout.read_desired(directory).models.get(name)
-        if wish is None or wish.previous is None:
+        if prior is not None and prior.canary is not None:  # drop the canary
+            return rollout.Wish(prior.tag, previous=previous)
+        if previous is None:
             raise rollout.Refused(409, f"{name} has no earlier version to roll back to")
-        return wish.previous
-    version = parameters.get("version")
+        return rollout.Wish(previous, previous=before_tag)
+    tag = _named(state, name, parameters.get("version"))
+    percent = parameters.get("canary_percent")
+    if percent is None:
+        return rollout.Wish(tag, previous=before_tag if before_tag != tag else previous)
+    if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 < percent < 100:
+        raise rollout.Refused(
+            400, f"parameters.canary_percent must be a number between 0 and 100, got {percent!r}"
+        )
+    if before_tag is None or tag == before_tag:
+        raise rollout.Refused(
+            409,
+            f"a canary needs another version serving beside it; {name} serves "
+            f"{before_tag or 'nothing'}",
+        )
+    return rollout.Wish(before_tag, previous=previous, canary=tag, canary_percent=float(percent))
+
+
+def _named(state: WorkerState, name: str, version: Any) -> str:
+    """The tag a load names, or the newest of DLSERVE_PRECISION."""
     if version is not None:
         if not isinstance(version, str):
             raise rollout.Refused(400, f"parameters.version must be a string, got {version!r}")
@@ -268,7 +304,12 @@ async def unload(request: Request) -> Response:
 
 
 async def _wait_for_workers(
-    state: WorkerState, directory: Any, generation: int, name: str, tag: str | None
+    state: WorkerState,
+    directory: Any,
+    generation: int,
+    name: str,
+    tag: str | None,
+    canary: str | None = None,
 ) -> str | None:
     """None once every worker has applied `generation` and serves `tag` for `name`;
     otherwise which worker did not, and why."""
@@ -283,7 +324,7 @@ async def _wait_for_workers(
                 pending.append(worker)
             elif name in report.errors:
                 return f"worker {worker}: {report.errors[name]}"
-            elif report.serving.get(name) != tag:
+            elif report.serving.get(name) != tag or report.canaries.get(name) != canary:
                 return f"worker {worker} serves {report.serving.get(name)} (a later change?)"
         if not pending:
             return None

@@ -93,6 +93,8 @@ class Wish:
     tag: str | None  # the version every worker should serve; None: unloaded
     previous: str | None = None  # the version before it: what a rollback loads
     reason: str = ""  # why it is unloaded, for the answers to its requests
+    canary: str | None = None  # a candidate version answering canary_percent % of requests
+    canary_percent: float = 0.0
 
 
 @dataclass
@@ -149,6 +151,7 @@ class Report:
     generation: int
     serving: dict[str, str | None]  # model → the tag it serves (None: none)
     errors: dict[str, str]  # model → why it could not serve the desired version
+    canaries: dict[str, str | None] = field(default_factory=dict)  # model → its canary's tag
 
 
 def write_report(directory: Path, report: Report) -> None:
@@ -251,7 +254,7 @@ class Follower:
         directory: Path,
         worker: str,
         apply: Callable[[str, Wish], str | None],
-        serving: Callable[[], dict[str, str | None]],
+        serving: Callable[[], tuple[dict[str, str | None], dict[str, str | None]]],
     ) -> None:
         self.directory = directory
         self.worker = worker
@@ -264,7 +267,7 @@ class Follower:
 
     def start(self) -> None:
         # This worker's report at once: a load waits for every worker's.
-        write_report(self.directory, Report(self.worker, 0, self.serving(), {}))
+        write_report(self.directory, Report(self.worker, 0, *self.serving_now({})))
         threading.Thread(target=self._loop, name="dlserve-rollout", daemon=True).start()
 
     def _loop(self) -> None:
@@ -298,6 +301,11 @@ class Follower:
                 self.errors[model] = error
         self.generation = desired.generation
         write_report(
-            self.directory,
-            Report(self.worker, self.generation, self.serving(), dict(self.errors)),
+            self.directory, Report(self.worker, self.generation, *self.serving_now(self.errors))
         )
+
+    def serving_now(
+        self, errors: dict[str, str]
+    ) -> tuple[dict[str, str | None], dict[str, str], dict[str, str | None]]:
+        serving, canaries = self.serving()
+        return serving, dict(errors), canaries

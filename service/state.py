@@ -10,6 +10,7 @@ declares the routes. Imports no torch.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,14 +28,48 @@ from service.metrics import Metrics, get_metrics
 
 @dataclass(frozen=True)
 class Serving:
-    """One model version as this worker serves it."""
+    """One model version as this worker serves it; with a canary, the candidate version
+    that answers `canary_percent` % of its requests (service/repository.py)."""
 
     runner: Runner[Any, Any]
     batcher: AdaptiveBatcher
+    canary: Serving | None = None
+    canary_percent: float = 0.0
+    # While a canary runs, both versions count their requests by version (the children of
+    # dlserve_version_requests_total and _seconds, looked up once); otherwise nothing.
+    counted: VersionCounters | None = None
 
     @property
     def tag(self) -> str:
         return self.runner.tag
+
+    def pick(self) -> Serving:
+        """The version that answers one request: the canary for its share of them."""
+        if self.canary is not None and random.random() * 100 < self.canary_percent:
+            return self.canary
+        return self
+
+
+@dataclass(frozen=True)
+class VersionCounters:
+    """One version's request metrics (service/metrics.py), by status class."""
+
+    requests: dict[str, Any]  # "2xx", "4xx", "5xx" → its counter child
+    seconds: Any  # its histogram child
+
+    @classmethod
+    def of(cls, metrics: Metrics, model: str, version: str) -> VersionCounters:
+        return cls(
+            {
+                status: metrics.version_requests.labels(model=model, version=version, status=status)
+                for status in ("2xx", "4xx", "5xx")
+            },
+            metrics.version_seconds.labels(model=model, version=version),
+        )
+
+    def count(self, status: int, seconds: float) -> None:
+        self.requests[f"{status // 100}xx" if status < 600 else "5xx"].inc()
+        self.seconds.observe(seconds)
 
 
 class WorkerState:

@@ -230,8 +230,13 @@ def loaded(prometheus: tuple[str, Server]) -> Iterator[httpx.Client]:
 
 
 def test_prometheus_evaluates_every_dashboard_query_with_data(loaded: httpx.Client) -> None:
+    # The canary panels' series exist only while a canary runs (none runs here): their
+    # queries must evaluate, and tests/test_rollout.py checks that a canary exports them.
     empty = [title for title, expr in dashboard_queries() if not query(loaded, expr)]
-    assert not empty, f"panels whose query returned no data: {empty}"
+    canary = [title for title, _ in dashboard_queries() if title.startswith("Canary:")]
+    assert len(canary) >= 3 and set(canary) <= set(empty), canary
+    missing = [title for title in empty if title not in canary]
+    assert not missing, f"panels whose query returned no data: {missing}"
 
 
 def test_prometheus_counts_the_shed_and_the_abandoned_requests(loaded: httpx.Client) -> None:

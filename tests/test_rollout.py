@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -74,6 +75,14 @@ publish("retrained", original, manifest)
 CLIENTS = 32
 
 
+def home_on(versions: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BENTOML_HOME of a server's own on the versions' model store: BentoML wipes the
+    Prometheus files under its home when a server starts, so two servers must not share one."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "models").symlink_to(Path(versions["home"]) / "models", target_is_directory=True)
+    return home
+
+
 @pytest.fixture(scope="module")
 def versions(digits_model: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A BENTOML_HOME of its own, with the digits versions PUBLISH makes: label → tag."""
@@ -111,7 +120,7 @@ def rollout_server(
     """Starts on the newest version, "retrained"."""
     with start_server(
         tmp_path_factory.mktemp("rollout"),
-        BENTOML_HOME=versions["home"],
+        BENTOML_HOME=str(home_on(versions, tmp_path_factory)),
         DLSERVE_MODELS="digits",
         DLSERVE_WORKERS="2",
         DLSERVE_MODEL_CONTROL="true",
@@ -259,18 +268,19 @@ def test_model_control_is_off_by_default(client: httpx.Client) -> None:
 def test_a_switch_that_does_not_finish_in_time_puts_the_old_version_back_everywhere(
     versions: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    # 50 ms: less than a worker takes to open and warm a version, so the load gives up.
+    # 1 ms: the load looks at the workers' reports once at once, when no worker can have
+    # switched yet (each looks for changes every 100 ms), and once 50 ms later: too late.
     with start_server(
         tmp_path_factory.mktemp("rollout-timeout"),
-        BENTOML_HOME=versions["home"],
+        BENTOML_HOME=str(home_on(versions, tmp_path_factory)),
         DLSERVE_MODELS="digits",
         DLSERVE_WORKERS="2",
         DLSERVE_MODEL_CONTROL="true",
-        DLSERVE_ROLLOUT_TIMEOUT_S="0.05",
+        DLSERVE_ROLLOUT_TIMEOUT_S="0.001",
     ) as server:
         r = load(server.url, version=versions["original"])
         assert r.status_code == 503, r.text
-        assert "did not switch within 0.05 s" in r.json()["error"], r.text
+        assert "did not switch within 0.001 s" in r.json()["error"], r.text
         assert f"{versions['retrained']} still serves" in r.json()["error"]
         deadline = time.monotonic() + 10  # the workers that did switch switch back
         while set(served_tags(server.url, 8)) != {versions["retrained"]}:
@@ -332,3 +342,46 @@ def test_the_command_line_lists_rolls_out_and_rolls_back(
     nowhere = f"http://127.0.0.1:{free_port()}"
     error = one_error_line(dlserve("versions", "digits", "--url", nowhere))
     assert nowhere in error and "no server answers" in error, error
+
+
+def version_requests(url: str) -> dict[str, float]:
+    """dlserve_version_requests_total by version (all statuses)."""
+    totals: Counter[str] = Counter()
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("dlserve_version_requests_total{"):
+            version = line.split('version="')[1].split('"')[0]
+            totals[version] += float(line.rsplit(" ", 1)[1])
+    return dict(totals)
+
+
+def test_a_canary_answers_its_share_and_is_promoted_or_dropped_in_one_call(
+    rollout_server: Server, versions: dict[str, str]
+) -> None:
+    url, stable, candidate = rollout_server.url, versions["retrained"], versions["original"]
+    r = load(url, version=candidate, canary_percent=50)
+    assert r.status_code == 200, r.text
+    assert r.json()["version"] == stable and r.json()["canary"] == candidate, r.text
+    assert set(served_tags(url, 40)) == {stable, candidate}
+    counted = version_requests(url)
+    exported = httpx.get(f"{url}/metrics").text  # what the dashboard's canary panels read
+    assert "dlserve_version_request_seconds_bucket{" in exported
+    assert counted.get(stable.split(":")[1], 0) > 0 and counted.get(candidate.split(":")[1], 0) > 0
+    states = {e["version"]: e for e in httpx.post(f"{url}/v2/repository/index", json={}).json()}
+    assert states[candidate.split(":")[1]]["reason"] == "canary: 50 % of requests"
+    # Rollback drops the canary; a load without a share promotes it.
+    assert load(url, rollback=True).status_code == 200
+    assert set(served_tags(url, 16)) == {stable}
+    canary = dlserve("rollout", "digits", candidate, "--canary", "50", "--url", url)
+    assert canary.returncode == 0, canary.stderr
+    assert canary.stdout.strip() == (
+        f"digits: {candidate} on 50 % of requests, {stable} on the rest, in 2 workers"
+    )
+    assert load(url, version=candidate).status_code == 200
+    assert set(served_tags(url, 16)) == {candidate}
+    for bad in (0, 100, "ten", True):
+        r = load(url, version=stable, canary_percent=bad)
+        assert r.status_code == 400 and "canary_percent" in r.json()["error"], (bad, r.text)
+    r = load(url, version=candidate, canary_percent=10)  # the version that serves already
+    assert r.status_code == 409, r.text
+    assert load(url, version=stable).status_code == 200  # as the other tests expect it
+    assert set(served_tags(url, 8)) == {stable}
