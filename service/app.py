@@ -36,14 +36,14 @@ from dlserve.settings import get_settings
 from service import connections, info, openapi, pages, predict, protocol, repository, rollout
 from service.batching import STAGES, AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_middlewares
-from service.guard import RequestGuard
+from service.guard import RequestGuard, requests_in_flight
 from service.lifecycle import (
     install_drain,
     start_trimming,
     verify_metrics_dir,
     verify_models,
 )
-from service.metrics import SHED_REASONS
+from service.metrics import SHED_REASONS, Demand, sample_demand
 from service.state import Serving, VersionCounters, WorkerState
 
 log = logging.getLogger("dlserve.service")
@@ -204,6 +204,7 @@ class DLServe:
         start_trimming(settings.malloc_trim_s)
         self.state.ready = True
         threading.Thread(target=self._watch_for_hangs, name="dlserve-watchdog", daemon=True).start()
+        sample_demand(self.state.metrics, list(SERVED), self._demand)
         if directory is not None:
             worker = str(bentoml.server_context.worker_index)
             rollout.Follower(directory, worker, self._apply, self._serving_tags).start()
@@ -322,6 +323,13 @@ class DLServe:
                     )
                     logging.shutdown()
                     os._exit(70)  # EX_SOFTWARE
+
+    def _demand(self) -> Demand:
+        """Requests in hand and items queued now, for the autoscaler (service/metrics.py).
+        list() copies the models served in one step, so a rollout changing them meanwhile
+        cannot break the iteration."""
+        serving = list(self.state.serving.items())
+        return Demand(requests_in_flight(), {n: s.batcher.queued_items for n, s in serving})
 
     def begin_drain(self) -> None:
         self.state.draining = True

@@ -53,6 +53,7 @@ import math
 import random
 import re
 import time
+import weakref
 from collections import deque
 from typing import Any
 
@@ -77,6 +78,9 @@ UNCAPPED_PATHS = frozenset(HEALTH_PATHS)
 # the server's DLSERVE_REQUEST_TIMEOUT_S caps it. Named after gRPC's grpc-timeout and the
 # Request-Timeout proposals; documented in docs/http-api.md, "Deadlines and clients that hang up".
 DEADLINE_HEADER = b"request-timeout"
+# This process's guards: a worker has one (Starlette builds its middleware stack once,
+# before the service instance exists, so the instance cannot be handed it).
+_GUARDS: weakref.WeakSet[RequestGuard] = weakref.WeakSet()
 
 
 def media_type(headers: dict[bytes, bytes]) -> str:
@@ -90,6 +94,12 @@ def _replay(messages: deque[Message], receive: Any) -> Any:
         return messages.popleft() if messages else await receive()
 
     return replayed
+
+
+def requests_in_flight() -> int:
+    """Requests this worker's guard has in hand now (RequestGuard.in_flight), for the demand
+    gauges (service/metrics.py, sample_demand): read by their thread, not counted again."""
+    return sum(guard.in_flight for guard in _GUARDS)
 
 
 class RequestGuard:
@@ -112,6 +122,7 @@ class RequestGuard:
         self.rollout_timeout_s = 2 * settings.rollout_timeout_s + 10
         self.in_flight = 0
         self.state: WorkerState | None = None  # the worker's, found on first use
+        _GUARDS.add(self)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

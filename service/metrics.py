@@ -7,6 +7,9 @@ earlier, the client would count in-process only and /metrics would miss other wo
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -30,6 +33,9 @@ class Metrics:
     worker_starts: Any  # Counter[worker]: worker processes started, by worker id
     abandoned: Any  # Counter[model, stage]: requests whose client hung up, by how far they got
     shed: Any  # Counter[model, reason]: requests refused at once: deadline or overloaded
+    # The demand an autoscaler reads (docs/autoscaling.md), set by sample_demand
+    requests_in_flight: Any  # Gauge: requests the pod's workers have in hand
+    queued_items: Any  # Gauge[model]: items accepted by the model's batcher and not yet run
     # While a canary runs (service/repository.py): each version's requests and latency
     version_requests: Any  # Counter[model, version, status]: status "2xx", "4xx", "5xx"
     version_seconds: Any  # Histogram[model, version]: request to answer, in the worker
@@ -102,6 +108,19 @@ def get_metrics() -> Metrics:
             "Requests refused at once with 503 + Retry-After rather than answered late",
             ["model", "reason"],
         ),
+        # livesum: the pod's demand is the sum over its live workers; a worker that died
+        # leaves the sum at once.
+        requests_in_flight=Gauge(
+            "dlserve_requests_in_flight",
+            "Requests in hand (accepted, not yet answered), mean over the last second",
+            multiprocess_mode="livesum",
+        ),
+        queued_items=Gauge(
+            "dlserve_queued_items",
+            "Items accepted by the model's batcher and not yet run, mean over the last second",
+            ["model"],
+            multiprocess_mode="livesum",
+        ),
         version_requests=Counter(
             "dlserve_version_requests",
             "Requests answered by each version of a model while a canary runs, by status class",
@@ -115,3 +134,44 @@ def get_metrics() -> Metrics:
             buckets=LATENCY_BUCKETS,
         ),
     )
+
+
+# The demand gauges are copied from counts each worker keeps anyway (the guard's requests
+# in hand, each batcher's items) by a thread of their own, never set per request: the
+# request path pays nothing for them. Sampled every DEMAND_SAMPLE_S and published as the
+# mean of the last DEMAND_SAMPLES samples: the requests in hand change with every request,
+# and a scrape (every 15 s in deploy/k8s) should see the last second's level, not one
+# instant's. One sample reads a few integers: microseconds, ten times a second.
+DEMAND_SAMPLE_S = 0.1
+DEMAND_SAMPLES = 10
+
+
+@dataclass(frozen=True)
+class Demand:
+    """A worker's demand at one instant."""
+
+    in_flight: int  # requests in hand
+    queued: dict[str, int]  # items queued, by model (a model not served: absent)
+
+
+def sample_demand(
+    metrics: Metrics, models: Sequence[str], read: Callable[[], Demand]
+) -> threading.Thread:
+    """Start the thread that sets dlserve_requests_in_flight and dlserve_queued_items from
+    `read()` (a model that `read` leaves out counts 0) for as long as the worker lives."""
+    in_flight = metrics.requests_in_flight
+    queued = {model: metrics.queued_items.labels(model=model) for model in models}
+
+    def run() -> None:
+        while True:
+            samples = []
+            for _ in range(DEMAND_SAMPLES):
+                samples.append(read())
+                time.sleep(DEMAND_SAMPLE_S)
+            in_flight.set(sum(s.in_flight for s in samples) / DEMAND_SAMPLES)
+            for model, gauge in queued.items():
+                gauge.set(sum(s.queued.get(model, 0) for s in samples) / DEMAND_SAMPLES)
+
+    thread = threading.Thread(target=run, name="dlserve-demand", daemon=True)
+    thread.start()
+    return thread

@@ -1,6 +1,7 @@
 """Monitoring as code, checked for real: the alert rules pass promtool's unit tests, and a
 real Prometheus scraping a real dlserve under load evaluates every dashboard query and
-every alert expression without error, with data.
+every alert expression without error, with data, and the autoscalers' queries (deploy/k8s:
+KEDA's trigger, prometheus-adapter's rule) under three levels of load.
 
 Prometheus and promtool come from Debian's `prometheus` package (`make monitoring-tools`);
 without them these tests are skipped, saying so."""
@@ -8,12 +9,15 @@ without them these tests are skipped, saying so."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +25,13 @@ import orjson
 import pytest
 import yaml
 
-from bench.http import Server, free_port, stop_process_group, wait_ready
+from bench.http import Server, free_port, run_wrk, stop_process_group, wait_ready
+from bench.workloads import sentiment_requests
+from dlserve.registry import DataSource
 from tests.conftest import ROOT, start_server
 from tests.routes import RouteCase, post, route_cases
 from tests.test_gone_clients import LONG_TEXT, send_and_hang_up
+from tests.test_k8s import adapter_rule, demand_trigger, one, scaled_to_zero
 
 MONITORING = ROOT / "deploy" / "monitoring"
 ALERTS = MONITORING / "alerts.yml"
@@ -33,6 +40,9 @@ DASHBOARD = MONITORING / "dashboard.json"
 RATE_INTERVAL = "15s"
 # An alert expression is `<signal> <comparison> <threshold>` (alerts.yml says so).
 COMPARISON = re.compile(r"^(?P<signal>.+?)\s*(>|<|>=|<=|==|!=)\s*[0-9.e+-]+\s*$", re.S)
+# The labels the Prometheus Operator puts on a pod's series through the ServiceMonitor
+# (job: the Service's name), for a pod in the namespace docs/deployment.md applies to.
+POD_LABELS = {"namespace": "default", "pod": "dlserve-0", "service": "dlserve"}
 
 
 def tool(name: str) -> str:
@@ -88,6 +98,8 @@ def test_the_dashboard_covers_what_operators_watch() -> None:
         "dlserve_worker_starts_total",
         "dlserve_requests_shed_total",
         "dlserve_requests_abandoned_total",
+        "dlserve_requests_in_flight",
+        "dlserve_queued_items",
     ):
         assert metric in exprs, metric
     for quantile in ("0.5", "0.95", "0.99"):
@@ -136,7 +148,7 @@ def prometheus(
                     "static_configs": [
                         {
                             "targets": [server.url.removeprefix("http://")],
-                            "labels": {"accelerator": "gpu"},
+                            "labels": {"accelerator": "gpu", **POD_LABELS},
                         }
                     ],
                 }
@@ -288,3 +300,139 @@ def test_a_gpu_labelled_server_on_the_cpu_raises_the_fallback_alert(loaded: http
     assert pending <= {(name, "sentiment", "pending") for name in provoked}, pending
     quiet = {a["labels"]["alertname"] for a in alerts} - {"DlserveGPUFallback", *provoked}
     assert not quiet, f"alerts raised on a healthy server: {quiet}"
+
+
+def test_the_dashboards_demand_panel_draws_the_autoscalers_target() -> None:
+    """The line a pod's requests in hand should stay under is the target the scalers use."""
+    target = float(demand_trigger(one("cpu-keda", "ScaledObject"))["metadata"]["threshold"])
+    (panel,) = [
+        p
+        for p in json.loads(DASHBOARD.read_text())["panels"]
+        if any("dlserve_requests_in_flight" in t["expr"] for t in p["targets"])
+    ]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [step["value"] for step in steps] == [None, target]
+
+
+# Load levels for the autoscalers' queries: clients, as a multiple of the per-pod target,
+# each a steady concurrency (wrk: a client sends its next request when the last is answered).
+# The server holds about 90 % of them at any moment (measured: 14.2 of 16, 70.6 of 80; the
+# rest are between wrk and the guard), so each level sits well inside the range that
+# ceil() gives one replica count for: 0.5 -> 1, 2.7 -> 3 (from 75 % to 111 % held).
+LEVELS = {"idle": 0.0, "half capacity": 0.5, "over capacity": 2.7}
+LEVEL_S = 9.0  # wrk's run at each level
+# Read after the load has run this long: the workers' one-second mean, a scrape (every
+# second here) and a margin; then twice more, a second apart, and the median taken.
+SETTLE_S = 4.0
+
+
+def adapter_query() -> str:
+    """The rule's metricsQuery as prometheus-adapter runs it for the HorizontalPodAutoscaler
+    of the pods in POD_LABELS: the series' name, the namespace and pod names as label
+    matchers, grouped by pod."""
+    rule = adapter_rule()
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", rule["seriesQuery"].split("{")[0])
+        .replace(
+            "<<.LabelMatchers>>",
+            f'namespace="{POD_LABELS["namespace"]}",pod=~"{POD_LABELS["pod"]}"',
+        )
+        .replace("<<.GroupBy>>", "pod")
+    )
+    assert "<<" not in query, f"a template field the test does not fill: {query}"
+    return query
+
+
+def replicas(total: float, target: float, bounds: tuple[int, int]) -> int:
+    """What a HorizontalPodAutoscaler (KEDA's, or the adapter's) settles on for the pods'
+    total demand `total` and a target per pod: ceil(total / target), within its bounds."""
+    low, high = bounds
+    return min(max(math.ceil(total / target), low), high)
+
+
+def read_together(client: httpx.Client, queries: list[str]) -> list[float]:
+    """Each query's one value, all evaluated at the same instant (so on the same scrape)."""
+    at = time.time()
+    values = []
+    for promql in queries:
+        r = client.get("/api/v1/query", params={"query": promql, "time": at})
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{promql}: {body}"
+        (sample,) = body["data"]["result"]  # KEDA refuses a query of several series
+        values.append(float(sample["value"][1]))
+    return values
+
+
+@pytest.mark.exclusive
+def test_the_autoscalers_follow_the_load(prometheus: tuple[str, Server], data_dir: Path) -> None:
+    """KEDA's query and prometheus-adapter's, read from the manifests, against the real
+    server idle, at half a pod's target concurrency and at 2.7 times it (sentiment
+    requests): the demand rises with the load, both scalers see the same, and the replica
+    count each would set is the one the load calls for, for the CPU and the GPU bounds."""
+    url, server = prometheus
+    cpu, gpu = one("cpu-keda", "ScaledObject"), one("gpu", "ScaledObject")
+    trigger = demand_trigger(cpu)
+    target = float(trigger["metadata"]["threshold"])
+    queries = [
+        trigger["metadata"]["query"],
+        adapter_query(),
+        'sum(dlserve_queued_items{model="sentiment"})',
+    ]
+    assert demand_trigger(gpu)["metadata"]["query"] == queries[0]
+    bounds = {
+        name: (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"])
+        for name, so in {"cpu": cpu, "gpu": gpu}.items()
+    }
+    # One SST-2 sentence per request, as docs/autoscaling.md measured the target with.
+    requests = sentiment_requests(DataSource(data_dir, None), 1, 512)
+    measured: dict[str, list[float]] = {}
+    with (
+        httpx.Client(base_url=url, timeout=30) as prom,
+        ThreadPoolExecutor(max_workers=1) as load,
+    ):
+        # Idle first: scraped since the workers set the gauges, and what earlier tests sent
+        # answered (the hang-ups' work too).
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(query(prom, q) for q in queries) and read_together(prom, queries)[0] < 1:
+                break
+            time.sleep(0.5)
+        for level, multiple in LEVELS.items():
+            clients = round(multiple * target)
+            running = None
+            if clients:
+                running = load.submit(
+                    run_wrk,
+                    server.url,
+                    requests,
+                    clients=clients,
+                    duration_s=LEVEL_S,
+                )
+                time.sleep(SETTLE_S)
+            readings = []
+            for _ in range(3):
+                readings.append(read_together(prom, queries))
+                time.sleep(1)
+            keda, adapter, queued = (sorted(column)[1] for column in zip(*readings, strict=True))
+            assert keda == adapter, (level, readings)  # one pod: its value is the total
+            measured[level] = [keda, queued]
+            for name, bound in bounds.items():
+                expected = replicas(clients, target, bound)
+                assert replicas(keda, target, bound) == expected, (level, name, keda, clients)
+            if running is not None:
+                result = running.result()
+                assert result["non_2xx"] == 0 and result["socket_errors"] == 0, result
+    in_hand = [measured[level][0] for level in LEVELS]
+    assert in_hand == sorted(in_hand) and len(set(in_hand)) == len(in_hand), measured
+    assert in_hand[0] < 1, measured  # idle: at most a scrape of /metrics in hand now and then
+    assert measured["idle"][1] == 0 < measured["over capacity"][1], measured
+
+
+def test_prometheus_parses_the_scale_to_zero_trigger(prometheus: tuple[str, Server]) -> None:
+    """components/keda-scale-to-zero's ingress query (no ingress here: no data, but the
+    query must be one Prometheus accepts)."""
+    (scaled,) = [d for d in scaled_to_zero() if d["kind"] == "ScaledObject"]
+    with httpx.Client(base_url=prometheus[0], timeout=30) as client:
+        for trigger in scaled["spec"]["triggers"]:
+            query(client, trigger["metadata"]["query"])
