@@ -18,6 +18,7 @@ from bench import (
     precision,
     profile,
     report,
+    rollout,
     soak,
 )
 from bench.sections import BenchContext, Section
@@ -37,6 +38,7 @@ SECTIONS: tuple[Section, ...] = (
     profile.SECTION,
     perf_analyzer.SECTION,
     burst.SECTION,
+    rollout.SECTION,
     soak.SECTION,
 )
 # Sections that run only when asked for with their own option: the soak takes an hour.

@@ -143,7 +143,8 @@ def render_inprocess(r: dict[str, Any], _: dict[str, Any]) -> list[str]:
     return out
 
 
-def _ms(x: float) -> str:
+def ms(x: float) -> str:
+    """A latency in ms, to a sensible precision."""
     return f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
 
 
@@ -189,9 +190,9 @@ def _run_rows(cells: list[dict[str, Any]], naive: dict[tuple, float]) -> list[li
                 len(r["round_runs"]),
                 f"{r['requests_per_s']:,.0f}",
                 f"{r['items_per_s']:,.0f}",
-                _ms(r["p50"]),
-                _ms(r["p95"]),
-                _ms(r["p99"]),
+                ms(r["p50"]),
+                ms(r["p95"]),
+                ms(r["p99"]),
                 r["non_2xx"] + r["socket_errors"],
                 r["mean_batch"] if r["mean_batch"] is not None else "—",
                 f"{ratio:.2f}×" if ratio is not None and r["server"] != "naive" else "",
@@ -279,7 +280,7 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
                     f"dlserve's median of {len(ours['round_runs'])} against naive's best "
                     "round)",
                     f"{ratio:.2f}× ({ours['requests_per_s'] / base['requests_per_s']:.2f}× "
-                    f"naive's median); p99 {_ms(ours['p99'])} vs {_ms(peak['p99'])} ms",
+                    f"naive's median); p99 {ms(ours['p99'])} vs {ms(peak['p99'])} ms",
                     ratio >= 1.5 and ours["p99"] <= peak["p99"],
                 ]
             )
@@ -294,7 +295,7 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
                 [
                     f"{model}: ≥ {want:g}× the lean hand-written peer{p99_goal} (1 item, "
                     "64 clients, medians)",
-                    f"{ratio:.2f}×; p99 {_ms(ours['p99'])} vs {_ms(lean['p99'])} ms",
+                    f"{ratio:.2f}×; p99 {ms(ours['p99'])} vs {ms(lean['p99'])} ms",
                     ratio >= want and p99_ok,
                 ]
             )
@@ -329,7 +330,7 @@ def targets(h: dict[str, Any], ceiling: list[dict[str, Any]]) -> list[list[Any]]
     for model, limit in h.get("p50_targets_ms", {}).items():
         if r := find(model, 1, 1, "dlserve"):
             out.append(
-                [f"{model}: p50 ≤ {limit} ms at 1 client", f"{_ms(r['p50'])} ms", r["p50"] <= limit]
+                [f"{model}: p50 ≤ {limit} ms at 1 client", f"{ms(r['p50'])} ms", r["p50"] <= limit]
             )
     return [[a, b, "met" if ok else "**missed**"] for a, b, ok in out]
 
@@ -349,8 +350,8 @@ def render_peers(cells: list[dict[str, Any]], idle: dict[str, float]) -> list[st
             [
                 r["server"],
                 f"{r['requests_per_s']:,.0f}",
-                _ms(r["p50"]),
-                _ms(r["p99"]),
+                ms(r["p50"]),
+                ms(r["p99"]),
                 r["non_2xx"] + r["socket_errors"],
                 f"{ours['requests_per_s'] / r['requests_per_s']:.2f}×"
                 if r["requests_per_s"]
@@ -516,8 +517,8 @@ def _http_workers(rows: list[dict[str, Any]]) -> list[str]:
                     r["workers"],
                     r["server"],
                     f"{r['requests_per_s']:,.0f}",
-                    _ms(r["p50"]),
-                    _ms(r["p99"]),
+                    ms(r["p50"]),
+                    ms(r["p99"]),
                     r["non_2xx"] + r["socket_errors"],
                 ]
                 for r in rows
