@@ -27,8 +27,11 @@ CLIENTS = 64
 
 
 def checkout_server(name: str, root: Path, models: list[str], workers: int) -> http.Server:
-    """dlserve as `dlserve_server` starts it, from the code in `root`."""
-    server = http.dlserve_server(name, models, DLSERVE_WORKERS=str(workers), PYTHONPATH=str(root))
+    """dlserve as `dlserve_server` starts it, from the code in `root`, on the allocator
+    that code chooses for itself (an older checkout knows no DLSERVE_ALLOCATOR: glibc's)."""
+    server = http.dlserve_server(
+        name, models, DLSERVE_WORKERS=str(workers), PYTHONPATH=str(root), DLSERVE_ALLOCATOR="system"
+    )
     server.cwd = root
     server.command = [*server.command, "--working-dir", str(root)]
     return server
