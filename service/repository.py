@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, RootModel
+from pydantic import BaseModel, ConfigDict, RootModel
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -60,6 +60,7 @@ class RepositoryIndex(RootModel[list[RepositoryEntry]]):
 
 
 class IndexRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"ready": True}})
     ready: bool = False  # only the versions that are READY
 
 
@@ -72,6 +73,7 @@ class LoadParameters(BaseModel):
 
 
 class LoadRequest(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"example": {"parameters": {"rollback": True}}})
     parameters: LoadParameters = LoadParameters()
 
 
@@ -360,6 +362,7 @@ def operations() -> list[Operation]:
             request=LoadRequest,
             errors=(400, 401, 403, 404, 409, 422, 503),
             path_params=name,
+            example=lambda _: {"parameters": {"rollback": True}},
         ),
         Operation(
             "POST",

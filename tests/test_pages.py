@@ -101,6 +101,9 @@ def test_every_request_example_works_when_pasted(client: httpx.Client) -> None:
         if "application/json" in media:
             for real, example in request_examples(doc, path, media["application/json"]).items():
                 r = client.post(real, json=example)
+                if real.startswith("/v2/repository/"):  # model control is off on this server
+                    assert r.status_code == 403, (real, r.text)
+                    continue
                 assert r.status_code == 200, (real, r.text)
                 answered[real] = r.json()
     # 4 JSON routes; the protocol's infer, with and without the version, for each model.
