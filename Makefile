@@ -85,7 +85,7 @@ test: install allocator bench-tools browser-tools monitoring-tools container-too
 	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo --no-cache
-	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_PROCESSES) --dist loadfile --durations=25
 
 bench: install bench-tools perf-analyzer
 	$(BIN)/dlserve bench
