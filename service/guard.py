@@ -155,7 +155,12 @@ class RequestGuard:
                 await self.refuse(read, scope, receive, send)
                 return
             if read[-1]["type"] != "http.request":
-                return  # the client went away
+                # The client went away before its whole body was read (a busy worker
+                # reads slowly): nothing of it ran; counted like a hang-up while prepared.
+                model = target[0] if target else infer["name"] if infer else None
+                if model in self.models:
+                    get_metrics().abandoned.labels(model=model, stage="preparing").inc()
+                return
             messages = read
         refusal = self.check_concurrency(path)
         if refusal is not None:

@@ -189,6 +189,7 @@ async def load(request: Request) -> Response:
     before = state.serving.get(name)
     served = {s.tag for s in (before, before.canary if before else None) if s}
     prior = rollout.read_desired(directory).models.get(name)  # what a failure puts back
+    opened: list[str] = []
     try:
         wish = _plan(state, name, _parameters(await request.body()), prior, before)
         for tag in {wish.tag, wish.canary} - served - {None}:
@@ -198,7 +199,10 @@ async def load(request: Request) -> Response:
             state.candidates[tag] = await asyncio.to_thread(
                 rollout.open_checked, state.specs[name], tag, state.settings, state.contracts[name]
             )
+            opened.append(tag)
     except rollout.Refused as exc:
+        for tag in opened:  # a canary refused after its stable version was opened
+            state.candidates.pop(tag, None)
         return _refusal(exc.status, str(exc))
     generation = rollout.change(directory, name, lambda _: wish)
     failure = await _wait_for_workers(state, directory, generation, name, wish.tag, wish.canary)
