@@ -61,16 +61,7 @@ def latest(name: str, precision: str = "fp32") -> str | None:
 
     BentoML's `name:latest` is the newest version whatever its precision, so an INT8
     export would silently replace the FP32 model everywhere; versions are filtered here."""
-    import bentoml
-    from bentoml.exceptions import NotFound
-
-    try:  # BentoML raises NotFound, rather than listing nothing, when no version exists
-        versions = [m for m in bentoml.models.list(name) if m.tag.name == name]
-    except NotFound:
-        return None
-    matching = [m for m in versions if _precision(m) == precision]
-    newest = max(matching, key=lambda m: m.info.creation_time, default=None)
-    return str(newest.tag) if newest is not None else None
+    return next((v.tag for v in versions(name) if v.precision == precision), None)
 
 
 @dataclass(frozen=True)
@@ -92,7 +83,7 @@ def versions(name: str) -> list[Version]:
     import bentoml
     from bentoml.exceptions import NotFound
 
-    try:
+    try:  # BentoML raises NotFound, rather than listing nothing, when no version exists
         found = [m for m in bentoml.models.list(name) if m.tag.name == name]
     except NotFound:
         return []
