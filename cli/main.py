@@ -14,6 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from cli import background
 from cli.parser import PROJECT_ROOT, Commands, build_parser
 from cli.rollout import cmd_rollback, cmd_rollout, cmd_versions
 from dlserve import allocator, registry
@@ -128,23 +129,16 @@ def run_cli(settings: Settings, signals: StopSignals, *args: str) -> None:
         )
 
 
-def ensure_models(settings: Settings, signals: StopSignals, *, quick: bool = False) -> None:
-    """Train and export every configured model that the model store does not hold yet, each
-    step in a child process (run_cli)."""
-    from dlserve import store
-
-    for name in settings.models:
-        if store.exists(name):
-            continue
-        if not (settings.artifacts_dir / name / CHECKPOINT_FILE).is_file():
-            log.warning(
-                "model %r is not trained yet: training it now%s",
-                name,
-                " (--quick)" if quick else "",
-            )
-            run_cli(settings, signals, "train", name, *(["--quick"] if quick else []))
-        log.warning("model %r is not in the model store yet: exporting it now", name)
-        run_cli(settings, signals, "export", name)
+def prepare_model(name: str, settings: Settings, signals: StopSignals, *, quick: bool) -> None:
+    """Train (unless its checkpoint is there) and export a model the store does not hold,
+    each step in a child process (run_cli)."""
+    if not (settings.artifacts_dir / name / CHECKPOINT_FILE).is_file():
+        log.warning(
+            "model %r is not trained yet: training it now%s", name, " (--quick)" if quick else ""
+        )
+        run_cli(settings, signals, "train", name, *(["--quick"] if quick else []))
+    log.warning("model %r is not in the model store yet: exporting it now", name)
+    run_cli(settings, signals, "export", name)
 
 
 def server_command(settings: Settings) -> tuple[list[str], dict[str, str]]:
@@ -180,9 +174,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     with serve.supervisor() as signals:
         try:
             serve.check_port_free(settings.port)  # before training, which can take minutes
-            ensure_models(settings, signals, quick=args.quick)
+            missing = background.missing_models(settings)
+            # With nothing to serve yet, the quickest model first; the rest beside the server.
+            first = missing[:1] if len(missing) == len(settings.models) else []
+            later = missing[len(first) :]
+            for name in first:
+                prepare_model(name, settings, signals, quick=args.quick)
             serve.check_port_free(settings.port)
             command, env = server_command(settings)
+            if later:
+                env["DLSERVE_STILL_TRAINING"] = ",".join(later)
+                log.warning(
+                    "serving now; training %s meanwhile: until each is exported, its "
+                    "requests get 503 saying how long it should take",
+                    ", ".join(later),
+                )
             log.info("starting: %s", " ".join(command))
             if settings.docs:
                 log.info(
@@ -191,13 +197,23 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
                     settings.port,
                     settings.port,
                 )
-            return serve.supervise(
+            trainer = background.Trainer(
+                later,
+                lambda name: prepare_model(name, settings, signals, quick=args.quick),
+                background.stopper(signals.received),
+            )
+            trainer.start()
+            status = serve.supervise(
                 command,
                 signals,
                 relay=serve.relay_to_server,
                 env=env,
                 stop_s=settings.drain_timeout_s + serve.STOP_MARGIN_S,
             )
+            trainer.join(timeout=serve.TASK_STOP_S + serve.STOP_MARGIN_S)
+            if trainer.failure is not None:
+                raise serve.ServeError(str(trainer.failure))
+            return status
         except serve.Stopped as stop:
             log.warning("%s: stopped before the server started", stop)
             return 128 + stop.signum

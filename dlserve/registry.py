@@ -176,6 +176,9 @@ class ModelSpec:
     scoring: Ref[Any] | None = None
     # Its FP16 and INT8 variants (None: `dlserve export --precision` refuses them)
     precision: PrecisionPlan | None = None
+    # Minutes a full `dlserve train` takes on the 2-core machine: `dlserve serve` trains
+    # the missing models shortest first, so that it starts serving as early as it can.
+    train_minutes: float = 1.0
 
     def load_runner(self, settings: Settings) -> Runner[Any, Any]:
         return self.runner.load(self.name, settings)

@@ -158,6 +158,14 @@ class Settings(BaseSettings):
     # set. A load waits up to rollout_timeout_s for every worker to serve the new version.
     model_control: bool = Field(False, json_schema_extra=SECURITY)
     rollout_timeout_s: float = Field(120.0, gt=0)
+    # Models that `dlserve serve` is still training and exporting beside the server (it
+    # sets this itself): a worker serves the others, answers 503 for these, saying when
+    # they should come, and adds each as soon as it is in the model store.
+    still_training: CommaList = ()
+    # When /readyz says 200: "all" configured models served (for load balancers and
+    # Kubernetes), or "any" one of them (a development server whose other models are
+    # still training).
+    ready_when: Literal["all", "any"] = "all"
     # On SIGTERM a worker first reports not-ready for drain_delay_s while still serving (so
     # load balancers stop sending it traffic), then stops accepting and finishes in-flight
     # requests; it exits at the latest drain_timeout_s after the signal.
@@ -170,7 +178,9 @@ class Settings(BaseSettings):
     sst2_url: str = SST2_URL
     movielens_url: str = MOVIELENS_URL
 
-    @field_validator("models", "providers", "model_modules", "open_paths", mode="before")
+    @field_validator(
+        "models", "providers", "model_modules", "open_paths", "still_training", mode="before"
+    )
     @classmethod
     def _comma_list(cls, raw: Any) -> Any:
         if isinstance(raw, str):
@@ -206,6 +216,8 @@ class Settings(BaseSettings):
             )
         if not self.models:
             object.__setattr__(self, "models", tuple(known))
+        if stray := [m for m in self.still_training if m not in self.models]:
+            raise ValueError(f"{PREFIX}STILL_TRAINING: {stray} not among the models served")
         if self.require_gpu and self.providers and set(self.providers) <= {"cpu"}:
             raise ValueError(
                 f"{PREFIX}REQUIRE_GPU=true but {PREFIX}PROVIDERS="

@@ -51,6 +51,7 @@ log = logging.getLogger("dlserve.service")
 # and provider at start-up, the drain) would otherwise be dropped at WARNING.
 logging.getLogger("dlserve").setLevel(logging.INFO)
 GC_GEN0_THRESHOLD = 20_000
+TRAINING_POLL_S = 1.0  # how often a worker looks for the models still training
 settings = get_settings()
 SERVED = registry.serving(settings)
 
@@ -134,8 +135,11 @@ def declare_models(cls: type) -> type:
     class attribute so that `bentoml build` packages the model into the Bento: the latest
     version of DLSERVE_PRECISION (BentoML's own `latest` ignores precision)."""
     for name, spec in SERVED.items():
-        tag = store.latest(name, settings.precision) or f"{name}:latest"
-        setattr(cls, f"{name}_model", bentoml.models.BentoModel(tag))
+        tag = store.latest(name, settings.precision)
+        # (BentoML refuses to serve a BentoModel that is not in the store: one still being
+        # trained by `dlserve serve` is declared by its routes only)
+        if tag is not None or name not in settings.still_training:
+            setattr(cls, f"{name}_model", bentoml.models.BentoModel(tag or f"{name}:latest"))
         for route in spec.routes:
             setattr(cls, route.name, bentoml_api(name, route))
     return cls
@@ -179,20 +183,12 @@ class DLServe:
         directory = rollout.run_dir() if settings.model_control else None
         desired = rollout.read_desired(directory) if directory else rollout.Desired()
         try:
-            for name, spec in SERVED.items():
-                # The latest version of DLSERVE_PRECISION, unless a rollout named another
-                # (a worker that replaces one that died serves what the others serve); its
-                # manifest is the contract every later version must keep (rollout.py).
-                latest = store.load(name, settings.precision)
-                self.state.contracts[name] = latest.manifest
-                wish = desired.models.get(name)
-                if wish is not None and wish.tag is None:
-                    self.state.unloaded[name] = wish.reason
+            for name in SERVED:
+                if name in settings.still_training and not store.exists(name, settings.precision):
+                    self.state.training.add(name)
+                    self.state.unloaded[name] = "it is still being trained by `dlserve serve`"
                     continue
-                stored = store.load(wish.tag) if wish is not None and wish.tag else latest
-                runner = spec.runner.open(stored, settings)
-                runner.warm_up()
-                self._serve(name, runner)
+                self._load(name, desired.models.get(name))
         except Exception as exc:  # noqa: BLE001 - whatever it was, this worker cannot serve
             self.state.load_error = f"{type(exc).__name__}: {exc}"
             log.exception(
@@ -208,6 +204,46 @@ class DLServe:
         if directory is not None:
             worker = str(bentoml.server_context.worker_index)
             rollout.Follower(directory, worker, self._apply, self._serving_tags).start()
+        if self.state.training:
+            threading.Thread(
+                target=self._add_when_trained, name="dlserve-join", daemon=True
+            ).start()
+
+    def _load(self, name: str, wish: rollout.Wish | None) -> None:
+        """Open, warm up and serve `name`: the latest version of DLSERVE_PRECISION, unless a
+        rollout named another (a worker that replaces one that died serves what the others
+        serve). The latest version's manifest is the contract every later version must keep
+        (rollout.py)."""
+        latest = store.load(name, settings.precision)
+        self.state.contracts[name] = latest.manifest
+        if wish is not None and wish.tag is None:
+            self.state.unloaded[name] = wish.reason
+            return
+        stored = store.load(wish.tag) if wish is not None and wish.tag else latest
+        runner = SERVED[name].runner.open(stored, settings)
+        runner.warm_up()
+        self._serve(name, runner)
+
+    def _add_when_trained(self) -> None:
+        """Serve each model `dlserve serve` is still training as soon as its export is in the
+        model store (it looks every TRAINING_POLL_S: a store listing took 3.5 ms here)."""
+        while self.state.training and not self.state.draining:
+            time.sleep(TRAINING_POLL_S)
+            for name in sorted(self.state.training):
+                if not store.exists(name, settings.precision):
+                    continue
+                try:
+                    self._load(name, None)
+                except Exception as exc:  # noqa: BLE001 - the others keep serving
+                    self.state.unloaded[name] = f"its new export cannot be served: {exc}"
+                    log.exception("%s: its new export cannot be served", name)
+                else:
+                    log.info(
+                        "%s: trained and exported; now serving %s",
+                        name,
+                        self.state.serving[name].tag,
+                    )
+                self.state.training.discard(name)
 
     def _serve(self, name: str, serving: Serving | Runner[Any, Any]) -> None:
         """Make `serving` (or a runner, with a batcher of its own) what this worker serves of
@@ -367,7 +403,10 @@ class DLServe:
         )
 
     async def __is_ready__(self) -> bool:
-        return self.state.ready and not self.state.draining
+        """Every configured model served (or, with DLSERVE_READY_WHEN=any, at least one: the
+        others are still training), and not draining."""
+        complete = not self.state.training or settings.ready_when == "any"
+        return self.state.ready and complete and not self.state.draining
 
     async def __is_alive__(self) -> bool:
         return self.state.load_error is None

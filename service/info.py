@@ -53,8 +53,17 @@ class ModelInfo(BaseModel):
     created_at: str
 
 
+class TrainingModel(BaseModel):
+    """A model `dlserve serve` is still training beside the server: how far it has got."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    message: str
+
+
 class ModelsResponse(BaseModel):
     models: list[ModelInfo]
+    training: list[TrainingModel] = []
 
 
 async def list_models(_: Request) -> Response:
@@ -64,7 +73,11 @@ async def list_models(_: Request) -> Response:
     if (refusal := await predict.unless_loaded(state)) is not None:
         return refusal
     answer = ModelsResponse(
-        models=[ModelInfo.model_validate(r.describe()) for r in state.runners.values()]
+        models=[ModelInfo.model_validate(r.describe()) for r in state.runners.values()],
+        training=[
+            TrainingModel(name=name, message=predict.training_message(state, name))
+            for name in sorted(state.training)
+        ],
     )
     return Response(answer.model_dump_json(), media_type=predict.JSON)
 

@@ -46,6 +46,8 @@ def verify_models(served: dict[str, ModelSpec], settings: Settings) -> None:
     DLSERVE_PRECISION names; under DLSERVE_REQUIRE_GPU also open it, to see that a GPU
     provider really works for it. Exit, naming the model and why, if one fails."""
     for name, spec in served.items():
+        if name in settings.still_training and not store.exists(name, settings.precision):
+            continue  # served once `dlserve serve` has trained and exported it
         try:
             stored = store.load(name, settings.precision)
             if settings.require_gpu:

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from dlserve import progress
 from dlserve.errors import InputError
 from dlserve.prepared import Prepared
 from dlserve.registry import Route
@@ -40,6 +41,7 @@ from service.state import Serving, WorkerState
 HEAVY_BYTES = 100_000
 JSON = "application/json"
 LOADING = "the models are still loading; retry shortly"
+TRAINING_RETRY_S = 60  # the longest Retry-After for a model still training
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -78,11 +80,28 @@ async def unless_loaded(state: WorkerState, model: str | None = None) -> Respons
 
 
 def unloaded_message(state: WorkerState, model: str) -> str:
+    if model in state.training:
+        return training_message(state, model)
     why = state.unloaded.get(model, "it is not loaded")
     return (
         f"model {model} is not being served: {why}; POST /v2/repository/models/{model}/load "
         "loads it again"
     )
+
+
+def training_message(state: WorkerState, model: str) -> str:
+    """What a client of a model that `dlserve serve` is still training is told."""
+    found = progress.read(state.settings.artifacts_dir / model)
+    how_far = found.describe() if found is not None else "its training has not started yet"
+    return f"model {model} is still being trained by `dlserve serve` ({how_far}); retry later"
+
+
+def training_retry_after(state: WorkerState, model: str) -> str:
+    """Seconds a client should wait before it asks again for a model still training: its
+    expected time, at least a second and at most TRAINING_RETRY_S."""
+    found = progress.read(state.settings.artifacts_dir / model)
+    remaining = found.remaining_s() if found is not None else None
+    return str(min(max(int(remaining or TRAINING_RETRY_S), 1), TRAINING_RETRY_S))
 
 
 async def serve(
@@ -104,7 +123,10 @@ async def serve(
     if not state.ready and (refusal := await unless_loaded(state, model)) is not None:
         return refusal
     serving = state.serving.get(model)
-    if serving is None:  # unloaded through the model repository routes
+    if serving is None:  # still training, or unloaded through the model repository routes
+        if model in state.training:
+            wait = {"Retry-After": training_retry_after(state, model)}
+            return error(state, model, 503, training_message(state, model), "training", wait)
         return error(state, model, 503, unloaded_message(state, model), "unloaded")
     serving = serving.pick()  # one version, start to end
     if serving.counted is None:

@@ -94,6 +94,10 @@ class WorkerState:
         self.serving: dict[str, Serving] = {}
         # What unloaded a model (POST .../unload), by model: its requests are told so.
         self.unloaded: dict[str, str] = {}
+        # Models `dlserve serve` is still training beside the server (DLSERVE_STILL_TRAINING,
+        # not in the store when the worker started): also in `unloaded`, and their requests
+        # are told how far the training has got (service/predict.py).
+        self.training: set[str] = set()
         # The manifest of each model's version at start-up: the contract (tensor names and
         # shapes, labels) that any version rolled out later must keep (service/rollout.py).
         self.contracts: dict[str, Manifest] = {}

@@ -6,6 +6,7 @@ the port; a port already taken is one line and exit status 2."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ import pytest
 
 from bench.http import free_port, stop_process_group, wait_ready
 from cli.serve import STOP_MARGIN_S, StopSignals, check_port_free, relay_to_server, supervise
+from dlserve import progress
+from tests.conftest import dlserve, start_server
 
 CLI = Path(sys.executable).with_name("dlserve")
 MIB = 1024 * 1024
@@ -74,32 +77,125 @@ def readyz(port: int) -> int | None:
         return None
 
 
-def test_serve_trains_and_exports_what_is_missing(tmp_path: Path, data_dir: Path) -> None:
+def test_serve_serves_the_first_model_while_it_trains_the_next(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """On an empty store: the quickest model (recommender) is trained, exported and served
+    first, in child processes; sentiment answers 503, saying that it is still training,
+    and /readyz waits for it. A stop signal then ends the server and the training alike."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-        "DLSERVE_MODELS": "digits",
-    }  # one model is enough to prove the command
+        "DLSERVE_MODELS": "sentiment,recommender",
+    }
     log_path = tmp_path / "serve.log"
     proc = start_serve(["--quick", "--port", str(port)], env, log_path)
+    started: list[psutil.Process] = []
     try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, timeout_s=240)
-        (model,) = httpx.get(f"http://127.0.0.1:{port}/models").json()["models"]
-        # Training ran in a child: the supervisor holds none of PyTorch's memory.
+        recommend = {"ratings": [{"movie_id": 50, "rating": 5}], "k": 3}
+        answer = wait_for_answer(f"{url}/recommender/recommend", recommend, proc, log_path)
+        assert answer.status_code == 200, answer.text
+        waiting = httpx.post(f"{url}/sentiment/predict", json={"texts": ["Fine."]})
+        ready = readyz(port)
+        listed = httpx.get(f"{url}/models").json()
+        # Training ran (and runs) in a child: the supervisor holds none of PyTorch's memory.
         supervisor = psutil.Process(proc.pid)
         rss = supervisor.memory_info().rss
         libraries = {m.path for m in supervisor.memory_maps()}
+        started = tree(proc)
+        os.kill(proc.pid, signal.SIGTERM)
+        status = proc.wait(timeout=DRAIN_TIMEOUT_S + STOP_MARGIN_S + 30)
     finally:
-        stop_process_group(proc)
+        stop_everything(proc, started)
     output = log_path.read_text()
-    assert "model 'digits' is not trained yet: training it now (--quick)" in output
-    assert "model 'digits' is not in the model store yet: exporting it now" in output
-    assert model["tag"].startswith("digits:")
-    assert (tmp_path / "artifacts/digits/checkpoint.pt").is_file()
+    # The recommender first (the quickest), before the server; sentiment beside it.
+    assert (
+        output.index("model 'recommender' is not trained yet: training it now (--quick)")
+        < output.index("serving now; training sentiment meanwhile")
+        < output.index("model 'sentiment' is not trained yet: training it now (--quick)")
+    )
+    assert waiting.status_code == 503, waiting.text
+    assert "model sentiment is still being trained by `dlserve serve`" in waiting.json()["error"]
+    assert 1 <= int(waiting.headers["Retry-After"]) <= 60
+    assert ready == 503  # strict: every configured model
+    # /models lists what is served, and what is still training with how far it has got.
+    assert [m["name"] for m in listed["models"]] == ["recommender"]
+    assert [m["name"] for m in listed["training"]] == ["sentiment"]
+    assert "sentiment is still being trained" in listed["training"][0]["message"]
     assert rss < 200 * MIB, f"dlserve serve holds {rss / MIB:.0f} MiB while serving"
     assert not [p for p in libraries if "libtorch" in p], "dlserve serve loaded PyTorch"
+    # SIGTERM stopped the training child too: nothing it started is left.
+    assert status == 0, output[-3000:]
+    assert all(gone(p) for p in started), [p.pid for p in started if not gone(p)]
+    assert not (tmp_path / "artifacts/sentiment/checkpoint.pt").exists()
+    # Training reported its progress epoch by epoch (what the 503s quote).
+    trained = progress.read(tmp_path / "artifacts/recommender")
+    assert trained is not None and trained.epochs_done == trained.epochs > 0
+
+
+def test_a_model_joins_the_running_server_once_its_export_is_in_the_store(
+    digits_model: str, recommender_model: str, tmp_path: Path
+) -> None:
+    """What `dlserve serve` relies on while it trains: a server told that digits is still
+    training serves the recommender, answers digits with 503 (its training's progress),
+    and serves digits without a restart once `dlserve export` has put it in the store.
+    DLSERVE_READY_WHEN=any: /readyz says 200 with one model of the two."""
+    home, artifacts = tmp_path / "bentoml", tmp_path / "artifacts"
+    shared = Path(os.environ["BENTOML_HOME"]) / "models"
+    shutil.copytree(shared / "recommender", home / "models" / "recommender", symlinks=True)
+    shutil.copytree(Path(os.environ["DLSERVE_ARTIFACTS_DIR"]) / "digits", artifacts / "digits")
+    # As the training's last epoch left it (tests/test_serve_command.py's first test sees
+    # training write it): export is what is left.
+    now = time.time()
+    progress.write(artifacts / "digits", progress.Progress("digits", 4, 4, now - 30, now - 2))
+    env = {
+        "BENTOML_HOME": str(home),
+        "DLSERVE_ARTIFACTS_DIR": str(artifacts),
+        "DLSERVE_MODELS": "digits,recommender",
+        "DLSERVE_STILL_TRAINING": "digits",
+        "DLSERVE_READY_WHEN": "any",
+    }
+    image = {"images": [[[0] * 28] * 28]}
+    with start_server(tmp_path, **env) as server:
+        waiting = httpx.post(f"{server.url}/digits/predict", json=image)
+        # The progress file of a training that has ended: export is what is left.
+        export = dlserve("export", "digits", env={**os.environ, **env})
+        tag = export.stdout.strip().splitlines()[-1]
+        deadline = time.monotonic() + 30
+        while (answer := httpx.post(f"{server.url}/digits/predict", json=image)).status_code != 200:
+            assert time.monotonic() < deadline, answer.text
+            time.sleep(0.2)
+        listed = httpx.get(f"{server.url}/models").json()
+    assert waiting.status_code == 503
+    assert waiting.json()["error"].startswith(
+        "model digits is still being trained by `dlserve serve` (training has ended; it is "
+        "being exported, about "
+    )
+    assert answer.json()["model"] == tag
+    assert {m["tag"] for m in listed["models"]} >= {tag} and listed["training"] == []
+
+
+def wait_for_answer(
+    url: str, body: object, proc: subprocess.Popen[bytes], log_path: Path
+) -> httpx.Response:
+    """The first answer of `url`, once `dlserve serve` has started the server."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (answer := try_post(url, body)) is not None:
+            return answer
+        time.sleep(0.5)
+    pytest.fail(f"nothing answered {url}:\n{log_path.read_text()[-3000:]}")
+
+
+def try_post(url: str, body: object) -> httpx.Response | None:
+    """The response, or None while nothing listens on the port yet."""
+    try:
+        return httpx.post(url, json=body, timeout=10)
+    except httpx.TransportError:
+        return None
 
 
 @pytest.mark.exclusive  # time bounds

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 from pydantic import TypeAdapter, ValidationError
+
+from dlserve import progress
 
 log = logging.getLogger(__name__)
 C = TypeVar("C")  # a model's TrainConfig dataclass
@@ -67,6 +70,20 @@ def resolve_config(default: C, quick_cfg: C, *, quick: bool, seed: int, epochs: 
     when given, its epoch count."""
     base = quick_cfg if quick else default
     return replace(base, seed=seed, **({"epochs": epochs} if epochs else {}))
+
+
+def reporting_progress(
+    epochs: Iterable[int], artifacts_dir: Path, model: str, total: int
+) -> Iterator[int]:
+    """The training loop's epochs, with the run folder's progress file updated as each one
+    ends (dlserve/progress.py): a service that waits for this model tells its clients how
+    long it will be."""
+    run_dir = run_paths(artifacts_dir, model).root
+    started = time.time()
+    progress.write(run_dir, progress.Progress(model, 0, total, started, started))
+    for done, epoch in enumerate(epochs, start=1):
+        yield epoch
+        progress.write(run_dir, progress.Progress(model, done, total, started, time.time()))
 
 
 def seed_everything(seed: int) -> torch.Generator:

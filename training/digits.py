@@ -28,6 +28,7 @@ from readers.mnist import load_mnist
 from training.common import (
     TrainingData,
     pick_device,
+    reporting_progress,
     resolve_config,
     run_paths,
     save_run,
@@ -150,7 +151,7 @@ def train(
     history: dict[str, list[float]] = {"train loss": [], "held-out accuracy": []}
     started = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="digits", unit="epoch")
-    for _ in bar:
+    for _ in reporting_progress(bar, artifacts_dir, "digits", cfg.epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         total = 0.0

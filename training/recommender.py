@@ -65,6 +65,7 @@ from readers.movielens import MovieLens, load_movielens
 from training.common import (
     TrainingData,
     pick_device,
+    reporting_progress,
     resolve_config,
     run_paths,
     save_run,
@@ -264,7 +265,7 @@ def train(
     history: dict[str, list[float]] = {"held-out RMSE": []}
     started = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="recommender", unit="epoch")
-    for epoch in bar:
+    for epoch in reporting_progress(bar, artifacts_dir, "recommender", cfg.epochs):
         k = max(k for k, start in cfg.cd_schedule if epoch >= start * cfg.epochs)
         momentum = cfg.momentum if epoch >= cfg.warm_epochs else 0.5
         order = rng.permutation(user_ids)

@@ -44,6 +44,7 @@ from readers.sst2 import LABELS, load_sst2
 from training.common import (
     TrainingData,
     pick_device,
+    reporting_progress,
     resolve_config,
     run_paths,
     save_run,
@@ -203,7 +204,7 @@ def train(
     best_acc, best_state, best_epoch = -1.0, None, 0
     started = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc="sentiment", unit="epoch")
-    for epoch in bar:
+    for epoch in reporting_progress(bar, artifacts_dir, "sentiment", cfg.epochs):
         model.train()
         total = 0.0
         for idx in batches(lengths, cfg.batch_size, rng):

@@ -54,7 +54,8 @@ async function showServed() {
   if (!data) return false;
   const names = data.models.map((m) => m.name);
   $("served").textContent = "Served here: " + data.models
-    .map((m) => `${m.tag} (${m.provider.replace("ExecutionProvider", "")})`).join(", ") + ".";
+    .map((m) => `${m.tag} (${m.provider.replace("ExecutionProvider", "")})`).join(", ") + "." +
+    (data.training || []).map((t) => ` Still training: ${t.message}.`).join("");
   for (const section of document.querySelectorAll("section[data-model]")) {
     section.hidden = !names.includes(section.dataset.model);
   }
