@@ -92,6 +92,22 @@ def test_eval_json_prints_one_object_with_onnx_accuracy(digits_model: str) -> No
     metrics = json.loads(out)  # the whole of stdout is one JSON object
     assert metrics["model"] == digits_model and metrics["examples"] == 2000
     assert metrics["accuracy"] >= 0.97 and metrics["provider"] == "CPUExecutionProvider"
+    # The same images as users send them (evaluation/digit_variants.py): the --quick model
+    # learns no augmentation, so small and thin digits cost it accuracy.
+    kinds = metrics["transformed_by_kind"]
+    assert set(kinds) == {
+        "rotation",
+        "scale",
+        "shift",
+        "shear",
+        "thickness",
+        "blur",
+        "contrast",
+        "coarse",
+        "noise",
+    }
+    assert 0.5 < metrics["transformed_accuracy"] < metrics["accuracy"]
+    assert min(kinds.values()) < metrics["accuracy"] and all(0 < a <= 1 for a in kinds.values())
 
 
 def test_eval_without_a_model_says_how_to_get_one(tmp_path: Path) -> None:

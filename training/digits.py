@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from training.common import (
     save_run,
     seed_everything,
 )
+from training.digit_augment import NONE, Augmentation, augment
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,12 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    max_rotation_deg: float = 12.0
-    max_shift: float = 0.1  # of the image side
-    max_scale: float = 0.12
+    # What users send, learnt too (training/digit_augment.py); the --quick run goes without.
+    augmentation: Augmentation = field(default_factory=Augmentation)
     seed: int = 0
 
 
-QUICK = TrainConfig(epochs=4, lr=3e-3, max_rotation_deg=0.0, max_shift=0.0, max_scale=0.0)
+QUICK = TrainConfig(epochs=4, lr=3e-3, augmentation=NONE)
 
 
 @dataclass(frozen=True)
@@ -89,26 +89,6 @@ class LeNet5(nn.Module):
         x = F.relu(self.c5(x)).flatten(1)
         x = F.relu(self.f6(x))
         return self.output(x)
-
-
-def random_affine(x: torch.Tensor, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    """Rotate, scale and shift each image of the batch a little (one grid_sample call)."""
-    n = x.shape[0]
-    u = torch.rand(n, 4, generator=gen) * 2 - 1
-    angle = u[:, 0] * math.radians(cfg.max_rotation_deg)
-    scale = 1 + u[:, 1] * cfg.max_scale
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack(
-        [
-            torch.stack([cos, -sin, u[:, 2] * cfg.max_shift * 2], dim=1),
-            torch.stack([sin, cos, u[:, 3] * cfg.max_shift * 2], dim=1),
-        ],
-        dim=1,
-    ).to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    # Pad with the normalised value of a black pixel, the MNIST background.
-    background = (0 - MNIST_MEAN) / MNIST_STD
-    return F.grid_sample(x - background, grid, align_corners=False) + background
 
 
 @torch.no_grad()
@@ -147,7 +127,6 @@ def train(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps_per_epoch
     )
-    augment = cfg.max_rotation_deg > 0 or cfg.max_shift > 0 or cfg.max_scale > 0
     history: dict[str, list[float]] = {"train loss": [], "held-out accuracy": []}
     started = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc="digits", unit="epoch")
@@ -158,8 +137,8 @@ def train(
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             xb, yb = x_train[idx], y_train[idx]
-            if augment:
-                xb = random_affine(xb, cfg, gen)
+            if not cfg.augmentation.off:
+                xb = augment(xb, cfg.augmentation, gen)
             xb, yb = xb.to(device), yb.to(device)
             loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
