@@ -7,7 +7,7 @@ PYTHON ?= python3
 BIN = $(VENV)/bin
 
 .PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
-	container-tools container-test ray-tools install allocator lint format clean
+	container-tools container-test ray-tools install lock allocator lint format grpc-code clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -99,6 +99,13 @@ lint: install
 # What `ruff format --check` in make test asks for.
 format: install
 	$(BIN)/ruff format $(LINTED)
+
+# The gRPC messages the service speaks (service/grpc_inference_pb2.py, with a .pyi for mypy),
+# generated from proto/grpc_inference.proto and checked in: run this after editing the proto.
+# (The virtual path `service/` makes the module service.grpc_inference_pb2.)
+grpc-code: install
+	$(BIN)/python -m grpc_tools.protoc -Iservice=proto --python_out=. --pyi_out=. \
+	  service/grpc_inference.proto
 
 clean:
 	rm -rf $(VENV) artifacts .tools

@@ -299,6 +299,9 @@ def dlserve_server(name: str, models: list[str], **settings: str) -> Server:
     env = {
         "DLSERVE_MODELS": ",".join(models),
         **({"BENTOML_HOME": str(home)} if home else {}),
+        # gRPC off unless asked for: the bench runs servers side by side, whose workers
+        # would all share the default gRPC port (SO_REUSEPORT).
+        "DLSERVE_GRPC_PORT": "0",
         **settings,
     }
     # The allocator `dlserve serve` would give it (dlserve/allocator.py); the server itself

@@ -173,14 +173,14 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     with serve.supervisor() as signals:
         try:
-            serve.check_port_free(settings.port)  # before training, which can take minutes
+            serve.check_ports_free(settings)  # before training, which can take minutes
             missing = background.missing_models(settings)
             # With nothing to serve yet, the quickest model first; the rest beside the server.
             first = missing[:1] if len(missing) == len(settings.models) else []
             later = missing[len(first) :]
             for name in first:
                 prepare_model(name, settings, signals, quick=args.quick)
-            serve.check_port_free(settings.port)
+            serve.check_ports_free(settings)
             command, env = server_command(settings)
             if later:
                 env["DLSERVE_STILL_TRAINING"] = ",".join(later)

@@ -48,6 +48,8 @@ from types import FrameType
 
 import psutil
 
+from dlserve.settings import Settings
+
 log = logging.getLogger("dlserve")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -99,6 +101,18 @@ def check_port_free(port: int, *, what: str = "port", host: str = "0.0.0.0") -> 
             holder = port_holder(port)
             by = f" (by pid {holder.pid}: {describe(holder)})" if holder is not None else ""
             raise PortInUseError(f"{what} {port} is already in use{by}") from None
+
+
+def check_ports_free(settings: Settings) -> None:
+    """The HTTP port, and the gRPC port unless it is off (DLSERVE_GRPC_PORT=0).
+
+    The gRPC port needs this check more than the HTTP one: every worker binds it with
+    SO_REUSEPORT (service/grpc_server.py), which a second server's workers would share
+    without a word, taking half of the first one's new connections. The probe binds
+    without SO_REUSEPORT, which fails whenever anything listens there."""
+    check_port_free(settings.port)
+    if settings.grpc_port:
+        check_port_free(settings.grpc_port, what="gRPC port (DLSERVE_GRPC_PORT)")
 
 
 def port_holder(port: int) -> psutil.Process | None:

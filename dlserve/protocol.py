@@ -150,7 +150,7 @@ class Decoded:
 
 
 def decode(body: bytes, header_length: str | None, tensors: Tensors, *, max_body: int) -> Decoded:
-    """An infer request → its JSON part and named input arrays, checked against `tensors`."""
+    """A REST infer request → its JSON part and named input arrays, checked against `tensors`."""
     json_part, binary = body, b""
     if header_length is not None:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
@@ -163,9 +163,40 @@ def decode(body: bytes, header_length: str | None, tensors: Tensors, *, max_body
         request = InferRequest.model_validate_json(json_part or b"{}")
     except ValidationError as exc:
         raise InputError(describe_validation_errors(exc.errors(include_url=False))) from None
+    offset = 0
+
+    def array_of(i: int, tensor: RequestInput, where: str) -> np.ndarray:
+        nonlocal offset
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            return _from_json(tensor, where, max_body)
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            raise InputError(
+                f"{where}: binary_data_size {size!r} does not fit the "
+                f"{len(binary)} bytes after the JSON header"
+            )
+        offset += size
+        return from_binary(binary[offset - size : offset], tensor, where, max_body)
+
+    arrays = decode_inputs(request, tensors, array_of)
+    if offset != len(binary):
+        raise InputError(
+            f"body: {len(binary) - offset} bytes of binary data that no input's "
+            "binary_data_size accounts for"
+        )
+    return Decoded(request, arrays)
+
+
+def decode_inputs(
+    request: InferRequest,
+    tensors: Tensors,
+    array_of: Callable[[int, RequestInput, str], np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The request's input arrays by name, each made by `array_of(index, input, where)` (from
+    JSON or binary data over REST, typed or raw contents over gRPC: service/grpc_tensors.py)
+    once its name and datatype are checked against `tensors`; every input it needs given."""
     declared = {t.name: t for t in tensors.inputs}
     arrays: dict[str, np.ndarray] = {}
-    offset = 0
     for i, tensor in enumerate(request.inputs):
         where = f"inputs[{i}] ({tensor.name})"
         decl = declared.get(tensor.name)
@@ -180,31 +211,14 @@ def decode(body: bytes, header_length: str | None, tensors: Tensors, *, max_body
                 f"{where}: datatype {tensor.datatype} is not accepted; send "
                 f"{' or '.join(decl.datatypes)}"
             )
-        size = (tensor.parameters or {}).get("binary_data_size")
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise InputError(
-                    f"{where}: binary_data_size {size!r} does not fit the "
-                    f"{len(binary)} bytes after the JSON header"
-                )
-            arrays[tensor.name] = _from_binary(
-                binary[offset : offset + size], tensor, where, max_body
-            )
-            offset += size
-        else:
-            arrays[tensor.name] = _from_json(tensor, where, max_body)
-    if offset != len(binary):
-        raise InputError(
-            f"body: {len(binary) - offset} bytes of binary data that no input's "
-            "binary_data_size accounts for"
-        )
+        arrays[tensor.name] = array_of(i, tensor, where)
     missing = [t.name for t in tensors.inputs if not t.optional and t.name not in arrays]
     if missing:
         raise InputError(
             f"inputs: missing {', '.join(missing)}; this model takes "
             + ", ".join(t.name + ("" if not t.optional else " (optional)") for t in tensors.inputs)
         )
-    return Decoded(request, arrays)
+    return arrays
 
 
 def _count(shape: list[int], where: str, max_body: int) -> int:
@@ -217,7 +231,7 @@ def _count(shape: list[int], where: str, max_body: int) -> int:
 
 
 def _from_json(tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
-    count = _count(tensor.shape, where, max_body)
+    _count(tensor.shape, where, max_body)  # a shape too large is that (413), whatever the data
     dtype = DATATYPES[tensor.datatype]
     data = tensor.data
     if not isinstance(data, list):
@@ -230,12 +244,21 @@ def _from_json(tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
         flat = np.asarray(data, dtype=object if dtype.kind == "O" else None).ravel()
     except ValueError:
         raise InputError(f"{where}: data is a ragged list; send it flat, row-major") from None
+    return from_values(flat, tensor, where, max_body)
+
+
+def from_values(flat: np.ndarray, tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
+    """The input array from its elements as given, flat (JSON's numbers, true/false and
+    strings, or gRPC's typed contents), checked against its datatype and shape."""
+    count = _count(tensor.shape, where, max_body)
+    dtype = DATATYPES[tensor.datatype]
     if flat.size != count:
         raise InputError(f"{where}: {flat.size} values for shape {tensor.shape} ({count} expected)")
     if dtype.kind == "O":
-        if not all(isinstance(x, str) for x in flat):
+        if not all(isinstance(x, str | bytes) for x in flat):
             raise InputError(f"{where}: BYTES data in JSON must be strings")
-        return np.array([x.encode() for x in flat], dtype=object).reshape(tensor.shape)
+        items = [x.encode() if isinstance(x, str) else x for x in flat]
+        return np.array(items, dtype=object).reshape(tensor.shape)
     if flat.dtype.kind not in "biuf" or (flat.dtype.kind == "b") != (dtype.kind == "b"):
         kind = "true/false" if dtype.kind == "b" else "numbers"
         raise InputError(f"{where}: data must be {kind} for {tensor.datatype}")
@@ -250,7 +273,10 @@ def _from_json(tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
     return flat.astype(dtype).reshape(tensor.shape)
 
 
-def _from_binary(raw: bytes, tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
+def from_binary(raw: bytes, tensor: RequestInput, where: str, max_body: int) -> np.ndarray:
+    """The input array from its raw bytes: little-endian elements, row-major (BYTES: each
+    element after its 4-byte little-endian length), as REST's binary extension and gRPC's
+    raw_input_contents carry it."""
     count = _count(tensor.shape, where, max_body)
     dtype = DATATYPES[tensor.datatype]
     if dtype.kind != "O":
@@ -294,11 +320,12 @@ def requested_outputs(decoded: Decoded, tensors: Tensors) -> list[tuple[str, boo
     return out
 
 
-def _datatype(array: np.ndarray) -> str:
+def datatype_of(array: np.ndarray) -> str:
     return next(name for name, dt in DATATYPES.items() if dt == array.dtype)
 
 
-def _binary(array: np.ndarray) -> bytes:
+def to_binary(array: np.ndarray) -> bytes:
+    """An output array as raw bytes (from_binary's layout)."""
     if array.dtype.kind == "O":
         return b"".join(len(x).to_bytes(4, "little") + x for x in array.ravel())
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
@@ -318,11 +345,11 @@ def encode(
         array = arrays[name]
         entry: dict[str, Any] = {
             "name": name,
-            "datatype": _datatype(array),
+            "datatype": datatype_of(array),
             "shape": list(array.shape),
         }
         if as_binary:
-            blob = _binary(array)
+            blob = to_binary(array)
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         elif array.dtype.kind == "O":

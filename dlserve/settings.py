@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # core served best on the benchmark machine (BENCHMARKS.md, "Worker processes").
     workers: int = Field(default_factory=lambda: len(os.sched_getaffinity(0)), ge=1)
     port: int = 3000
+    # The Open Inference Protocol over gRPC (service/grpc_server.py): every worker serves it
+    # on this port (shared with SO_REUSEPORT), Triton's and KServe's default; 0 turns it off.
+    grpc_port: int = Field(8001, ge=0, le=65535)
     # BentoML's per-request access log and OpenTelemetry spans; both cost more per request
     # than the models do (see BENCHMARKS.md), so they are off unless turned on.
     access_log: bool = False

@@ -33,7 +33,17 @@ from dlserve import registry, store
 from dlserve.registry import Route
 from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
-from service import connections, info, openapi, pages, predict, protocol, repository, rollout
+from service import (
+    connections,
+    grpc_server,
+    info,
+    openapi,
+    pages,
+    predict,
+    protocol,
+    repository,
+    rollout,
+)
 from service.batching import STAGES, AdaptiveBatcher
 from service.bentoml_patches import drop_bentoml_middlewares
 from service.guard import RequestGuard, requests_in_flight
@@ -176,6 +186,9 @@ class DLServe:
             for reason in SHED_REASONS:
                 metrics.shed.labels(model=name, reason=reason)
         install_drain(self.begin_drain, settings.drain_delay_s, settings.drain_timeout_s)
+        # The Open Inference Protocol over gRPC on this worker's event loop, once its
+        # models are loaded (DLSERVE_GRPC_PORT; service/grpc_server.py).
+        self.grpc = grpc_server.GrpcServer(self.state, self.__is_ready__)
         # Loading off the event loop lets /livez answer while models load (/readyz: 503).
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
 
@@ -369,6 +382,12 @@ class DLServe:
 
     def begin_drain(self) -> None:
         self.state.draining = True
+        self.grpc.begin_drain(settings.drain_delay_s, settings.drain_timeout_s)
+
+    @bentoml.on_shutdown  # type: ignore[untyped-decorator]
+    async def stop_grpc(self) -> None:
+        """Stop the gRPC server (or wait for the drain's stop) before the loop goes."""
+        await self.grpc.stop(settings.drain_timeout_s - settings.drain_delay_s)
 
     @bentoml.on_shutdown  # type: ignore[untyped-decorator]
     def close(self) -> None:

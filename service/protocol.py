@@ -15,6 +15,7 @@ import re
 import zlib
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
@@ -24,6 +25,7 @@ from dlserve.errors import InputError, NotFound, PayloadTooLarge, UnsupportedMed
 from dlserve.prepared import Prepared
 from dlserve.registry import ModelSpec
 from dlserve.runners.base import Runner
+from dlserve.settings import Settings
 from service import predict
 from service.batching import Call
 from service.openapi import PREDICT_ERRORS, Operation
@@ -69,18 +71,16 @@ async def infer(
     call: Call | None = None,
 ) -> Response:
     """POST /v2/models/{name}[/versions/{version}]/infer."""
-    spec = state.specs.get(name)
-    if spec is None or spec.tensors is None:
-        return _not_served(name)
-    if name in state.unloaded and name not in state.serving:
-        return predict.json_response({"error": unavailable_message(state, name)}, 400)
-    tensors = spec.tensors
+    if (refused := unserved(state, name)) is not None:
+        return refused
+    tensors = state.specs[name].tensors
+    assert tensors is not None  # (unserved says so)
     settings = state.settings
     encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
     length = headers.get(protocol.HEADER_LENGTH.encode())
 
     def prepare(runner: Any) -> Prepared:
-        _check_version(runner, version)
+        check_version(runner, version)
         raw = decompress(body, encoding, settings.max_body_bytes)
         decoded = protocol.decode(
             raw,
@@ -88,25 +88,12 @@ async def infer(
             tensors,
             max_body=settings.max_body_bytes,
         )
-        wanted = protocol.requested_outputs(decoded, tensors)
-        inner = tensors.prepare(runner, decoded.inputs, decoded.parameters, settings)
-        return Prepared(inner.part, inner.items, (inner, decoded, wanted))
+        return prepare_decoded(runner, tensors, decoded, settings)
 
     def respond(runner: Any, prepared: Prepared, result: Any) -> Response:
-        inner, decoded, wanted = prepared.context
-        arrays = tensors.answer(runner, inner, result)
-        absent = [n for n, _ in wanted if n not in arrays]
-        if decoded.request.outputs is not None and absent:
-            raise InputError(
-                f"outputs: {', '.join(absent)} cannot be given for this request "
-                "(see the model's inputs: an optional one is missing)"
-            )
+        decoded, arrays, wanted = answer_decoded(runner, tensors, prepared, result)
         content, extra = protocol.encode(
-            name,
-            runner.stored.version,
-            decoded.request.id,
-            arrays,
-            [w for w in wanted if w[0] in arrays],
+            name, runner.stored.version, decoded.request.id, arrays, wanted
         )
         media = "application/octet-stream" if extra else predict.JSON
         return Response(content, media_type=media, headers=extra)
@@ -116,7 +103,44 @@ async def infer(
     )
 
 
-def _check_version(runner: Any, version: str | None) -> None:
+def unserved(state: WorkerState, name: str) -> Response | None:
+    """Why an infer request to `name` (REST or gRPC) cannot be served at all: no such
+    model here (404), or unloaded (400, Triton's answer); None if it can."""
+    spec = state.specs.get(name)
+    if spec is None or spec.tensors is None:
+        return _not_served(name)
+    if name in state.unloaded and name not in state.serving:
+        return predict.json_response({"error": unavailable_message(state, name)}, 400)
+    return None
+
+
+def prepare_decoded(
+    runner: Any, tensors: protocol.Tensors, decoded: protocol.Decoded, settings: Settings
+) -> Prepared:
+    """A decoded infer request (REST or gRPC), checked by the model's own `Tensors` and made
+    the runner's input; the outputs it asks for are checked now, before any model run."""
+    wanted = protocol.requested_outputs(decoded, tensors)
+    inner = tensors.prepare(runner, decoded.inputs, decoded.parameters, settings)
+    return Prepared(inner.part, inner.items, (inner, decoded, wanted))
+
+
+def answer_decoded(
+    runner: Any, tensors: protocol.Tensors, prepared: Prepared, result: Any
+) -> tuple[protocol.Decoded, dict[str, np.ndarray], list[tuple[str, bool]]]:
+    """The request, the output arrays of its model run, and (name, as binary) of each to
+    return: those asked for, which must all be given (InputError otherwise)."""
+    inner, decoded, wanted = prepared.context
+    arrays = tensors.answer(runner, inner, result)
+    absent = [n for n, _ in wanted if n not in arrays]
+    if decoded.request.outputs is not None and absent:
+        raise InputError(
+            f"outputs: {', '.join(absent)} cannot be given for this request "
+            "(see the model's inputs: an optional one is missing)"
+        )
+    return decoded, arrays, [w for w in wanted if w[0] in arrays]
+
+
+def check_version(runner: Any, version: str | None) -> None:
     if version is not None and version != runner.stored.version:
         raise NotFound(
             f"model {runner.name} has no version {version!r} here; it serves "
@@ -137,12 +161,15 @@ def _not_served(name: str) -> Response:
     return predict.json_response({"error": f"model {name!r} is not served here"}, 404)
 
 
-async def server_metadata(_: Request) -> Response:
+def metadata(settings: Settings) -> dict[str, Any]:
+    """The server's metadata (REST and gRPC alike)."""
     # Triton's name for the load/unload/index routes (service/repository.py), when on.
-    repository = ["model_repository"] if current().settings.model_control else []
-    return predict.json_response(
-        {"name": "dlserve", "version": __version__, "extensions": EXTENSIONS + repository}
-    )
+    repository = ["model_repository"] if settings.model_control else []
+    return {"name": "dlserve", "version": __version__, "extensions": EXTENSIONS + repository}
+
+
+async def server_metadata(_: Request) -> Response:
+    return predict.json_response(metadata(current().settings))
 
 
 async def live(_: Request) -> Response:
@@ -168,8 +195,14 @@ async def ready(_: Request) -> Response:
 def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Response:
     """The runner of the model the path names (and of the version it names), with the
     model's tensors; or the response that says why there is none."""
-    state = current()
-    name, version = request.path_params["name"], request.path_params.get("version")
+    return loaded(current(), request.path_params["name"], request.path_params.get("version"))
+
+
+def loaded(
+    state: WorkerState, name: str, version: str | None
+) -> tuple[Runner[Any, Any], protocol.Tensors] | Response:
+    """The runner of model `name` (of `version`, if named), with the model's tensors; or
+    the response that says why there is none (REST and gRPC alike)."""
     spec = state.specs.get(name)
     if spec is None or spec.tensors is None:
         return _not_served(name)
@@ -181,7 +214,7 @@ def _loaded(request: Request) -> tuple[Runner[Any, Any], protocol.Tensors] | Res
             {"error": f"model {name} is still loading"}, 503, {"Retry-After": "1"}
         )
     try:
-        _check_version(runner, version)
+        check_version(runner, version)
     except NotFound as exc:
         return predict.json_response({"error": str(exc)}, 404)
     return runner, spec.tensors

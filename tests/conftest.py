@@ -37,6 +37,9 @@ os.environ["DLSERVE_ARTIFACTS_DIR"] = str(_SCRATCH / "artifacts")
 os.environ.setdefault("DLSERVE_DATA_DIR", str(ROOT.parent / "shared" / "data"))
 os.environ["DLSERVE_MODELS"] = "digits,sentiment,recommender"
 os.environ["BENTOML_DO_NOT_TRACK"] = "true"
+# gRPC off unless a test asks for it: every worker binds its port with SO_REUSEPORT, so the
+# servers of parallel tests would share the default one (tests/test_grpc.py picks a port).
+os.environ["DLSERVE_GRPC_PORT"] = "0"
 
 
 # One folder per run, shared by the processes of a parallel run: the controller makes it

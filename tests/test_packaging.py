@@ -123,6 +123,8 @@ OPTIONAL_IMPORTS = {
     # tornado.log (circus needs tornado) colours its log with it if it can; the docs
     # site's theme, mkdocs-material, installs it
     "colorama": "tornado.log: try: import colorama / except ImportError",
+    # grpc looks for grpcio-tools' protoc at import, and goes on without it
+    "grpc_tools": "grpc/__init__.py: try: import grpc_tools / except ImportError",
 }
 
 
