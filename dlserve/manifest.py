@@ -2,7 +2,8 @@
 
 It is the contract between export and serving: tensor names, shapes and dtypes,
 preprocessing constants, labels (or vocabulary, or movie table), opset, the SHA-256 of
-the ONNX file, training metrics and the data the model was trained on.
+the ONNX file, training metrics and the data the model was trained on, with that data's
+distribution (`Distribution`): what the service compares its traffic with (service/drift.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal, get_args
+
+import numpy as np
 
 from dlserve.hashing import sha256_file
 
@@ -21,6 +25,13 @@ FORMAT_VERSION = 1
 # fp32: the exported model; int8 (CPUs) and fp16 (GPUs): variants made from it (export/precision.py)
 Precision = Literal["fp32", "fp16", "int8"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+# A classifier's confidence (the probability of the class it answers) in bands: the
+# service counts answers by band, and the manifest holds the held-out data's share of each.
+# Finest near 1, where a trained model's answers crowd.
+CONFIDENCE_EDGES = (0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+CONFIDENCE_BANDS = [f"{lo:g}-{hi:g}" for lo, hi in pairwise((0, *CONFIDENCE_EDGES, 1))]
+# Quantile bins of an input statistic (text length, ink): deciles of the reference data.
+INPUT_BINS = 10
 
 
 class ModelIntegrityError(RuntimeError):
@@ -32,6 +43,56 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name, e.g. "float32", "int64"
     shape: list[int | str]  # str entries are dynamic axes, e.g. "batch"
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """One signal's distribution over bins (the shares sum to 1), measured at export on the
+    data named by `of`; service/drift.py compares recent traffic with it. A numeric signal
+    has `edges`: bin i holds the values from edges[i - 1] (inclusive) to edges[i]."""
+
+    of: str
+    bins: list[str]
+    shares: list[float]
+    edges: list[float] = field(default_factory=list)
+
+    def bin(self, values: np.ndarray) -> np.ndarray:
+        """The bin of each value of a numeric signal."""
+        return np.searchsorted(np.asarray(self.edges), values, side="right")
+
+    @classmethod
+    def of_classes(cls, of: str, names: list[str], classes: np.ndarray) -> Distribution:
+        """The share of each class (an index into `names`) among `classes`."""
+        return cls(of, list(names), _shares(classes, len(names)))
+
+    @classmethod
+    def of_values(
+        cls, of: str, values: np.ndarray, edges: list[float], names: list[str] | None = None
+    ) -> Distribution:
+        """The share of `values` in each bin between `edges`, the bins named "<a", "a-b",
+        ..., ">=z" unless `names` names them."""
+        if names is None:
+            bounds = [f"{e:g}" for e in edges]
+            names = [f"<{bounds[0]}", *(f"{a}-{b}" for a, b in pairwise(bounds)), f">={bounds[-1]}"]
+        edges = [float(e) for e in edges]
+        return cls(of, names, _shares(cls(of, names, [], edges).bin(values), len(names)), edges)
+
+    @classmethod
+    def of_quantiles(cls, of: str, values: np.ndarray) -> Distribution:
+        """`values` in INPUT_BINS bins between their own quantiles (fewer where they tie),
+        each edge a value of theirs."""
+        quantiles = np.quantile(values, np.arange(1, INPUT_BINS) / INPUT_BINS, method="higher")
+        return cls.of_values(of, values, sorted({float(q) for q in quantiles}))
+
+    @classmethod
+    def of_confidence(cls, of: str, confidence: np.ndarray) -> Distribution:
+        """Confidences in the CONFIDENCE_BANDS."""
+        return cls.of_values(of, confidence, list(CONFIDENCE_EDGES), CONFIDENCE_BANDS)
+
+
+def _shares(bins: np.ndarray, n: int) -> list[float]:
+    counts = np.bincount(np.asarray(bins, dtype=np.int64), minlength=n)
+    return [round(float(c), 6) for c in counts / max(counts.sum(), 1)]
 
 
 @dataclass(frozen=True)
@@ -62,6 +123,14 @@ class Manifest:
         raw["inputs"] = [TensorSpec(**t) for t in raw["inputs"]]
         raw["outputs"] = [TensorSpec(**t) for t in raw["outputs"]]
         return cls(**raw)
+
+    @property
+    def distributions(self) -> dict[str, Distribution]:
+        """The training data's distribution of each signal the service watches ("class",
+        "confidence", "input"; export/ measures them), as `training_data["distribution"]`
+        holds them; empty for a model exported before dlserve stored them."""
+        raw = self.training_data.get("distribution", {})
+        return {signal: Distribution(**d) for signal, d in raw.items()}
 
     def summary(self) -> dict[str, Any]:
         """The small part that goes into BentoML's own model metadata and GET /models."""

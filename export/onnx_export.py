@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,10 @@ import onnxruntime
 import torch
 
 from dlserve.hashing import sha256_file
-from dlserve.manifest import Manifest, TensorSpec
+from dlserve.manifest import Distribution, Manifest, TensorSpec
 from dlserve.runtime import create_session
 from dlserve.store import StoredModel, publish
+from readers.download import DataError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,21 @@ class ExportSpec:
     example: tuple[np.ndarray, ...]  # traced at export; inputs in the order of `inputs`
     parity_cases: list[tuple[np.ndarray, ...]]  # checked after; other shapes than `example`
     tolerance: float = 1e-4
+
+
+def with_distribution(
+    name: str, training_data: dict[str, Any], measure: Callable[[], dict[str, Distribution]]
+) -> dict[str, Any]:
+    """The manifest's `training_data`, with the distribution of each signal the service
+    watches for drift (`Manifest.distributions`) that `measure` reads from the data the
+    model was trained on; without it, and a warning, when that data cannot be read any
+    more: the service then counts the model's answers but measures no drift for it."""
+    try:
+        measured = measure()
+    except (OSError, DataError) as exc:
+        log.warning("%s: no data distribution in the manifest, so no drift metric (%s)", name, exc)
+        return training_data
+    return {**training_data, "distribution": {k: asdict(d) for k, d in measured.items()}}
 
 
 def _dynamic_shapes(inputs: Sequence[TensorSpec]) -> tuple[dict[int, Any], ...]:

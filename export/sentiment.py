@@ -9,12 +9,22 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from dlserve.manifest import TensorSpec
-from dlserve.preprocess.text import PAD_ID, UNK_ID
+import torch
+
+from dlserve.manifest import Distribution, TensorSpec
+from dlserve.preprocess.text import PAD_ID, UNK_ID, Vocabulary
+from dlserve.runners.sentiment import token_counts
 from dlserve.store import StoredModel
-from export.onnx_export import ExportSpec, export_and_publish
+from export.onnx_export import ExportSpec, export_and_publish, with_distribution
+from readers.sst2 import load_sst2
 from training.common import load_trained
-from training.sentiment import SentimentRun, build_model, example_inputs
+from training.sentiment import (
+    SentimentLSTM,
+    SentimentRun,
+    build_model,
+    example_inputs,
+    predict_probs,
+)
 
 # (batch size, longest text): the other texts of each batch are shorter, down to 1 token.
 PARITY_SHAPES = ((1, 1), (1, 17), (1, 200), (7, 17), (7, 200), (64, 1), (64, 17), (64, 200))
@@ -48,10 +58,29 @@ def export(artifacts_dir: Path, *, precision: str = "fp32") -> StoredModel:
         labels=run.labels,
         assets={"vocabulary": run.vocabulary},
         metrics=metrics,
-        training_data=asdict(run.data),
+        training_data=with_distribution(
+            "sentiment", asdict(run.data), lambda: distribution(model, run)
+        ),
         example=example_inputs([5, 3], vocab_size),
         parity_cases=[
             example_inputs(_lengths(b, t), vocab_size, seed=b * 1000 + t) for b, t in PARITY_SHAPES
         ],
     )
     return export_and_publish(model, spec, precision=precision)
+
+
+def distribution(model: SentimentLSTM, run: SentimentRun) -> dict[str, Distribution]:
+    """What the service compares its traffic with (service/drift.py): the balance of the
+    training labels, and the confidence and length of the held-out texts. Lengths come
+    from the held-out sentences, not the training split: most of SST-2's training rows are
+    phrases cut from its parse trees, far shorter than what a user sends."""
+    folder = Path(run.data.dir)
+    vocab = Vocabulary.from_json(run.vocabulary)
+    train, dev = load_sst2(folder, "train"), load_sst2(folder, "dev")
+    seqs = vocab.encode_corpus(dev.texts)
+    confidence = predict_probs(model, seqs, torch.device("cpu")).max(axis=1)
+    return {
+        "class": Distribution.of_classes("training labels", run.labels, train.labels),
+        "confidence": Distribution.of_confidence("answers on the held-out texts", confidence),
+        "input": Distribution.of_quantiles("tokens read of each held-out text", token_counts(seqs)),
+    }

@@ -35,6 +35,7 @@ from dlserve.runners.base import Runner
 from dlserve.settings import get_settings
 from service import (
     connections,
+    drift,
     grpc_server,
     info,
     openapi,
@@ -189,6 +190,10 @@ class DLServe:
         # The Open Inference Protocol over gRPC on this worker's event loop, once its
         # models are loaded (DLSERVE_GRPC_PORT; service/grpc_server.py).
         self.grpc = grpc_server.GrpcServer(self.state, self.__is_ready__)
+        # What each model answers and how far that drifts from its training data, counted
+        # per model run and published once a second (service/drift.py).
+        self.mix = drift.Mix(metrics)
+        self.mix.start()
         # Loading off the event loop lets /livez answer while models load (/readyz: 503).
         threading.Thread(target=self._load_models, name="dlserve-load", daemon=True).start()
 
@@ -398,6 +403,7 @@ class DLServe:
 
     def _batcher(self, runner: Runner[Any, Any]) -> AdaptiveBatcher:
         metrics = self.state.metrics
+        self.mix.watch(runner)
         inference = metrics.inference_seconds.labels(model=runner.name, provider=runner.provider)
         batch_items = metrics.batch_items.labels(model=runner.name)
         items_predicted = metrics.items_predicted.labels(model=runner.name)

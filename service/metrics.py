@@ -39,6 +39,10 @@ class Metrics:
     # While a canary runs (service/repository.py): each version's requests and latency
     version_requests: Any  # Counter[model, version, status]: status "2xx", "4xx", "5xx"
     version_seconds: Any  # Histogram[model, version]: request to answer, in the worker
+    # What each model answers, and how far that has drifted (service/drift.py)
+    predictions: Any  # Counter[model, version, class]: class, label or popularity band
+    confidence: Any  # Counter[model, version, band]: the answer's probability, in bands
+    drift: Any  # Gauge[model, signal]: recent mix vs the manifest's, total variation 0-1
 
 
 @cache
@@ -132,6 +136,27 @@ def get_metrics() -> Metrics:
             "canary runs",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
+        ),
+        # class: digits "0"-"9", sentiment's labels, the recommender's popularity bands
+        # (head, torso, tail) of the movies it recommends; version: the model's version.
+        predictions=Counter(
+            "dlserve_predictions",
+            "Items answered, by the class answered (the recommender: each recommended "
+            "movie's popularity band)",
+            ["model", "version", "class"],
+        ),
+        confidence=Counter(
+            "dlserve_prediction_confidence",
+            "Items answered, by the band of the answer's probability",
+            ["model", "version", "band"],
+        ),
+        # Each worker measures its own traffic; livemax: the pod's most drifted worker.
+        drift=Gauge(
+            "dlserve_drift",
+            "Total-variation distance (0-1) between the mix of a signal (class, confidence, "
+            "input) over the worker's recent items and the training data's",
+            ["model", "signal"],
+            multiprocess_mode="livemax",
         ),
     )
 

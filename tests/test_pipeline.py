@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dlserve import store
-from dlserve.manifest import ModelIntegrityError
+from dlserve.manifest import CONFIDENCE_BANDS, Manifest, ModelIntegrityError
 from export.onnx_export import ExportSpec, ParityError, check_parity
 from tests.conftest import ROOT, dlserve
 from training.common import load_run, load_trained, run_paths
@@ -41,15 +41,27 @@ def test_export_stores_onnx_with_a_complete_manifest(digits_model: str) -> None:
     assert len(m.onnx_sha256) == 64
 
 
-def test_export_prints_its_own_lines_only(digits_model: str, tmp_path: Path) -> None:
+def test_export_prints_its_own_lines_and_stores_the_data_distribution(
+    digits_model: str, tmp_path: Path
+) -> None:
     """A second export of the trained model, into a store of its own: the parity checks and
-    the summary, none of the exporter's graph-pass chatter or its torchvision warnings."""
+    the summary, none of the exporter's graph-pass chatter or its torchvision warnings; and
+    a manifest holding the data's distribution of each signal the service watches for drift."""
     out = dlserve("export", "digits", env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     lines = out.stderr.splitlines()
     assert lines and all(line.startswith(("INFO export.", "INFO dlserve:")) for line in lines), (
         out.stderr[-3000:]
     )
     assert [line for line in lines if "parity digits" in line], lines
+    (manifest,) = (tmp_path / "bentoml" / "models" / "digits").glob("*/manifest.json")
+    found = Manifest.from_dict(json.loads(manifest.read_text())).distributions
+    assert found["class"].bins == [str(d) for d in range(10)]
+    assert found["confidence"].bins == CONFIDENCE_BANDS
+    assert len(found["input"].edges) == len(found["input"].bins) - 1 >= 5  # ink deciles
+    for signal in found.values():
+        assert sum(signal.shares) == pytest.approx(1, abs=1e-4)
+    assert found["class"].shares[1] > 0.1  # MNIST's most frequent digit, a little over 1/10
+    assert found["confidence"].shares[-1] > 0.5  # mostly sure, on held-out images
 
 
 def test_tampered_onnx_file_is_refused(digits_model: str) -> None:

@@ -8,6 +8,8 @@ looks like, and how an answer is written, is the model's contract (dlserve/model
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
 import numpy as np
@@ -23,7 +25,21 @@ Part = TypeVar("Part")  # one request's prepared input: an array, a list of toke
 Result = TypeVar("Result")  # one part's output
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What a model run answered and was asked, one entry per item, for the service's
+    prediction-mix metrics and drift (service/drift.py); None where a model has no such
+    signal."""
+
+    classes: np.ndarray | None = None  # index into the runner's `classes`
+    confidence: np.ndarray | None = None  # the probability of the class answered
+    inputs: np.ndarray | None = None  # the input statistic (manifest: distributions["input"])
+
+
 class Runner(Generic[Part, Result]):
+    # Told what each model run answered, where the service watches the mix (service/drift.py);
+    # None elsewhere (batch scoring, evaluation, export): nothing is computed for it then.
+    observe: Callable[[Seen], None] | None = None
     # The most one model run may cost, in the measure `item_costs` gives (None: a run is
     # bounded by DLSERVE_MAX_BATCH_SIZE items alone); the batcher splits requests by it.
     run_budget: int | None = None
@@ -72,6 +88,11 @@ class Runner(Generic[Part, Result]):
     @property
     def provider(self) -> str:
         return self.session.provider
+
+    @property
+    def classes(self) -> list[str]:
+        """What the model answers, as its prediction-mix metrics name it: the labels."""
+        return self.manifest.labels
 
     def run_batch(self, parts: list[Part]) -> list[Result]:
         """Run several requests' worth of prepared inputs as one model call; one result each."""

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dlserve.preprocess.text import UNK_ID, Vocabulary, pad_batch
-from dlserve.runners.base import Runner, softmax, split_rows
+from dlserve.runners.base import Runner, Seen, softmax, split_rows
 from dlserve.runtime import Session
 from dlserve.store import StoredModel
 
@@ -49,6 +49,11 @@ def length_buckets(lengths: list[int]) -> list[np.ndarray]:
     return buckets
 
 
+def token_counts(seqs: TokenIds) -> np.ndarray:
+    """How many tokens of each text the model reads (up to the vocabulary's max_tokens)."""
+    return np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+
+
 class SentimentRunner(Runner[TokenIds, np.ndarray]):
     run_budget = RUN_TOKENS
 
@@ -77,7 +82,10 @@ class SentimentRunner(Runner[TokenIds, np.ndarray]):
         return [max(1, len(seq)) for seq in part]  # an empty text still runs one step
 
     def run_batch(self, parts: list[TokenIds]) -> list[np.ndarray]:
-        probs = self.predict([seq for part in parts for seq in part])
+        seqs = [seq for part in parts for seq in part]
+        probs = self.predict(seqs)
+        if self.observe is not None:
+            self.observe(Seen(probs.argmax(axis=1), probs.max(axis=1), token_counts(seqs)))
         return split_rows(probs, [len(p) for p in parts])
 
     def warm_up(self) -> list[Any]:
