@@ -289,6 +289,28 @@ def cmd_score(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace, settings: Settings) -> int:
+    from scoring import compare, payloads
+    from scoring.errors import ScoringError
+
+    spec = spec_of(args.model, settings)
+    try:
+        replay = payloads.replay_of(args.model, spec.scoring.load() if spec.scoring else None)
+        result = compare.compare(args.model, args.baseline, args.candidate, replay)
+    except ScoringError as exc:
+        print(f"dlserve: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict()) if args.json else result.text())
+    if args.max_disagreement is not None and result.rate * 100 > args.max_disagreement:
+        print(
+            f"dlserve: {result.rate:.2%} of the answers disagree, more than "
+            f"--max-disagreement {args.max_disagreement:g} %",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 # The function each subcommand runs; cli/parser.py declares their arguments.
 COMMANDS = Commands(
     train=cmd_train,
@@ -297,6 +319,7 @@ COMMANDS = Commands(
     serve=cmd_serve,
     bench=cmd_bench,
     score=cmd_score,
+    compare=cmd_compare,
     rollout=cmd_rollout,
     rollback=cmd_rollback,
     versions=cmd_versions,

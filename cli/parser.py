@@ -33,6 +33,7 @@ class Commands:
     serve: Command
     bench: Command
     score: Command
+    compare: Command
     rollout: Command
     rollback: Command
     versions: Command
@@ -67,6 +68,7 @@ def build_parser(
     _add_serve(sub, commands.serve)
     _add_bench(sub, commands.bench)
     _add_score(sub, models, commands.score)
+    _add_compare(sub, models, commands.compare)
     _add_rollout(sub, commands.rollout)
     _add_rollback(sub, commands.rollback)
     _add_versions(sub, commands.versions)
@@ -187,7 +189,12 @@ def _add_score(sub: Subparsers, models: list[str], func: Command) -> None:
         "from the store; resumable; see docs/batch-scoring.md",
     )
     c.add_argument("model", choices=models)
-    c.add_argument("input", type=Path, help="file or folder to score")
+    c.add_argument(
+        "input",
+        type=Path,
+        help="file or folder to score; a payload log (DLSERVE_PAYLOAD_LOG's folder, or "
+        "one of its .jsonl.gz files) replays the traffic it recorded",
+    )
     c.add_argument(
         "output",
         type=Path,
@@ -206,7 +213,8 @@ def _add_score(sub: Subparsers, models: list[str], func: Command) -> None:
         help="local: this process (default); ray: Ray Data, locally or on a cluster",
     )
     c.add_argument(
-        "--input-format", help="parquet, csv, tsv or jsonl (default: from the file name)"
+        "--input-format",
+        help="parquet, csv, tsv, jsonl or payloads (default: from the file name)",
     )
     c.add_argument(
         "--output-format",
@@ -261,6 +269,31 @@ def _add_score(sub: Subparsers, models: list[str], func: Command) -> None:
         "--ray-actors",
         type=int,
         help="--engine ray: model actors (default: one per CPU, or per GPU on CUDA)",
+    )
+    c.set_defaults(func=func)
+
+
+def _add_compare(sub: Subparsers, models: list[str], func: Command) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="how often two sets of a model's answers disagree, by label and confidence: "
+        "a payload log against its replay by another version; see docs/payload-logging.md",
+    )
+    c.add_argument("model", choices=models)
+    c.add_argument(
+        "baseline",
+        type=Path,
+        help="a payload log (folder or .jsonl.gz: the answers the service gave) or a "
+        "`dlserve score` output",
+    )
+    c.add_argument("candidate", type=Path, help="the same, for the other version")
+    c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    c.add_argument(
+        "--max-disagreement",
+        type=float,
+        metavar="PERCENT",
+        help="exit with status 1 when more than this share of the answers disagree "
+        "(a gate for a release pipeline)",
     )
     c.set_defaults(func=func)
 

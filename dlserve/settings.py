@@ -174,6 +174,21 @@ class Settings(BaseSettings):
     # requests; it exits at the latest drain_timeout_s after the signal.
     drain_delay_s: float = Field(5.0, ge=0, json_schema_extra=SECURITY)
     drain_timeout_s: float = Field(25.0, gt=0, json_schema_extra=SECURITY)
+    # Payload logging (service/payload_log.py, docs/payload-logging.md): empty, off; a
+    # directory (gzip JSON Lines, rotated), or an http(s) URL (CloudEvents, KServe's format).
+    # What it holds is what clients sent: SECURITY.md says who may read it.
+    payload_log: str = Field("", json_schema_extra=SECURITY)
+    # KServe's logger modes: all, request (inputs only), response (outputs only: privacy).
+    payload_log_mode: Literal["all", "request", "response"] = "all"
+    payload_log_sample_rate: float = Field(1.0, gt=0, le=1)
+    # A body larger than this is logged as its SHA-256, size and shape instead.
+    payload_log_max_bytes: int = Field(256 * 1024, ge=0)
+    # Records waiting for the writer, per worker; more are dropped (and counted).
+    payload_log_queue: int = Field(10_000, ge=1)
+    # A file is closed, complete, and a new one started past this many bytes of records
+    # (JSON, before compression) or this many seconds.
+    payload_log_rotate_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    payload_log_rotate_s: float = Field(3600.0, gt=0)
     # The MovieLens folder inside the data directory (or an absolute path): the 100K layout
     # (u.data, u.item, u1.base, u1.test) or a newer release's ratings.csv and movies.csv.
     movielens: str = "ml-100k"
@@ -203,6 +218,13 @@ class Settings(BaseSettings):
         if names != ("auto",):
             resolve_providers(names)  # a ValueError names the unknown ones
         return () if names == ("auto",) else names
+
+    @field_validator("payload_log", mode="after")
+    @classmethod
+    def _payload_target(cls, target: str) -> str:
+        if "://" in target and not target.startswith(("http://", "https://")):
+            raise ValueError(f"expected a directory or an http(s):// URL, got {target!r}")
+        return target
 
     @field_validator("data_dir", "artifacts_dir", "trt_cache_dir", mode="after")
     @classmethod

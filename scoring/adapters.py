@@ -126,7 +126,9 @@ class Plan(ABC):
 
 
 class Scorer(Protocol):
-    """What `ModelSpec.scoring` names: opens a job for its model (or says why it cannot)."""
+    """What `ModelSpec.scoring` names: opens a job for its model (or says why it cannot).
+    A scorer that can replay the model's payload log also has a `replay` attribute
+    (scoring.payloads.Replay; scoring/digits.py has one)."""
 
     def plan(self, job: Job, settings: Settings) -> Plan: ...
 

@@ -3,10 +3,11 @@
 Inputs: a table with a `pixels` column (784 values 0-255 per row, row by row: a list or
 fixed-size list, as pyarrow writes a NumPy array, or 784 bytes) or an `image` column
 (PNG/JPEG bytes); an MNIST IDX image file (the id is the image's index); or a folder of
-image files (the id is the file's path in the folder). Pixel lists go through
-`/digits/predict`'s checks (`parse_images`; uint8 ones, like 784 bytes, need none, as in the
-route's base64 form), image bytes through `/digits/predict_image`'s (`prepare_file`), and
-the answer's fields are the HTTP answer's: `digit`, `confidence`, `probabilities`.
+image files (the id is the file's path in the folder); or a payload log (`REPLAY`,
+scoring/payloads.py). Pixel lists go through `/digits/predict`'s checks (`parse_images`;
+uint8 ones, like 784 bytes, need none, as in the route's base64 form), image bytes through
+`/digits/predict_image`'s (`prepare_file`), and the answer's fields are the HTTP answer's:
+`digit`, `confidence`, `probabilities`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dlserve.settings import Settings
 from scoring.adapters import Job, Plan, Scored, check_each, column_role, reason
 from scoring.errors import ScoringError
 from scoring.formats import ROW, TableInput, detect, fingerprint, open_table, require_columns
+from scoring.payloads import Item, Replay, ReplayPart, json_field, paired, tensor
 
 PIXELS = SIDE * SIDE
 FIELDS = pa.schema(
@@ -290,7 +292,73 @@ def _read(path: Path) -> bytes:
         return b""
 
 
+class DigitsReplay(ReplayPart, DigitsPlan):
+    """The rows of a replayed payload log (scoring/payloads.py) that fill one column."""
+
+    id_type = pa.string()
+
+
+def _logged_inputs(route: str, inputs: Any) -> list[dict[str, Any]] | None:
+    """A logged request's images as replay columns: `pixels` (784 values) for the arrays
+    and the protocol's tensors, `image` (the file's bytes) for /digits/predict_image."""
+    if route.endswith("/predict_image"):
+        if isinstance(inputs, dict) and isinstance(inputs.get("base64"), str):
+            return [{"image": base64.b64decode(inputs["base64"])}]
+        return None
+    images = json_field(inputs, "images")
+    if images is None and (packed := json_field(inputs, "images_base64")) is not None:
+        images = [list(base64.b64decode(b)) for b in packed]
+    if images is None:
+        images = tensor(json_field(inputs, "inputs"), "pixels")
+    if images is None:
+        return None
+    flat = np.asarray(images, np.float64).reshape(-1, PIXELS)
+    return [{"pixels": row} for row in flat.tolist()]
+
+
+def _logged_answers(outputs: Any) -> list[dict[str, Any]] | None:
+    """The answers a logged response gave, in batch scoring's columns."""
+    predictions = json_field(outputs, "predictions")
+    if predictions is not None:
+        return [{k: p[k] for k in ("digit", "confidence", "probabilities")} for p in predictions]
+    probabilities = tensor(json_field(outputs, "outputs"), "probabilities")
+    if probabilities is None:
+        return None
+    digit, confidence, rounded = digits.prediction_arrays(
+        np.asarray(probabilities, np.float64).reshape(-1, 10)
+    )
+    return [
+        {"digit": int(d), "confidence": float(c), "probabilities": p.tolist()}
+        for d, c, p in zip(digit, confidence, rounded, strict=True)
+    ]
+
+
+def _unpack(route: str, inputs: Any, outputs: Any) -> list[Item] | None:
+    return paired(_logged_inputs(route, inputs), _logged_answers(outputs))
+
+
+def _label_confidence(answers: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    return (
+        answers.column("digit").to_numpy(zero_copy_only=False),
+        answers.column("confidence").to_numpy(zero_copy_only=False),
+    )
+
+
+REPLAY = Replay(
+    columns=pa.schema([pa.field("pixels", pa.list_(pa.float64())), pa.field("image", pa.binary())]),
+    unpack=_unpack,
+    plans=lambda job, settings: {
+        "pixels": DigitsReplay(job, settings, "pixels", "pixels"),
+        "image": DigitsReplay(job, settings, "image", "image"),
+    },
+    label_confidence=_label_confidence,
+    fields=FIELDS,
+)
+
+
 class DigitsScorer:
+    replay = REPLAY
+
     def plan(self, job: Job, settings: Settings) -> Plan:
         if not job.input.exists():
             raise ScoringError(f"input {job.input}: no such file or folder")

@@ -1,5 +1,6 @@
 """A scoring job from start to end: every check that can fail before any work, then the
-engine (local or Ray), for any model whose registry entry names a batch-scoring adapter."""
+engine (local or Ray), for any model whose registry entry names a batch-scoring adapter.
+Its input is a table, or a payload log to replay (scoring/payloads.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 from dlserve import registry
 from dlserve.registry import ModelSpec
 from dlserve.settings import Settings
-from scoring import local
+from scoring import local, payloads
 from scoring.adapters import Job, Plan, Scorer
 from scoring.checkpoint import WorkDir
 from scoring.errors import ScoringError
@@ -71,19 +72,22 @@ def open_job(job: Job, settings: Settings) -> tuple[ModelSpec, Plan, WorkDir, di
         )
     if job.engine not in ENGINES:
         raise ScoringError(f"--engine {job.engine}: choose from {', '.join(ENGINES)}")
-    for flag, value in (
-        ("--input-format", job.input_format),
-        ("--output-format", job.output_format),
+    for flag, value, known in (
+        ("--input-format", job.input_format, (*FORMATS, payloads.FORMAT)),
+        ("--output-format", job.output_format, FORMATS),
     ):
-        if value and value not in FORMATS:
-            raise ScoringError(f"{flag} {value}: choose from {', '.join(FORMATS)}")
+        if value and value not in known:
+            raise ScoringError(f"{flag} {value}: choose from {', '.join(known)}")
     for flag, value in (("--batch-size", job.batch_size), ("--chunk-rows", job.chunk_rows)):
         if value < 1:
             raise ScoringError(f"{flag}: must be at least 1, got {value}")
     output_format = detect(job.output, job.output_format, default="parquet")
     check_output(job.output)
     scorer: Scorer = spec.scoring.load()
-    plan = scorer.plan(job, settings)
+    if payloads.is_log(job.input, job.input_format):  # replaying real traffic
+        plan = payloads.plan(job, settings, job.model, scorer)
+    else:
+        plan = scorer.plan(job, settings)
     work = WorkDir(job.output, output_format)
     identity = {
         **plan.identity(),

@@ -40,6 +40,7 @@ from service import (
     info,
     openapi,
     pages,
+    payload_log,
     predict,
     protocol,
     repository,
@@ -400,6 +401,8 @@ class DLServe:
         for batcher in self.state.batchers.values():
             batcher.close()
         self.state.preparing.shutdown(wait=False, cancel_futures=True)
+        if self.state.payload_log is not None:  # what is queued, written out before exit
+            self.state.payload_log.close()
 
     def _batcher(self, runner: Runner[Any, Any]) -> AdaptiveBatcher:
         metrics = self.state.metrics
@@ -445,6 +448,7 @@ if settings.model_control and bentoml.server_context.worker_index is None:
     rollout.prepare_run_dir()
     atexit.register(rollout.remove_run_dir)
 verify_metrics_dir()
+payload_log.check_target(settings)
 drop_bentoml_middlewares(tracing=settings.tracing)
 connections.install()
 # Refuses what it must before anything reads the body, and hands predict requests to

@@ -39,6 +39,9 @@ class Metrics:
     # While a canary runs (service/repository.py): each version's requests and latency
     version_requests: Any  # Counter[model, version, status]: status "2xx", "4xx", "5xx"
     version_seconds: Any  # Histogram[model, version]: request to answer, in the worker
+    # Payload logging (service/payload_log.py), when it is on
+    payload_log_written: Any  # Counter: records written to the sink
+    payload_log_dropped: Any  # Counter[reason]: queue_full, sink_error
     # What each model answers, and how far that has drifted (service/drift.py)
     predictions: Any  # Counter[model, version, class]: class, label or popularity band
     confidence: Any  # Counter[model, version, band]: the answer's probability, in bands
@@ -136,6 +139,16 @@ def get_metrics() -> Metrics:
             "canary runs",
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
+        ),
+        payload_log_written=Counter(
+            "dlserve_payload_log_written", "Payload log records written to the log's sink"
+        ),
+        # reason: queue_full (the writer's queue was full: the sink is slower than the
+        # traffic), sink_error (the file could not be written, or the URL not reached).
+        payload_log_dropped=Counter(
+            "dlserve_payload_log_dropped",
+            "Payload log records dropped, by reason; the predictions were answered",
+            ["reason"],
         ),
         # class: digits "0"-"9", sentiment's labels, the recommender's popularity bands
         # (head, torso, tail) of the movies it recommends; version: the model's version.

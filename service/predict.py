@@ -28,6 +28,7 @@ from dlserve import progress
 from dlserve.errors import InputError
 from dlserve.prepared import Prepared
 from dlserve.registry import Route
+from service import payload_log
 from service.batching import Call, Overloaded, Shed
 from service.state import Serving, WorkerState
 
@@ -128,7 +129,10 @@ async def serve(
             wait = {"Retry-After": training_retry_after(state, model)}
             return error(state, model, 503, training_message(state, model), "training", wait)
         return error(state, model, 503, unloaded_message(state, model), "unloaded")
-    serving = serving.pick()  # one version, start to end
+    picked = serving.pick()  # one version, start to end
+    if state.payload_log is not None:  # the log records which version answered
+        payload_log.ANSWERED.set(payload_log.Answered(picked.tag, picked is not serving))
+    serving = picked
     if serving.counted is None:
         return await _serve(state, model, serving, prepare, respond, heavy, call)
     started = time.perf_counter()

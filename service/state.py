@@ -24,6 +24,7 @@ from dlserve.runners.base import Runner
 from dlserve.settings import Settings
 from service.batching import AdaptiveBatcher
 from service.metrics import Metrics, get_metrics
+from service.payload_log import PayloadLog, open_log
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class WorkerState:
         }
         # Large bodies are parsed and preprocessed here, one at a time (service/predict.py).
         self.preparing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        # What requests asked and were answered (DLSERVE_PAYLOAD_LOG), or None: the guard
+        # checks this one attribute per request (service/payload_log.py).
+        self.payload_log: PayloadLog | None = open_log(settings, self.metrics)
         # Each loaded model's runner with its batcher, replaced as one (service/rollout.py):
         # a request takes both in one read, so it is prepared, run and answered by one
         # version even when another takes over meanwhile.

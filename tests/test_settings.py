@@ -44,6 +44,9 @@ def test_defaults_and_overrides(environ) -> None:
         ({"DLSERVE_KEEPALIVE_REQUESTS": "-1"}, "DLSERVE_KEEPALIVE_REQUESTS: must be at least 0"),
         ({"DLSERVE_DRAIN_DELAY_S": "30"}, "DLSERVE_DRAIN_DELAY_S: must be less than"),
         ({"DLSERVE_MODEL_MODULES": "no.such.module"}, "model module 'no.such.module' cannot be"),
+        ({"DLSERVE_PAYLOAD_LOG": "kafka://broker/topic"}, "DLSERVE_PAYLOAD_LOG: expected a"),
+        ({"DLSERVE_PAYLOAD_LOG_SAMPLE_RATE": "0"}, "DLSERVE_PAYLOAD_LOG_SAMPLE_RATE: must be"),
+        ({"DLSERVE_PAYLOAD_LOG_MODE": "inputs"}, "DLSERVE_PAYLOAD_LOG_MODE: "),
     ],
 )
 def test_bad_values_name_the_variable(environ, env: dict[str, str], message: str) -> None:
