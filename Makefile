@@ -9,13 +9,25 @@ BIN = $(VENV)/bin
 .PHONY: serve test bench bench-tools perf-analyzer browser-tools monitoring-tools \
 	container-tools container-test ray-tools install lock allocator lint format grpc-code clean
 
-$(BIN)/.installed: pyproject.toml
+# The packages are pinned in requirements.lock (`make lock` writes it from pyproject.toml)
+# and installed by uv: 75 s on the 2-core machine, where pip took 3 min 47 s. uv is handed
+# pip's configuration (mirrors, local wheels: tools/with_pip_config.py); pip installs
+# what uv cannot.
+$(BIN)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,bench]'
+	$(BIN)/python -m pip install --quiet --upgrade pip "$$(grep '^uv==' requirements.lock)"
+	$(BIN)/python tools/with_pip_config.py $(BIN)/uv pip install --quiet \
+	  --python $(BIN)/python -r requirements.lock -e '.[train,dev,bench]' || \
+	  $(BIN)/python -m pip install --quiet -e '.[train,dev,bench]'
 	touch $@
 
 install: $(BIN)/.installed
+
+# requirements.lock: every package of `make install`, pinned, for Python 3.11 on Linux.
+lock:
+	$(BIN)/python tools/with_pip_config.py $(BIN)/uv pip compile --quiet pyproject.toml \
+	  --extra train --extra dev --extra bench --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 -o requirements.lock
 
 serve: install allocator
 	$(BIN)/dlserve serve
@@ -79,7 +91,7 @@ ray-tools: install
 # tests marked `exclusive` still run alone (tests/conftest.py). A test file stays in one
 # process (--dist loadfile), with the servers its fixtures start.
 TEST_PROCESSES ?= 2
-LINTED = dlserve readers training export evaluation service cli bench scoring tests
+LINTED = dlserve readers training export evaluation service cli bench scoring tests tools
 test: install allocator bench-tools browser-tools monitoring-tools container-tools ray-tools
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check $(LINTED)

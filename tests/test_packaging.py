@@ -181,3 +181,25 @@ def test_bentoml_build_makes_a_bento_with_the_models_and_the_locked_list(bento: 
         "dlserve",
         "service",
     }
+
+
+def test_the_lock_file_pins_every_dependency_within_its_bounds() -> None:
+    """`make install` installs requirements.lock: a dependency added to pyproject.toml
+    without `make lock` would be missing from a fresh install, and a bound raised without
+    it would be ignored."""
+    every = [Requirement(r) for r in metadata.requires("dlserve") or []]
+    extras = ("train", "dev", "bench")
+    declared = [
+        r for r in every if r.marker is None or any(r.marker.evaluate({"extra": e}) for e in extras)
+    ]
+    pinned = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            name, _, version = line.partition("==")
+            pinned[canonicalize_name(Requirement(name).name)] = version.strip()
+    for requirement in declared:
+        name = canonicalize_name(requirement.name)
+        assert name in pinned, f"{requirement} is not in requirements.lock: run `make lock`"
+        assert requirement.specifier.contains(pinned[name], prereleases=True), (
+            f"requirements.lock pins {name}=={pinned[name]}, outside {requirement}: run `make lock`"
+        )
