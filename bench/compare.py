@@ -95,7 +95,7 @@ def measure(
     http.run_wrk(server.url, requests, clients=clients, duration_s=WARM_UP_S)
     scrape = server.batch_metrics
     before = http.batch_stats(server.metrics_text()) if scrape else {}
-    readings: list[list[int]] = []
+    readings: list[tuple[list[int], int]] = []
     done = threading.Event()
 
     def sample() -> None:
@@ -115,11 +115,12 @@ def measure(
     finally:
         done.set()
         sampler.join()
-    split = max(readings, key=sum, default=[])
+    split, waiting = max(readings, key=lambda r: sum(r[0]) + r[1], default=([], 0))
     result["mean_batch"] = (
         http.mean_batch(before, http.batch_stats(server.metrics_text())) if scrape else None
     )
     result["connections"] = split
+    result["unaccepted"] = waiting
     return result
 
 

@@ -267,18 +267,22 @@ class Server:
         with urllib.request.urlopen(self.url + "/metrics", timeout=60) as r:
             return r.read().decode()
 
-    def connection_split(self) -> list[int]:
+    def connection_split(self) -> tuple[list[int], int]:
         """Open client connections held by each of the server's processes, most first:
-        how evenly the kernel and the workers' accept() calls spread the clients. One read
-        of the kernel's socket table, so that a connection that moves from one worker to
-        another while the processes are looked at is not counted twice."""
+        how evenly the kernel and the workers' accept() calls spread the clients; and how
+        many wait in the listening socket's queue, accepted by no process yet (a busy
+        worker's event loop accepts late: on a loaded machine that was most of 64). One
+        read of the kernel's socket table, so that a connection that moves from one worker
+        to another while the processes are looked at is not counted twice."""
         pids = {p.pid for p in self.processes()}
-        held = Counter(
-            c.pid
+        established = [
+            c
             for c in psutil.net_connections("tcp")
-            if c.pid in pids and c.status == psutil.CONN_ESTABLISHED and c.laddr.port == self.port
-        )
-        return sorted(held.values(), reverse=True)
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == self.port
+        ]
+        held = Counter(c.pid for c in established if c.pid in pids)
+        waiting = sum(c.pid is None for c in established)
+        return sorted(held.values(), reverse=True), waiting
 
 
 def private_bentoml_home(name: str) -> Path:

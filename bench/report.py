@@ -202,9 +202,10 @@ def _run_rows(cells: list[dict[str, Any]], naive: dict[tuple, float]) -> list[li
 
 
 def _round_cell(run: dict[str, Any]) -> str:
-    """One round's throughput, and its connections per worker."""
+    """One round's throughput, its connections per worker, and those not accepted yet."""
     split = "/".join(map(str, run.get("connections", [])))
-    return f"{run['requests_per_s']:,.0f} ({split})"
+    waiting = f" +{run['unaccepted']} queued" if run.get("unaccepted") else ""
+    return f"{run['requests_per_s']:,.0f} ({split}{waiting})"
 
 
 def _round_rows(cells: list[dict[str, Any]]) -> list[list[Any]]:
@@ -481,7 +482,9 @@ def _http_rounds(cells: list[dict[str, Any]], workers: int) -> list[str]:
         "",
         "Requests/s of each round of the cells above that ran more than once, with "
         "how many of the clients' connections each server process held half-way "
-        "through (the fullest of three psutil reads around then). The workers of both "
+        'through (the fullest of three psutil reads around then; "+N queued": connections '
+        "waiting in the listening socket's queue for a worker to accept them). The workers "
+        "of both "
         "servers share one listening socket, and whichever calls accept() first takes "
         "a new connection: a burst of new connections can all land on one worker, "
         "which then does all the work while the other idles for as long as the clients keep their "

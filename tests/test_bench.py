@@ -102,10 +102,19 @@ def test_bench_compares_servers_under_real_load(
     assert sorted((r["server"], r["round"]) for r in held) == sorted(
         (s, n) for s in core + peers for n in (1, 2)
     )
-    # Half-way through each run, the server's processes held all 64 connections between them
-    # (the servers that take part in every cell: the balance figures are theirs).
-    splits = {(r["server"], r["round"]): r["connections"] for r in held if r["server"] in core}
-    assert all(sum(split) in range(60, 65) for split in splits.values()), splits
+    # Half-way through each run, the server's processes held all 64 connections between them,
+    # or had them queued to accept (the servers that take part in every cell: the balance
+    # figures are theirs). A read can see one or two more: a connection dlserve has just
+    # closed (DLSERVE_KEEPALIVE_REQUESTS) beside the client's new one (65 seen here).
+    splits = {
+        (r["server"], r["round"]): (r["connections"], r["unaccepted"])
+        for r in held
+        if r["server"] in core
+    }
+    short = {
+        run: seen for run, seen in splits.items() if sum(seen[0]) + seen[1] not in range(60, 67)
+    }
+    assert not short, short
     assert {r["server"] for r in runs if r not in held} == set(core)
     for r in runs:
         assert r["requests"] > 0, r
