@@ -80,23 +80,23 @@ def readyz(port: int) -> int | None:
 def test_serve_serves_the_first_model_while_it_trains_the_next(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    """On an empty store: the quickest model (recommender) is trained, exported and served
-    first, in child processes; sentiment answers 503, saying that it is still training,
-    and /readyz waits for it. A stop signal then ends the server and the training alike."""
+    """On an empty store: the quicker model (digits) is trained, exported and served first,
+    in child processes; sentiment answers 503, saying that it is still training, and
+    /readyz waits for it. A stop signal then ends the server and the training alike."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {
         **os.environ,
         "BENTOML_HOME": str(tmp_path / "bentoml"),
         "DLSERVE_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
-        "DLSERVE_MODELS": "sentiment,recommender",
+        "DLSERVE_MODELS": "sentiment,digits",
     }
     log_path = tmp_path / "serve.log"
     proc = start_serve(["--quick", "--port", str(port)], env, log_path)
     started: list[psutil.Process] = []
     try:
-        recommend = {"ratings": [{"movie_id": 50, "rating": 5}], "k": 3}
-        answer = wait_for_answer(f"{url}/recommender/recommend", recommend, proc, log_path)
+        image = {"images": [[[0] * 28] * 28]}
+        answer = wait_for_answer(f"{url}/digits/predict", image, proc, log_path)
         assert answer.status_code == 200, answer.text
         waiting = httpx.post(f"{url}/sentiment/predict", json={"texts": ["Fine."]})
         ready = readyz(port)
@@ -111,9 +111,9 @@ def test_serve_serves_the_first_model_while_it_trains_the_next(
     finally:
         stop_everything(proc, started)
     output = log_path.read_text()
-    # The recommender first (the quickest), before the server; sentiment beside it.
+    # Digits first (the quicker), before the server; sentiment beside it.
     assert (
-        output.index("model 'recommender' is not trained yet: training it now (--quick)")
+        output.index("model 'digits' is not trained yet: training it now (--quick)")
         < output.index("serving now; training sentiment meanwhile")
         < output.index("model 'sentiment' is not trained yet: training it now (--quick)")
     )
@@ -122,7 +122,7 @@ def test_serve_serves_the_first_model_while_it_trains_the_next(
     assert 1 <= int(waiting.headers["Retry-After"]) <= 60
     assert ready == 503  # strict: every configured model
     # /models lists what is served, and what is still training with how far it has got.
-    assert [m["name"] for m in listed["models"]] == ["recommender"]
+    assert [m["name"] for m in listed["models"]] == ["digits"]
     assert [m["name"] for m in listed["training"]] == ["sentiment"]
     assert "sentiment is still being trained" in listed["training"][0]["message"]
     assert rss < 200 * MIB, f"dlserve serve holds {rss / MIB:.0f} MiB while serving"
@@ -132,7 +132,7 @@ def test_serve_serves_the_first_model_while_it_trains_the_next(
     assert all(gone(p) for p in started), [p.pid for p in started if not gone(p)]
     assert not (tmp_path / "artifacts/sentiment/checkpoint.pt").exists()
     # Training reported its progress epoch by epoch (what the 503s quote).
-    trained = progress.read(tmp_path / "artifacts/recommender")
+    trained = progress.read(tmp_path / "artifacts/digits")
     assert trained is not None and trained.epochs_done == trained.epochs > 0
 
 
