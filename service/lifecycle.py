@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from dlserve import store
 from dlserve.allocator import running_jemalloc
@@ -53,8 +54,7 @@ def verify_models(served: dict[str, ModelSpec], settings: Settings) -> None:
             if settings.require_gpu:
                 spec.runner.open(stored, settings)
         except (ModelIntegrityError, GPURequired) as exc:
-            log.error("cannot start: %s", exc)
-            raise SystemExit(f"dlserve: cannot start: {exc}") from None
+            refuse_to_start(str(exc))
 
 
 def metrics_dir() -> Path | None:
@@ -74,17 +74,28 @@ def verify_metrics_dir() -> None:
     path = metrics_dir()
     if path is None or not path.is_dir():
         return  # BentoML creates it, or falls back to a temporary directory
-    probe = path / f".dlserve-write-check-{os.getpid()}"
+    if (exc := unwritable(path)) is not None:
+        refuse_to_start(
+            f"the metrics directory {path} is not writable ({exc.strerror}); give "
+            "BENTOML_HOME a writable volume"
+        )
+
+
+def unwritable(directory: Path) -> OSError | None:
+    """Why a file cannot be written in `directory` (checked by writing one), or None."""
+    probe = directory / f".dlserve-write-check-{os.getpid()}"
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        message = (
-            f"the metrics directory {path} is not writable ({exc.strerror}); give "
-            "BENTOML_HOME a writable volume"
-        )
-        log.error("cannot start: %s", message)
-        raise SystemExit(f"dlserve: cannot start: {message}") from None
+        return exc
+    return None
+
+
+def refuse_to_start(message: str) -> NoReturn:
+    """Stop the server before any worker starts, saying why in one line."""
+    log.error("cannot start: %s", message)
+    raise SystemExit(f"dlserve: cannot start: {message}") from None
 
 
 def _exit_now(timeout_s: float) -> None:

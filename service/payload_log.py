@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from dlserve.settings import Settings
+from service import lifecycle
 from service.metrics import Metrics
 
 log = logging.getLogger("dlserve.service")
@@ -564,18 +565,17 @@ def check_target(settings: Settings) -> None:
     if not target or is_url(target):
         return
     directory = Path(target).expanduser()
-    probe = directory / f".dlserve-write-check-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
-        message = (
-            f"DLSERVE_PAYLOAD_LOG: cannot write in {directory} ({exc.strerror}); "
+        problem: OSError | None = exc
+    else:
+        problem = lifecycle.unwritable(directory)
+    if problem is not None:
+        lifecycle.refuse_to_start(
+            f"DLSERVE_PAYLOAD_LOG: cannot write in {directory} ({problem.strerror}); "
             "name a writable directory, or an http(s) URL"
         )
-        log.error("cannot start: %s", message)
-        raise SystemExit(f"dlserve: cannot start: {message}") from None
 
 
 def open_log(settings: Settings, metrics: Metrics) -> PayloadLog | None:
