@@ -92,17 +92,17 @@ def unloaded_message(state: WorkerState, model: str) -> str:
 
 def training_message(state: WorkerState, model: str) -> str:
     """What a client of a model that `dlserve serve` is still training is told."""
-    found = progress.read(state.settings.artifacts_dir / model)
+    return _training_refusal(model, progress.read(state.settings.artifacts_dir / model))[0]
+
+
+def _training_refusal(model: str, found: progress.Progress | None) -> tuple[str, str]:
+    """The message for a model still training, from its training's progress (one read of
+    its file per request), and the seconds to wait before asking again: its expected
+    time, at least a second and at most TRAINING_RETRY_S (Retry-After)."""
     how_far = found.describe() if found is not None else "its training has not started yet"
-    return f"model {model} is still being trained by `dlserve serve` ({how_far}); retry later"
-
-
-def training_retry_after(state: WorkerState, model: str) -> str:
-    """Seconds a client should wait before it asks again for a model still training: its
-    expected time, at least a second and at most TRAINING_RETRY_S."""
-    found = progress.read(state.settings.artifacts_dir / model)
+    message = f"model {model} is still being trained by `dlserve serve` ({how_far}); retry later"
     remaining = found.remaining_s() if found is not None else None
-    return str(min(max(int(remaining or TRAINING_RETRY_S), 1), TRAINING_RETRY_S))
+    return message, str(min(max(int(remaining or TRAINING_RETRY_S), 1), TRAINING_RETRY_S))
 
 
 async def serve(
@@ -126,8 +126,9 @@ async def serve(
     serving = state.serving.get(model)
     if serving is None:  # still training, or unloaded through the model repository routes
         if model in state.training:
-            wait = {"Retry-After": training_retry_after(state, model)}
-            return error(state, model, 503, training_message(state, model), "training", wait)
+            found = progress.read(state.settings.artifacts_dir / model)
+            message, wait_s = _training_refusal(model, found)
+            return error(state, model, 503, message, "training", {"Retry-After": wait_s})
         return error(state, model, 503, unloaded_message(state, model), "unloaded")
     picked = serving.pick()  # one version, start to end
     if state.payload_log is not None:  # the log records which version answered
